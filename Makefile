@@ -1,0 +1,32 @@
+# Sluice — the two commands the README promises, and their parts.
+#   make run    build everything and serve manifests/ (embedded nats-server if none runs)
+#   make test   the whole test suite
+.PHONY: run test tools plugins build lint fmt ci bench clean
+
+CARGO ?= cargo
+
+run: tools plugins
+	$(CARGO) run --release -p sluice -- run manifests/
+
+test: tools plugins
+	$(CARGO) test --workspace
+
+tools:
+	@scripts/install-tools.sh
+
+plugins: tools
+	@scripts/build-plugins.sh
+
+build: tools plugins
+	$(CARGO) build --release -p sluice
+
+lint: tools
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# What CI runs: formatting and lints, then the README's test command.
+ci: lint test
+
+clean:
+	$(CARGO) clean
+	rm -rf plugins/dist

@@ -1,0 +1,321 @@
+//! The `sluice` command line: `run`, `validate`, `publish`, `request`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::{Client, ConnectOptions, HeaderMap};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::engine::EngineOptions;
+use crate::manifest::{ByteSize, HumanDuration};
+use crate::nats_server::NatsServer;
+use crate::runtime::{LoadError, Runtime};
+
+/// The NATS URL used when none is given.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// Reliable NATS message processing with sandboxed WebAssembly handlers.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the manifests in PATHS (files or folders) and serve their handlers.
+    ///
+    /// Without --nats, uses the server at nats://127.0.0.1:4222, and when nothing answers
+    /// there starts a local nats-server (with JetStream, in a temporary folder) for as long
+    /// as Sluice runs.
+    Run(RunArgs),
+    /// Check manifests and their components without connecting to NATS. Exit code 1 and
+    /// located errors when anything is wrong.
+    Validate(ValidateArgs),
+    /// Publish one message.
+    Publish(SendArgs),
+    /// Send a request and print the reply.
+    Request(RequestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Manifest files or folders of manifests.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// NATS server URL. Default: nats://127.0.0.1:4222, or an embedded server if none answers.
+    #[arg(long, env = "SLUICE_NATS_URL")]
+    pub nats: Option<String>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Manifest files or folders of manifests.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// The largest memory limit a manifest may set.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub max_memory: ByteSize,
+    /// Instances alive at once across all handlers.
+    #[arg(long, default_value_t = 1000)]
+    pub max_instances: u32,
+}
+
+impl EngineArgs {
+    fn options(&self) -> EngineOptions {
+        EngineOptions {
+            max_memory: self.max_memory.0,
+            max_instances: self.max_instances,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Subject to send to.
+    pub subject: String,
+    /// Payload (default: empty).
+    #[arg(default_value = "")]
+    pub payload: String,
+    /// A header, as NAME:VALUE (repeatable).
+    #[arg(short = 'H', long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// NATS server URL.
+    #[arg(long, env = "SLUICE_NATS_URL", default_value = DEFAULT_NATS_URL)]
+    pub nats: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RequestArgs {
+    #[command(flatten)]
+    pub send: SendArgs,
+    /// How long to wait for the reply.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: HumanDuration,
+}
+
+fn parse_size(text: &str) -> Result<ByteSize, String> {
+    text.parse::<bytesize::ByteSize>()
+        .map(|b| ByteSize(b.as_u64()))
+        .map_err(|e| format!("invalid size {text:?}: {e}"))
+}
+
+fn parse_duration(text: &str) -> Result<HumanDuration, String> {
+    humantime::parse_duration(text)
+        .map(HumanDuration)
+        .map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| format!("expected NAME:VALUE, got {text:?}"))?;
+    Ok((name.trim().to_owned(), value.trim().to_owned()))
+}
+
+/// Runs the command line; returns the process exit code.
+pub async fn main(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Validate(args) => return validate(&args),
+        Command::Publish(args) => publish(args).await,
+        Command::Request(args) => return request(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(args: &ValidateArgs) -> ExitCode {
+    match Runtime::load(&args.paths, args.engine.options()) {
+        Ok(runtime) => {
+            for h in runtime.handlers() {
+                println!(
+                    "ok: {} ({}) serves {} with {}",
+                    h.spec.name,
+                    h.spec.manifest_path.display(),
+                    h.spec.subject,
+                    h.spec.digest
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}", load_error_text(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_error_text(e: &LoadError) -> String {
+    match e {
+        LoadError::Invalid(errors) => {
+            let n = errors.len();
+            format!(
+                "{e}\n\nerror: {n} invalid manifest{}",
+                if n == 1 { "" } else { "s" }
+            )
+        }
+        other => format!("error: {other:#}"),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let runtime = Runtime::load(&args.paths, args.engine.options())
+        .map_err(|e| anyhow::anyhow!("{}", load_error_text(&e)))?;
+    // Keep the embedded server (if any) alive until Sluice has shut down.
+    let (client, _embedded) = connect_or_embed(args.nats.as_deref()).await?;
+    let running = runtime.bind(client).await?;
+    tracing::info!("ready; stop with Ctrl-C or SIGTERM");
+    running.run_until(shutdown_signal()).await
+}
+
+/// Connects to `url`; with no URL, to the default one, starting an embedded server when
+/// nothing answers there.
+async fn connect_or_embed(url: Option<&str>) -> anyhow::Result<(Client, Option<NatsServer>)> {
+    if let Some(url) = url {
+        let client = connect(url).await?;
+        tracing::info!("connected to NATS url={url}");
+        return Ok((client, None));
+    }
+    if let Ok(client) = connect(DEFAULT_NATS_URL).await {
+        tracing::info!("connected to NATS url={DEFAULT_NATS_URL}");
+        return Ok((client, None));
+    }
+    let port_free = std::net::TcpListener::bind(("127.0.0.1", 4222)).is_ok();
+    let server = NatsServer::start(if port_free { 4222 } else { 0 }).context(
+        "no NATS server answered on nats://127.0.0.1:4222 and the embedded one could not start",
+    )?;
+    tracing::info!(
+        url = %server.url(),
+        data = %server.dir().display(),
+        "no NATS server answered on {DEFAULT_NATS_URL}; started an embedded nats-server with JetStream (stopped when Sluice exits)"
+    );
+    let client = connect(&server.url()).await?;
+    tracing::info!("connected to NATS url={}", server.url());
+    Ok((client, Some(server)))
+}
+
+/// Connects with Sluice's options: a name, a short initial timeout, endless reconnects.
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    ConnectOptions::new()
+        .name("sluice")
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot listen for SIGTERM: {e}");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn header_map(pairs: &[(String, String)]) -> anyhow::Result<HeaderMap> {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        let name: async_nats::HeaderName = name
+            .parse()
+            .map_err(|_| anyhow::anyhow!("invalid header name {name:?}"))?;
+        let value: async_nats::HeaderValue = value
+            .parse()
+            .map_err(|_| anyhow::anyhow!("invalid header value {value:?}"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+async fn publish(args: SendArgs) -> anyhow::Result<()> {
+    let client = connect(&args.nats).await?;
+    let headers = header_map(&args.headers)?;
+    client
+        .publish_with_headers(args.subject, headers, args.payload.into_bytes().into())
+        .await?;
+    client.flush().await?;
+    Ok(())
+}
+
+async fn request(args: RequestArgs) -> ExitCode {
+    match request_inner(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn request_inner(args: RequestArgs) -> anyhow::Result<ExitCode> {
+    let client = connect(&args.send.nats).await?;
+    let request = async_nats::Request::new()
+        .headers(header_map(&args.send.headers)?)
+        .payload(args.send.payload.into_bytes().into())
+        .timeout(Some(args.timeout.0));
+    let reply = client
+        .send_request(args.send.subject.clone(), request)
+        .await
+        .with_context(|| format!("no reply on {} within {}", args.send.subject, args.timeout))?;
+    if let Some(kind) = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Sluice-Failure-Kind"))
+    {
+        let reason = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Sluice-Failure-Reason"));
+        eprintln!(
+            "error: handler failed ({kind}): {}",
+            reason.map(|r| r.as_str()).unwrap_or("")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(&reply.payload)?;
+    if !reply.payload.ends_with(b"\n") {
+        out.write_all(b"\n")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

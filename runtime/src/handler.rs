@@ -1,0 +1,81 @@
+//! A loaded handler: its manifest's settings and its compiled component, identified by the
+//! component's content digest.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::bindings::HandlerPre;
+use crate::engine::Engine;
+use crate::host::HostState;
+use crate::manifest::{Limits, Manifest, ManifestError};
+use crate::subject::SubjectPattern;
+
+/// What the host needs to know about a handler while running it.
+#[derive(Debug)]
+pub struct HandlerSpec {
+    pub name: Arc<str>,
+    pub manifest_path: PathBuf,
+    pub component_path: PathBuf,
+    /// `sha256:<hex>` of the component file: the handler version.
+    pub digest: String,
+    pub subject: SubjectPattern,
+    pub queue: String,
+    pub limits: Limits,
+    pub publish: Vec<SubjectPattern>,
+    pub config: BTreeMap<String, String>,
+}
+
+/// A handler ready to serve: spec plus pre-instantiated component.
+pub struct Handler {
+    pub spec: Arc<HandlerSpec>,
+    pub pre: HandlerPre<HostState>,
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handler")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handler {
+    /// Reads, checks and compiles the component of `manifest`.
+    pub fn load(engine: &Engine, manifest: Manifest) -> Result<Self, ManifestError> {
+        let bytes = std::fs::read(&manifest.component).map_err(|e| {
+            manifest.error_at(
+                manifest.spans.component.clone(),
+                format!(
+                    "cannot read component {}: {e}",
+                    manifest.component.display()
+                ),
+            )
+        })?;
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+        let pre = engine.load(&manifest, &bytes)?;
+        let spec = HandlerSpec {
+            name: manifest.name.as_str().into(),
+            manifest_path: manifest.source.path.clone(),
+            component_path: manifest.component,
+            digest,
+            subject: manifest.subject,
+            queue: manifest.queue,
+            limits: manifest.limits,
+            publish: manifest.publish,
+            config: manifest.config,
+        };
+        Ok(Handler {
+            spec: Arc::new(spec),
+            pre,
+        })
+    }
+
+    /// The first 12 hex digits of the digest, for logs.
+    pub fn short_digest(&self) -> &str {
+        let hex = self.spec.digest.trim_start_matches("sha256:");
+        &hex[..hex.len().min(12)]
+    }
+}

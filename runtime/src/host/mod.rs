@@ -1,0 +1,123 @@
+//! The host side of the WIT contract: one file per interface, all over [`HostState`], the
+//! per-call state kept in the store.
+
+mod config;
+mod log;
+mod outbox;
+mod stdio;
+
+use std::sync::Arc;
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+pub use outbox::{Output, Outputs};
+pub use stdio::GuestOutput;
+
+use crate::bindings;
+use crate::handler::HandlerSpec;
+
+/// Everything one call of one handler can reach. A fresh one is built for every message and
+/// dropped with the store: no state survives between messages.
+pub struct HostState {
+    pub(crate) spec: Arc<HandlerSpec>,
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limits: GuestLimits,
+    /// The reply subject of the message being handled.
+    pub(crate) reply_to: Option<String>,
+    pub(crate) outputs: Outputs,
+}
+
+impl std::fmt::Debug for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostState")
+            .field("handler", &self.spec.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostState {
+    pub(crate) fn new(spec: Arc<HandlerSpec>, reply_to: Option<String>) -> Self {
+        // Guests get no filesystem (no preopens), no environment, no arguments and no
+        // network (every socket address is denied, and TCP, UDP and name lookup are off).
+        // Their stdout and stderr become log lines tagged with the handler name.
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(GuestOutput::new(spec.name.clone(), "stdout"))
+            .stderr(GuestOutput::new(spec.name.clone(), "stderr"))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        HostState {
+            limits: GuestLimits::new(spec.limits.memory),
+            spec,
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            reply_to,
+            outputs: Outputs::default(),
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Adds WASI (sandboxed as above) and the Sluice interfaces to `linker`.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_async(linker)?;
+    bindings::Handler::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
+    Ok(())
+}
+
+/// The store's resource limiter: the manifest's memory cap, remembering whether it was hit
+/// so that the failure is reported as `memory-limit` rather than as the trap that follows.
+#[derive(Debug)]
+pub struct GuestLimits {
+    inner: StoreLimits,
+    memory: usize,
+    pub(crate) memory_exceeded: bool,
+}
+
+impl GuestLimits {
+    fn new(memory: u64) -> Self {
+        let memory = usize::try_from(memory).unwrap_or(usize::MAX);
+        GuestLimits {
+            inner: StoreLimitsBuilder::new()
+                .memory_size(memory)
+                .table_elements(1 << 20)
+                .build(),
+            memory,
+            memory_exceeded: false,
+        }
+    }
+}
+
+impl ResourceLimiter for GuestLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory {
+            self.memory_exceeded = true;
+        }
+        self.inner.memory_growing(current, desired, maximum)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+}

@@ -1,0 +1,104 @@
+//! `sluice:handler/outbox`: outputs are checked against the publish allowlist and buffered
+//! in the store; the dispatcher sends them only after `handle` returns `ok`.
+
+use std::str::FromStr;
+
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+
+use super::HostState;
+use crate::bindings::sluice::handler::outbox::Host;
+use crate::subject;
+
+/// One buffered message, already in the form the NATS client sends.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+/// What one call asked to send, in order.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    pub published: Vec<Output>,
+    pub reply: Option<Output>,
+}
+
+impl Host for HostState {
+    fn publish(
+        &mut self,
+        subject: String,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), String>> {
+        if let Err(e) = subject::validate_literal(&subject) {
+            return Ok(Err(e));
+        }
+        if !self.spec.publish.iter().any(|p| p.matches(&subject)) {
+            return Ok(Err(format!(
+                "publishing to {subject:?} is not allowed: handler {} may publish to [{}] (capabilities.publish)",
+                self.spec.name,
+                self.spec
+                    .publish
+                    .iter()
+                    .map(|p| format!("{:?}", p.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let headers = match header_map(headers) {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
+        self.outputs.published.push(Output {
+            subject,
+            headers,
+            payload: payload.into(),
+        });
+        Ok(Ok(()))
+    }
+
+    fn reply(
+        &mut self,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), String>> {
+        let Some(subject) = self.reply_to.clone() else {
+            return Ok(Err(
+                "the message has no reply subject (it was not a request)".to_owned(),
+            ));
+        };
+        if self.outputs.reply.is_some() {
+            return Ok(Err("a reply was already queued for this message".to_owned()));
+        }
+        let headers = match header_map(headers) {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
+        self.outputs.reply = Some(Output {
+            subject,
+            headers,
+            payload: payload.into(),
+        });
+        Ok(Ok(()))
+    }
+}
+
+/// Checks guest-supplied headers (the NATS client would panic on a bad name, and a value
+/// with CR or LF would corrupt the protocol stream).
+fn header_map(pairs: Vec<(String, String)>) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        if name.is_empty() {
+            return Err("empty header name".to_owned());
+        }
+        let name = HeaderName::from_str(&name).map_err(|_| {
+            format!("invalid header name {name:?}: expected printable ASCII without ':' or spaces")
+        })?;
+        let value = HeaderValue::from_str(&value)
+            .map_err(|_| format!("invalid value for header {name}: CR and LF are not allowed"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}

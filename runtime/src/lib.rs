@@ -1,0 +1,37 @@
+//! Sluice: reliable NATS message processing with sandboxed WebAssembly component handlers.
+//!
+//! A handler is a component implementing the `sluice:handler/handler` world (`wit/`),
+//! declared by a TOML manifest. Sluice subscribes its subject, runs every message in a fresh
+//! instance under the manifest's limits, and sends what the handler queued only when it
+//! succeeds.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`manifest`] | the manifest schema, validation, and located errors |
+//! | [`subject`] | NATS subject validation and wildcard matching |
+//! | [`engine`] | the wasmtime engine, linker, epoch ticker, component loading |
+//! | [`bindings`] | the single `bindgen!` of `wit/handler.wit` |
+//! | [`host`] | the host side of each WIT interface, and the per-call state |
+//! | [`handler`] | a loaded handler: spec, digest, pre-instantiated component |
+//! | [`dispatch`] | one message through one fresh instance, with a typed outcome |
+//! | [`source`] | where messages come from (core NATS queue groups) |
+//! | [`runtime`] | load, bind, serve, graceful shutdown |
+//! | [`nats_server`] | a child `nats-server` (embedded default, tests) |
+//! | [`cli`] | the `sluice` command line |
+
+pub mod bindings;
+pub mod cli;
+pub mod dispatch;
+pub mod engine;
+pub mod handler;
+pub mod host;
+pub mod manifest;
+pub mod nats_server;
+pub mod runtime;
+pub mod source;
+pub mod subject;
+
+pub use engine::EngineOptions;
+pub use runtime::{LoadError, Running, Runtime};

@@ -1,0 +1,149 @@
+//! A set of handlers on one engine, bound to NATS: load (validate and compile everything),
+//! bind (subscribe), run until told to stop, then shut down gracefully.
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_nats::Client;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::engine::{Engine, EngineOptions};
+use crate::handler::Handler;
+use crate::manifest::{self, ManifestError};
+use crate::source;
+
+/// Why a set of manifests cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// One or more manifests or components are invalid; each error is located.
+    #[error("{}", ManifestErrors(.0))]
+    Invalid(Vec<ManifestError>),
+    /// The paths named no manifest at all.
+    #[error("no manifests (*.toml) found in {}", .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    Empty(Vec<PathBuf>),
+    /// The engine could not be created.
+    #[error(transparent)]
+    Engine(#[from] anyhow::Error),
+}
+
+struct ManifestErrors<'a>(&'a [ManifestError]);
+
+impl fmt::Display for ManifestErrors<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loaded, validated and compiled handlers, not yet bound to NATS.
+#[derive(Debug)]
+pub struct Runtime {
+    engine: Arc<Engine>,
+    handlers: Vec<Arc<Handler>>,
+}
+
+impl Runtime {
+    /// Loads every manifest under `paths` and compiles its component. Reports every invalid
+    /// manifest or component, not only the first.
+    pub fn load(paths: &[PathBuf], options: EngineOptions) -> Result<Self, LoadError> {
+        let manifests = manifest::load_all(paths).map_err(LoadError::Invalid)?;
+        if manifests.is_empty() {
+            return Err(LoadError::Empty(paths.to_vec()));
+        }
+        let engine = Engine::new(options)?;
+        let mut handlers = Vec::new();
+        let mut errors = Vec::new();
+        for manifest in manifests {
+            match Handler::load(&engine, manifest) {
+                Ok(h) => handlers.push(Arc::new(h)),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(LoadError::Invalid(errors));
+        }
+        Ok(Runtime { engine, handlers })
+    }
+
+    pub fn handlers(&self) -> &[Arc<Handler>] {
+        &self.handlers
+    }
+
+    /// Subscribes every handler. When this returns, the subscriptions are registered with
+    /// the server (a message published afterwards reaches a handler).
+    pub async fn bind(self, client: Client) -> anyhow::Result<Running> {
+        let (stop, stopped) = watch::channel(false);
+        let mut subscriptions = Vec::new();
+        for handler in &self.handlers {
+            subscriptions.push(source::core::subscribe(&client, handler).await?);
+        }
+        client
+            .flush()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach NATS: {e}"))?;
+        let mut tasks = JoinSet::new();
+        for (handler, subscription) in self.handlers.iter().zip(subscriptions) {
+            let spec = &handler.spec;
+            tracing::info!(
+                handler = &*spec.name,
+                subject = %spec.subject,
+                queue = %spec.queue,
+                digest = handler.short_digest(),
+                "serving"
+            );
+            tasks.spawn(source::core::serve(
+                client.clone(),
+                self.engine.clone(),
+                handler.clone(),
+                subscription,
+                stopped.clone(),
+            ));
+        }
+        Ok(Running {
+            stop,
+            tasks,
+            client,
+        })
+    }
+}
+
+/// Handlers bound to NATS and serving.
+#[derive(Debug)]
+pub struct Running {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    client: Client,
+}
+
+impl Running {
+    /// Serves until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        signal.await;
+        self.shutdown().await
+    }
+
+    /// Stops taking messages, finishes those already received and in flight, sends their
+    /// outputs, and flushes the connection.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        tracing::info!("shutting down: draining subscriptions and in-flight messages");
+        let _ = self.stop.send(true);
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Err(e) = joined {
+                tracing::error!("a handler task failed: {e}");
+            }
+        }
+        self.client
+            .flush()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot flush outputs to NATS: {e}"))?;
+        Ok(())
+    }
+}

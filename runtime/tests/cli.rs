@@ -1,0 +1,152 @@
+//! The `sluice` binary, end to end: `validate` on the shipped manifests and on a broken one,
+//! and `run` + `request` in the embedded default (no NATS server given).
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn sluice() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.current_dir(repo_root());
+    cmd
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn build_plugins() {
+    let status = Command::new("bash")
+        .arg(repo_root().join("scripts/build-plugins.sh"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot build the plugins");
+}
+
+#[test]
+fn validate_accepts_the_shipped_manifests() {
+    build_plugins();
+    let out = sluice().args(["validate", "manifests/"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok: echo"), "{stdout}");
+    assert!(stdout.contains("ok: order-validator"), "{stdout}");
+}
+
+#[test]
+fn validate_points_at_the_broken_line() {
+    build_plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("broken.toml");
+    let echo = repo_root().join("plugins/dist/echo.wasm");
+    std::fs::write(
+        &manifest,
+        format!("[handler]\nname = \"echo\"\ncomponent = \"{}\"\n\n[source]\nsubject = \"echo\"\n\n[limits]\ntimeout = \"soon\"\n", echo.display()),
+    )
+    .unwrap();
+    let out = sluice().arg("validate").arg(&manifest).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "{}:9:11: invalid duration \"soon\"",
+            manifest.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("9 | timeout = \"soon\""), "{stderr}");
+}
+
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn run_serves_a_request_to_echo_with_the_embedded_server() {
+    build_plugins();
+    // No --nats: Sluice uses 127.0.0.1:4222 if a server answers there, or starts its own.
+    let mut child = sluice()
+        .args(["run", "manifests/"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let child = Killed(child);
+
+    // Read the log until Sluice says it is ready, noting the URL it connected to.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut url = None;
+    let mut log = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+        if let Some(rest) = line.split("connected to NATS url=").nth(1) {
+            url = rest.split_whitespace().next().map(str::to_owned);
+        }
+        let ready = line.contains("ready;");
+        log.push(line);
+        if ready {
+            break;
+        }
+    }
+    let url = url.unwrap_or_else(|| panic!("no NATS URL in the log:\n{}", log.join("\n")));
+
+    let out = sluice()
+        .args(["request", "--nats", &url, "echo", "hello from the CLI"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the CLI\n");
+
+    // SIGTERM stops it gracefully.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut child = child;
+    let exit = wait_timeout(&mut child.0, Duration::from_secs(20));
+    assert_eq!(
+        exit.and_then(|s| s.code()),
+        Some(0),
+        "sluice did not exit cleanly on SIGTERM"
+    );
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}

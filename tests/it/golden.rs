@@ -1,0 +1,63 @@
+//! Golden files of invalid manifests: each `golden/manifests/NAME.toml` (or folder `NAME/`,
+//! loaded as a whole) sits next to `NAME.err`, the exact error Sluice must print, with file,
+//! line and column. `UPDATE_GOLDEN=1 cargo test golden` rewrites the `.err` files.
+
+use std::path::{Path, PathBuf};
+
+use sluice::{EngineOptions, LoadError, Runtime};
+
+#[test]
+fn invalid_manifests_give_the_expected_located_errors() {
+    // Relative paths (cargo runs tests in the package folder), so the expected text does not
+    // depend on where the checkout lives.
+    sluice_tests::plugin("echo"); // some cases point at a real component
+    let dir = Path::new("golden/manifests");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir() || p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 15,
+        "golden cases went missing: {}",
+        cases.len()
+    );
+
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut mismatches = Vec::new();
+    for case in &cases {
+        let options = EngineOptions {
+            max_memory: 1 << 30,
+            max_instances: 16,
+        };
+        let actual = match Runtime::load(std::slice::from_ref(case), options) {
+            Ok(_) => "(no error)".to_owned(),
+            Err(LoadError::Invalid(errors)) => errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n\n"),
+            Err(other) => format!("unexpected error kind: {other}"),
+        };
+        let expected_path = case.with_extension("err");
+        if update {
+            std::fs::write(&expected_path, format!("{actual}\n")).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+        if expected.trim_end() != actual.trim_end() {
+            mismatches.push(format!(
+                "== {}\n-- expected:\n{}\n-- actual:\n{actual}\n",
+                case.display(),
+                expected.trim_end()
+            ));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} golden mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+}

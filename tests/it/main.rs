@@ -1,0 +1,9 @@
+//! Sluice integration tests, each against its own real `nats-server`.
+
+#![allow(clippy::unwrap_used)]
+
+mod components;
+mod dispatch;
+mod golden;
+mod queue_group;
+mod sandbox;

@@ -1,0 +1,152 @@
+//! The integration-test fixture: a real `nats-server` per test (free port, temporary folder,
+//! killed on drop), the guest plugins built once per test process, and Sluice runtimes
+//! started in-process from manifest text.
+
+#![allow(clippy::unwrap_used)] // a fixture failure should fail the test loudly
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Once, OnceLock};
+use std::time::Duration;
+
+use async_nats::Client;
+use futures::StreamExt;
+use sluice::nats_server::NatsServer;
+use sluice::{EngineOptions, Running, Runtime};
+
+/// The repository root.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// The component file of plugin `name`, building every plugin first (once per process).
+pub fn plugin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let script = repo_root().join("scripts/build-plugins.sh");
+        let status = Command::new("bash")
+            .arg(&script)
+            .status()
+            .map_err(|e| e.to_string())?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("{} failed: {status}", script.display()))
+        }
+    });
+    if let Err(e) = built {
+        panic!(
+            "cannot build the plugins: {e} (is the wasm32-wasip2 target installed? run `make tools`)"
+        );
+    }
+    let path = repo_root()
+        .join("plugins/dist")
+        .join(format!("{name}.wasm"));
+    assert!(path.is_file(), "no plugin {name} at {}", path.display());
+    path
+}
+
+/// Test logs go to the test's captured output; `RUST_LOG` selects them.
+pub fn init_logging() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A real nats-server for one test.
+pub fn nats() -> NatsServer {
+    init_logging();
+    NatsServer::start(0).expect("cannot start nats-server")
+}
+
+/// A client of `server`.
+pub async fn client(server: &NatsServer) -> Client {
+    sluice::cli::connect(&server.url()).await.unwrap()
+}
+
+/// A manifest for `plugin`, named `name`, on `subject`, with `extra` TOML appended (further
+/// sections such as `[limits]`).
+pub fn manifest(name: &str, plugin_name: &str, subject: &str, extra: &str) -> String {
+    format!(
+        "[handler]\nname = \"{name}\"\ncomponent = \"{}\"\n\n[source]\nsubject = \"{subject}\"\n\n{extra}\n",
+        plugin(plugin_name).display()
+    )
+}
+
+/// A Sluice runtime serving manifests written to a temporary folder.
+#[derive(Debug)]
+pub struct Sluice {
+    running: Option<Running>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sluice {
+    /// Writes `manifests` (file name, TOML) and serves them on `server`. Returns once every
+    /// handler is subscribed.
+    pub async fn start(server: &NatsServer, manifests: &[(&str, String)]) -> Sluice {
+        let dir = tempfile::tempdir().unwrap();
+        for (file, text) in manifests {
+            std::fs::write(dir.path().join(file), text).unwrap();
+        }
+        let runtime = Runtime::load(&[dir.path().to_owned()], EngineOptions::default())
+            .unwrap_or_else(|e| panic!("cannot load manifests:\n{e}"));
+        let running = runtime.bind(client(server).await).await.unwrap();
+        Sluice {
+            running: Some(running),
+            dir,
+        }
+    }
+
+    /// Shuts down gracefully (drain, finish in-flight messages).
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// Sends a request and returns the reply (failure replies included), failing after 10 s.
+pub async fn request(client: &Client, subject: &str, payload: &str) -> async_nats::Message {
+    let request = async_nats::Request::new()
+        .payload(payload.to_owned().into_bytes().into())
+        .timeout(Some(Duration::from_secs(10)));
+    client
+        .send_request(subject.to_owned(), request)
+        .await
+        .unwrap_or_else(|e| panic!("request {payload:?} on {subject}: {e}"))
+}
+
+/// The value of header `name` of `msg`.
+pub fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
+    msg.headers
+        .as_ref()?
+        .get(name)
+        .map(|v| v.as_str().to_owned())
+}
+
+/// The payload of `msg` as text.
+pub fn text(msg: &async_nats::Message) -> String {
+    String::from_utf8_lossy(&msg.payload).into_owned()
+}
+
+/// Collects what arrives on `sub` for `quiet` after the last message (or at most `limit`).
+pub async fn collect_quiet(
+    sub: &mut async_nats::Subscriber,
+    quiet: Duration,
+    limit: Duration,
+) -> Vec<async_nats::Message> {
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + limit;
+    while let Ok(Some(msg)) =
+        tokio::time::timeout_at(until.min(tokio::time::Instant::now() + quiet), sub.next()).await
+    {
+        got.push(msg);
+    }
+    got
+}
