@@ -159,7 +159,7 @@ fn validate(args: &ValidateArgs) -> ExitCode {
                     "ok: {} ({}) serves {} with {}",
                     h.spec.name,
                     h.spec.manifest_path.display(),
-                    h.spec.subject,
+                    h.spec.source,
                     h.spec.digest
                 );
             }

@@ -45,6 +45,10 @@ pub enum FailureKind {
     MemoryLimit,
     /// No instance could be created (for example the instance pool is exhausted).
     Instantiation,
+    /// The call succeeded but its outputs could not be sent (a stream did not acknowledge).
+    OutputFailed,
+    /// A retryable failure happened on the last allowed attempt.
+    RetriesExhausted,
 }
 
 impl FailureKind {
@@ -56,7 +60,26 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::MemoryLimit => "memory-limit",
             FailureKind::Instantiation => "instantiation",
+            FailureKind::OutputFailed => "output-failed",
+            FailureKind::RetriesExhausted => "retries-exhausted",
         }
+    }
+
+    /// Every kind, for parsing and documentation.
+    pub const ALL: [FailureKind; 8] = [
+        FailureKind::Rejected,
+        FailureKind::RetryRequested,
+        FailureKind::Trap,
+        FailureKind::Timeout,
+        FailureKind::MemoryLimit,
+        FailureKind::Instantiation,
+        FailureKind::OutputFailed,
+        FailureKind::RetriesExhausted,
+    ];
+
+    /// The kind named `name` (as in `Sluice-Failure-Kind`).
+    pub fn parse(name: &str) -> Option<FailureKind> {
+        FailureKind::ALL.into_iter().find(|k| k.as_str() == name)
     }
 }
 

@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 use crate::bindings::HandlerPre;
 use crate::engine::Engine;
 use crate::host::HostState;
-use crate::manifest::{Limits, Manifest, ManifestError};
+use crate::manifest::{DeadLetter, Limits, Manifest, ManifestError, Source};
+use crate::retry::RetryPolicy;
 use crate::subject::SubjectPattern;
 
 /// What the host needs to know about a handler while running it.
@@ -21,9 +22,10 @@ pub struct HandlerSpec {
     pub component_path: PathBuf,
     /// `sha256:<hex>` of the component file: the handler version.
     pub digest: String,
-    pub subject: SubjectPattern,
-    pub queue: String,
+    pub source: Source,
     pub limits: Limits,
+    pub retry: RetryPolicy,
+    pub dead_letter: Option<DeadLetter>,
     pub publish: Vec<SubjectPattern>,
     pub config: BTreeMap<String, String>,
 }
@@ -58,12 +60,13 @@ impl Handler {
         let pre = engine.load(&manifest, &bytes)?;
         let spec = HandlerSpec {
             name: manifest.name.as_str().into(),
-            manifest_path: manifest.source.path.clone(),
+            manifest_path: manifest.file.path.clone(),
             component_path: manifest.component,
             digest,
-            subject: manifest.subject,
-            queue: manifest.queue,
+            source: manifest.source,
             limits: manifest.limits,
+            retry: manifest.retry,
+            dead_letter: manifest.dead_letter,
             publish: manifest.publish,
             config: manifest.config,
         };

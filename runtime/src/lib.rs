@@ -16,7 +16,10 @@
 //! | [`host`] | the host side of each WIT interface, and the per-call state |
 //! | [`handler`] | a loaded handler: spec, digest, pre-instantiated component |
 //! | [`dispatch`] | one message through one fresh instance, with a typed outcome |
-//! | [`source`] | where messages come from (core NATS queue groups) |
+//! | [`retry`] | the retry policy: attempts, backoff with jitter, retryable kinds |
+//! | [`source`] | where messages come from (core NATS queue groups, JetStream consumers), and settling outcomes |
+//! | [`outputs`] | sending a successful call's outputs (stream acks awaited) |
+//! | [`dlq`] | dead-letter headers, publishing, the dead-letter stream |
 //! | [`runtime`] | load, bind, serve, graceful shutdown |
 //! | [`nats_server`] | a child `nats-server` (embedded default, tests) |
 //! | [`cli`] | the `sluice` command line |
@@ -24,11 +27,14 @@
 pub mod bindings;
 pub mod cli;
 pub mod dispatch;
+pub mod dlq;
 pub mod engine;
 pub mod handler;
 pub mod host;
 pub mod manifest;
 pub mod nats_server;
+pub mod outputs;
+pub mod retry;
 pub mod runtime;
 pub mod source;
 pub mod subject;

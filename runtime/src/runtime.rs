@@ -10,10 +10,18 @@ use async_nats::Client;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::dlq;
 use crate::engine::{Engine, EngineOptions};
 use crate::handler::Handler;
+use crate::manifest::Source;
 use crate::manifest::{self, ManifestError};
-use crate::source;
+use crate::outputs::OutputSender;
+use crate::source::{self, Context};
+
+enum Binding {
+    Core(async_nats::Subscriber),
+    JetStream(Box<async_nats::jetstream::consumer::PullConsumer>),
+}
 
 /// Why a set of manifests cannot be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -81,31 +89,41 @@ impl Runtime {
     /// the server (a message published afterwards reaches a handler).
     pub async fn bind(self, client: Client) -> anyhow::Result<Running> {
         let (stop, stopped) = watch::channel(false);
-        let mut subscriptions = Vec::new();
+        let sender = Arc::new(OutputSender::new(client.clone()));
+        // Everything is set up before anything is served, so a bad stream or consumer fails
+        // the whole bind and no handler runs half-configured.
+        let mut bound = Vec::new();
         for handler in &self.handlers {
-            subscriptions.push(source::core::subscribe(&client, handler).await?);
+            let ctx = Context {
+                engine: self.engine.clone(),
+                handler: handler.clone(),
+                sender: sender.clone(),
+            };
+            if let Some(target) = &handler.spec.dead_letter {
+                dlq::ensure_stream(sender.jetstream(), target).await?;
+            }
+            let binding = match &handler.spec.source {
+                Source::Core { .. } => Binding::Core(source::core::subscribe(&client, &ctx).await?),
+                Source::JetStream(_) => Binding::JetStream(Box::new(
+                    source::jetstream::bind(sender.jetstream(), &ctx).await?,
+                )),
+            };
+            bound.push((ctx, binding));
         }
         client
             .flush()
             .await
             .map_err(|e| anyhow::anyhow!("cannot reach NATS: {e}"))?;
         let mut tasks = JoinSet::new();
-        for (handler, subscription) in self.handlers.iter().zip(subscriptions) {
-            let spec = &handler.spec;
-            tracing::info!(
-                handler = &*spec.name,
-                subject = %spec.subject,
-                queue = %spec.queue,
-                digest = handler.short_digest(),
-                "serving"
-            );
-            tasks.spawn(source::core::serve(
-                client.clone(),
-                self.engine.clone(),
-                handler.clone(),
-                subscription,
-                stopped.clone(),
-            ));
+        for (ctx, binding) in bound {
+            let spec = &ctx.handler.spec;
+            tracing::info!(handler = &*spec.name, source = %spec.source, digest = ctx.handler.short_digest(), "serving");
+            match binding {
+                Binding::Core(sub) => tasks.spawn(source::core::serve(ctx, sub, stopped.clone())),
+                Binding::JetStream(consumer) => {
+                    tasks.spawn(source::jetstream::serve(ctx, *consumer, stopped.clone()))
+                }
+            };
         }
         Ok(Running {
             stop,

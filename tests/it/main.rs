@@ -5,5 +5,6 @@
 mod components;
 mod dispatch;
 mod golden;
+mod jetstream;
 mod queue_group;
 mod sandbox;

@@ -13,6 +13,10 @@ max_concurrency = 8
 
 [capabilities]
 publish = ["allowed.>"]
+
+# One attempt: each failure is reported as it happened (retries are tested elsewhere).
+[retry]
+max_attempts = 1
 "#;
 
 async fn start(server: &sluice::nats_server::NatsServer) -> Sluice {

@@ -90,17 +90,32 @@ impl Sluice {
     /// Writes `manifests` (file name, TOML) and serves them on `server`. Returns once every
     /// handler is subscribed.
     pub async fn start(server: &NatsServer, manifests: &[(&str, String)]) -> Sluice {
-        let dir = tempfile::tempdir().unwrap();
+        Self::try_start(server, manifests)
+            .await
+            .unwrap_or_else(|e| panic!("cannot start Sluice: {e:#}"))
+    }
+
+    /// Like [`start`](Self::start), returning bind errors (a conflicting consumer, ...).
+    pub async fn try_start(
+        server: &NatsServer,
+        manifests: &[(&str, String)],
+    ) -> anyhow::Result<Sluice> {
+        let dir = tempfile::tempdir()?;
         for (file, text) in manifests {
-            std::fs::write(dir.path().join(file), text).unwrap();
+            std::fs::write(dir.path().join(file), text)?;
         }
         let runtime = Runtime::load(&[dir.path().to_owned()], EngineOptions::default())
-            .unwrap_or_else(|e| panic!("cannot load manifests:\n{e}"));
-        let running = runtime.bind(client(server).await).await.unwrap();
-        Sluice {
+            .map_err(|e| anyhow::anyhow!("cannot load manifests:\n{e}"))?;
+        let running = runtime.bind(client(server).await).await?;
+        Ok(Sluice {
             running: Some(running),
             dir,
-        }
+        })
+    }
+
+    /// Stops abruptly, like a killed process: nothing in flight is finished or acked.
+    pub fn crash(mut self) {
+        drop(self.running.take());
     }
 
     /// Shuts down gracefully (drain, finish in-flight messages).
@@ -149,4 +164,61 @@ pub async fn collect_quiet(
         got.push(msg);
     }
     got
+}
+
+/// A JetStream context on `server`, with a stream `name` capturing `subjects`.
+pub async fn stream(
+    server: &NatsServer,
+    name: &str,
+    subjects: &[&str],
+) -> async_nats::jetstream::Context {
+    let js = async_nats::jetstream::new(client(server).await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.to_owned(),
+        subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js
+}
+
+/// Publishes `payload` to `subject` through JetStream, waiting for the stream's ack.
+pub async fn js_publish(js: &async_nats::jetstream::Context, subject: &str, payload: &str) -> u64 {
+    js.publish(subject.to_owned(), payload.to_owned().into_bytes().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
+}
+
+/// Waits until stream `name` holds `count` messages (at most `limit`), then returns them all.
+pub async fn stream_messages(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    count: u64,
+    limit: Duration,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut stream = loop {
+        if let Ok(mut stream) = js.get_stream(name).await
+            && stream.info().await.unwrap().state.messages >= count
+        {
+            break stream;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream {name} did not reach {count} messages in {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let state = stream.info().await.unwrap().state.clone();
+    let mut all = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            all.push(m);
+        }
+    }
+    all
 }

@@ -1,54 +1,85 @@
-//! A handler that does what its payload tells it to, good or bad. The runtime's sandbox
-//! tests use it to show that a misbehaving handler is contained.
+//! A handler that does what its payload tells it to, good or bad. The runtime's sandbox,
+//! retry and dead-letter tests use it.
 //!
-//! | payload           | behaviour                                                  |
-//! |-------------------|------------------------------------------------------------|
-//! | `ok`              | replies `ok`                                               |
-//! | `trap`            | executes `unreachable`                                     |
-//! | `panic`           | panics                                                     |
-//! | `loop`            | spins forever                                              |
-//! | `alloc`           | allocates 1 MiB blocks until memory runs out               |
-//! | `publish:SUBJECT` | publishes to SUBJECT and replies with what the host said   |
-//! | `sleep:MS`        | sleeps MS milliseconds (a WASI sleep), then replies `slept` |
-//! | `publish-then-reject:SUBJECT` | publishes to SUBJECT, then fails with `Error::Reject` |
-//! | `retry`           | fails with `Error::Retry`                                  |
-//! | `reject`          | fails with `Error::Reject`                                 |
+//! | payload                       | behaviour                                                   |
+//! |-------------------------------|-------------------------------------------------------------|
+//! | `ok`                          | answers `ok`                                                |
+//! | `trap`                        | executes `unreachable`                                      |
+//! | `panic`                       | panics                                                      |
+//! | `loop`                        | spins forever                                               |
+//! | `alloc`                       | allocates 1 MiB blocks until memory runs out                |
+//! | `sleep:MS`                    | sleeps MS milliseconds (a WASI sleep), then answers `slept` |
+//! | `publish:SUBJECT`             | publishes to SUBJECT, answers with what the host said       |
+//! | `publish-then-reject:SUBJECT` | publishes to SUBJECT, then fails with `Error::Reject`       |
+//! | `fail-until:K:SUBJECT`        | fails with `Error::Retry` on attempts 1..=K, then publishes `attempt N` to SUBJECT |
+//! | `retry`                       | fails with `Error::Retry`                                   |
+//! | `reject`                      | fails with `Error::Reject`                                  |
+//!
+//! "Answers" means a reply when the message is a request. Publications carry a `Sluice-Tag`
+//! header with the `tag` config value when one is set (tests use it to tell runtimes apart).
 
-use sluice_guest::{Error, Message, Result};
+use sluice_guest::{Error, Headers, Message, Result};
 
 fn handle(msg: Message) -> Result {
     let command = msg.text()?.trim().to_owned();
-    match command.as_str() {
-        "ok" => sluice_guest::reply("ok")?,
+    let (verb, arg) = command.split_once(':').unwrap_or((command.as_str(), ""));
+    match verb {
+        "ok" => answer(&msg, "ok")?,
         "trap" => trap(),
         "panic" => panic!("asked to panic"),
         "loop" => spin(),
         "alloc" => hog(),
         "retry" => return Err(Error::retry("asked to retry")),
         "reject" => return Err(Error::reject("asked to reject")),
-        other if other.starts_with("sleep:") => {
-            let ms: u64 = other["sleep:".len()..]
+        "sleep" => {
+            let ms: u64 = arg
                 .parse()
-                .map_err(|_| Error::reject(format!("bad sleep command {other:?}")))?;
+                .map_err(|_| Error::reject(format!("bad sleep command {command:?}")))?;
             std::thread::sleep(std::time::Duration::from_millis(ms));
-            sluice_guest::reply("slept")?;
+            answer(&msg, "slept")?;
         }
-        other if other.starts_with("publish-then-reject:") => {
-            sluice_guest::publish(&other["publish-then-reject:".len()..], "must not be sent")?;
+        "publish" => {
+            let result = match publish(arg, "from misbehave") {
+                Ok(()) => "published".to_owned(),
+                Err(e) => format!("refused: {e}"),
+            };
+            answer(&msg, &result)?;
+        }
+        "publish-then-reject" => {
+            publish(arg, "must not be sent")?;
             return Err(Error::reject("published, then rejected"));
         }
-        other => match other.strip_prefix("publish:") {
-            Some(subject) => {
-                let answer = match sluice_guest::publish(subject, "from misbehave") {
-                    Ok(()) => "published".to_owned(),
-                    Err(e) => format!("refused: {e}"),
-                };
-                sluice_guest::reply(answer)?;
+        "fail-until" => {
+            let (k, subject) = arg.split_once(':').unwrap_or((arg, ""));
+            let k: u32 = k
+                .parse()
+                .map_err(|_| Error::reject(format!("bad fail-until command {command:?}")))?;
+            let attempt = msg.delivery().attempt;
+            if attempt <= k {
+                return Err(Error::retry(format!(
+                    "attempt {attempt} of {k} planned failures"
+                )));
             }
-            None => return Err(Error::reject(format!("unknown command {other:?}"))),
-        },
+            publish(subject, &format!("attempt {attempt}"))?;
+        }
+        _ => return Err(Error::reject(format!("unknown command {command:?}"))),
     }
     Ok(())
+}
+
+fn answer(msg: &Message, text: &str) -> Result {
+    if msg.reply_to().is_some() {
+        sluice_guest::reply(text)?;
+    }
+    Ok(())
+}
+
+fn publish(subject: &str, text: &str) -> std::result::Result<(), sluice_guest::PublishError> {
+    let mut headers = Headers::new();
+    if let Some(tag) = sluice_guest::config("tag") {
+        headers.insert("Sluice-Tag", tag);
+    }
+    sluice_guest::publish_with_headers(subject, &headers, text)
 }
 
 fn trap() -> ! {

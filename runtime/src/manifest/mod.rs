@@ -8,6 +8,7 @@ mod schema;
 mod units;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,8 @@ use std::time::Duration;
 pub use error::{ManifestError, SourceText};
 pub use units::{ByteSize, HumanDuration};
 
+use crate::dispatch::FailureKind;
+use crate::retry::RetryPolicy;
 use crate::subject::SubjectPattern;
 
 /// Memory one instance may use when the manifest does not say.
@@ -28,17 +31,58 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 32;
 #[derive(Debug, Clone)]
 pub struct Manifest {
     /// The manifest file and its text, to point at lines in later errors.
-    pub source: Arc<SourceText>,
+    pub file: Arc<SourceText>,
     pub name: String,
     /// Absolute (or manifest-relative-resolved) path of the component file.
     pub component: PathBuf,
-    pub subject: SubjectPattern,
-    pub queue: String,
+    pub source: Source,
     pub limits: Limits,
+    pub retry: RetryPolicy,
+    pub dead_letter: Option<DeadLetter>,
     pub publish: Vec<SubjectPattern>,
     pub config: BTreeMap<String, String>,
     /// Where values sit in the file, for errors found after parsing.
     pub spans: Spans,
+}
+
+/// Where a handler's messages come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A core NATS subscription in a queue group.
+    Core {
+        subject: SubjectPattern,
+        queue: String,
+    },
+    /// A durable JetStream pull consumer.
+    JetStream(JetStreamSource),
+}
+
+/// A durable pull consumer on a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamSource {
+    pub stream: String,
+    pub consumer: String,
+    /// Empty: the whole stream.
+    pub filters: Vec<SubjectPattern>,
+    pub ack_wait: Duration,
+    pub max_ack_pending: i64,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Core { subject, queue } => write!(f, "{subject} (queue {queue})"),
+            Source::JetStream(js) => write!(f, "stream {} consumer {}", js.stream, js.consumer),
+        }
+    }
+}
+
+/// Where messages that cannot succeed are parked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub subject: String,
+    pub stream: Option<String>,
+    pub create_stream: bool,
 }
 
 /// What one call may use.
@@ -64,7 +108,7 @@ impl Manifest {
         span: std::ops::Range<usize>,
         message: impl Into<String>,
     ) -> ManifestError {
-        ManifestError::at(&self.source, span, message)
+        ManifestError::at(&self.file, span, message)
     }
 }
 
@@ -77,14 +121,14 @@ pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
 
 /// Validates manifest `text` as if read from `path` (which anchors the component path).
 pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
-    let source = Arc::new(SourceText {
+    let file = Arc::new(SourceText {
         path: path.to_owned(),
         text,
     });
-    let raw: schema::RawManifest = toml::from_str(&source.text).map_err(|e| {
+    let raw: schema::RawManifest = toml::from_str(&file.text).map_err(|e| {
         let message = with_hint(e.message().trim_end());
         match e.span() {
-            Some(span) => ManifestError::at(&source, span, message),
+            Some(span) => ManifestError::at(&file, span, message),
             None => ManifestError::without_location(path, message),
         }
     })?;
@@ -93,7 +137,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
     let component_text = raw.handler.component.get_ref();
     if component_text.trim().is_empty() {
         return Err(ManifestError::at(
-            &source,
+            &file,
             raw.handler.component.span(),
             "empty component path; expected the path of a .wasm component, relative to this manifest",
         ));
@@ -101,7 +145,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
     let component = dir.join(component_text);
     if !component.is_file() {
         return Err(ManifestError::at(
-            &source,
+            &file,
             raw.handler.component.span(),
             format!(
                 "component file not found: {} (paths are relative to the manifest's folder)",
@@ -113,12 +157,11 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
     let mut publish = Vec::with_capacity(raw.capabilities.publish.len());
     for pattern in &raw.capabilities.publish {
         let parsed = SubjectPattern::parse(pattern.get_ref())
-            .map_err(|e| ManifestError::at(&source, pattern.span(), e))?;
+            .map_err(|e| ManifestError::at(&file, pattern.span(), e))?;
         publish.push(parsed);
     }
 
     let name = raw.handler.name.get_ref().0.clone();
-    let queue = raw.source.queue.map_or_else(|| name.clone(), |q| q.0);
     let limits = Limits {
         memory: raw
             .limits
@@ -131,20 +174,248 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
             .max_concurrency
             .map_or(DEFAULT_MAX_CONCURRENCY, |c| c.0),
     };
+    let source_span = raw.source.span();
+    let source = resolve_source(&file, source_span, raw.source.into_inner(), &name, &limits)?;
+    let retry = resolve_retry(&file, raw.retry)?;
+    let dead_letter = raw
+        .dead_letter
+        .map(|d| resolve_dead_letter(&file, d))
+        .transpose()?;
+
     Ok(Manifest {
         spans: Spans {
             name: raw.handler.name.span(),
             component: raw.handler.component.span(),
             memory: raw.limits.memory.as_ref().map(|m| m.span()),
         },
-        source,
+        file,
         name,
         component,
-        subject: raw.source.subject,
-        queue,
+        source,
         limits,
+        retry,
+        dead_letter,
         publish,
         config: raw.config.into_iter().map(|(k, v)| (k, v.0)).collect(),
+    })
+}
+
+/// Core NATS or JetStream, never both, with each key only where it means something.
+fn resolve_source(
+    file: &SourceText,
+    span: std::ops::Range<usize>,
+    raw: schema::SourceSection,
+    handler: &str,
+    limits: &Limits,
+) -> Result<Source, ManifestError> {
+    let err = |span: std::ops::Range<usize>, m: &str| ManifestError::at(file, span, m);
+    match (raw.subject, raw.stream) {
+        (Some(subject), Some(stream)) => {
+            let _ = subject;
+            Err(err(
+                stream.span(),
+                "conflicting sources: `subject` (core NATS) and `stream` (JetStream) are both set; choose one",
+            ))
+        }
+        (None, None) => Err(err(
+            span,
+            "[source] needs `subject = \"...\"` (core NATS) or `stream = \"...\"` (JetStream)",
+        )),
+        (Some(subject), None) => {
+            for (key, s) in [
+                ("consumer", raw.consumer.as_ref().map(|c| c.span())),
+                ("filter", raw.filter.as_ref().map(|f| f.span())),
+                ("ack_wait", raw.ack_wait.as_ref().map(|a| a.span())),
+                (
+                    "max_ack_pending",
+                    raw.max_ack_pending.as_ref().map(|a| a.span()),
+                ),
+            ] {
+                if let Some(s) = s {
+                    return Err(err(
+                        s,
+                        &format!(
+                            "`{key}` only applies to a JetStream source (`stream = ...`), not to `subject`"
+                        ),
+                    ));
+                }
+            }
+            let queue = raw
+                .queue
+                .map_or_else(|| handler.to_owned(), |q| q.into_inner().0);
+            Ok(Source::Core {
+                subject: subject.into_inner(),
+                queue,
+            })
+        }
+        (None, Some(stream)) => {
+            if let Some(queue) = raw.queue {
+                return Err(err(
+                    queue.span(),
+                    "`queue` only applies to a core NATS source; a JetStream consumer is shared by name (`consumer`)",
+                ));
+            }
+            let mut filters = Vec::new();
+            if let Some(filter) = raw.filter {
+                let span = filter.span();
+                for f in &filter.get_ref().0 {
+                    filters.push(SubjectPattern::parse(f).map_err(|e| err(span.clone(), &e))?);
+                }
+            }
+            let default_ack_wait = limits.timeout * 2 + Duration::from_secs(1);
+            let ack_wait = match raw.ack_wait {
+                Some(a) if a.get_ref().0 <= limits.timeout => {
+                    return Err(err(
+                        a.span(),
+                        &format!(
+                            "ack_wait {} must be longer than the timeout ({}), or JetStream redelivers messages still running",
+                            a.get_ref(),
+                            HumanDuration(limits.timeout)
+                        ),
+                    ));
+                }
+                Some(a) => a.into_inner().0,
+                None => default_ack_wait,
+            };
+            let max_ack_pending = match raw.max_ack_pending {
+                Some(n) if !(1..=1_000_000).contains(n.get_ref()) => {
+                    return Err(err(
+                        n.span(),
+                        "max_ack_pending is out of range; expected 1 to 1000000",
+                    ));
+                }
+                Some(n) => n.into_inner(),
+                None => (i64::from(limits.max_concurrency) * 4).max(1000),
+            };
+            Ok(Source::JetStream(JetStreamSource {
+                max_ack_pending,
+                stream: stream.into_inner().0,
+                consumer: raw
+                    .consumer
+                    .map_or_else(|| handler.to_owned(), |c| c.into_inner().0),
+                filters,
+                ack_wait,
+            }))
+        }
+    }
+}
+
+fn resolve_retry(
+    file: &SourceText,
+    raw: schema::RetrySection,
+) -> Result<RetryPolicy, ManifestError> {
+    let defaults = RetryPolicy::default();
+    let max_attempts = match raw.max_attempts {
+        Some(n) => match u32::try_from(*n.get_ref()) {
+            Ok(v @ 1..=1000) => v,
+            _ => {
+                return Err(ManifestError::at(
+                    file,
+                    n.span(),
+                    format!(
+                        "max_attempts = {} is out of range; expected 1 to 1000",
+                        n.get_ref()
+                    ),
+                ));
+            }
+        },
+        None => defaults.max_attempts,
+    };
+    let initial = raw.initial.map_or(defaults.initial, |d| d.0);
+    let max = match raw.max {
+        Some(m) if m.get_ref().0 < initial => {
+            return Err(ManifestError::at(
+                file,
+                m.span(),
+                format!(
+                    "max = {} is shorter than initial = {}",
+                    m.get_ref(),
+                    HumanDuration(initial)
+                ),
+            ));
+        }
+        Some(m) => m.into_inner().0,
+        None => defaults.max.max(initial),
+    };
+    let multiplier = match raw.multiplier {
+        Some(m) if !(1.0..=100.0).contains(m.get_ref()) => {
+            return Err(ManifestError::at(
+                file,
+                m.span(),
+                format!(
+                    "multiplier = {} is out of range; expected 1.0 to 100.0",
+                    m.get_ref()
+                ),
+            ));
+        }
+        Some(m) => m.into_inner(),
+        None => defaults.multiplier,
+    };
+    let retry_on =
+        match raw.retry_on {
+            None => defaults.retry_on,
+            Some(names) => {
+                let mut kinds = std::collections::HashSet::new();
+                for name in names {
+                    let kind = FailureKind::parse(name.get_ref())
+                    .filter(|k| crate::retry::RETRYABLE.contains(k))
+                    .ok_or_else(|| {
+                        let accepted: Vec<String> =
+                            crate::retry::RETRYABLE.iter().map(|k| format!("\"{k}\"")).collect();
+                        ManifestError::at(
+                            file,
+                            name.span(),
+                            format!(
+                                "unknown or non-retryable failure kind {:?}; expected one of {}",
+                                name.get_ref(),
+                                accepted.join(", ")
+                            ),
+                        )
+                    })?;
+                    kinds.insert(kind);
+                }
+                kinds
+            }
+        };
+    Ok(RetryPolicy {
+        max_attempts,
+        backoff: raw.backoff.unwrap_or(defaults.backoff),
+        initial,
+        max,
+        multiplier,
+        jitter: raw.jitter.unwrap_or(defaults.jitter),
+        retry_on,
+    })
+}
+
+fn resolve_dead_letter(
+    file: &SourceText,
+    raw: schema::DeadLetterSection,
+) -> Result<DeadLetter, ManifestError> {
+    let subject = raw.subject.get_ref();
+    if let Err(e) = crate::subject::validate_literal(subject.as_str()) {
+        return Err(ManifestError::at(
+            file,
+            raw.subject.span(),
+            format!("dead-letter {e}"),
+        ));
+    }
+    let create_stream = raw.create_stream.as_ref().is_some_and(|c| *c.get_ref());
+    if create_stream && raw.stream.is_none() {
+        let span = raw
+            .create_stream
+            .map(|c| c.span())
+            .unwrap_or(raw.subject.span());
+        return Err(ManifestError::at(
+            file,
+            span,
+            "create_stream = true needs `stream = \"...\"`, the stream to create",
+        ));
+    }
+    Ok(DeadLetter {
+        subject: subject.as_str().to_owned(),
+        stream: raw.stream.map(|s| s.0),
+        create_stream,
     })
 }
 
@@ -184,7 +455,7 @@ pub fn load_all(paths: &[PathBuf]) -> Result<Vec<Manifest>, Vec<ManifestError>> 
                         format!(
                             "duplicate handler name {:?}: {} already declares it",
                             m.name,
-                            first.source.path.display()
+                            first.file.path.display()
                         ),
                     ));
                 } else {

@@ -20,13 +20,18 @@ pub struct RawManifest {
     /// `[handler]`: what runs.
     pub handler: HandlerSection,
     /// `[source]`: where its messages come from.
-    pub source: SourceSection,
+    pub source: Spanned<SourceSection>,
     /// `[limits]`: what one call may use.
     #[serde(default)]
     pub limits: LimitsSection,
     /// `[capabilities]`: what the handler may reach.
     #[serde(default)]
     pub capabilities: CapabilitiesSection,
+    /// `[retry]`: how failed attempts are retried.
+    #[serde(default)]
+    pub retry: RetrySection,
+    /// `[dead_letter]`: where messages that cannot succeed are parked.
+    pub dead_letter: Option<DeadLetterSection>,
     /// `[config]`: values the handler reads with `config.get`.
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
@@ -41,14 +46,110 @@ pub struct HandlerSection {
     pub component: Spanned<String>,
 }
 
+/// Either core NATS (`subject`, `queue`) or JetStream (`stream`, `consumer`, `filter`,
+/// `ack_wait`); which keys go together is checked in `manifest::mod`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSection {
     /// `subject = "orders.created"`: core NATS subject (wildcards allowed).
-    pub subject: SubjectPattern,
-    /// `queue = "orders-validate"`: queue group shared by every Sluice process running this
-    /// handler; defaults to the handler name.
-    pub queue: Option<QueueName>,
+    pub subject: Option<Spanned<SubjectPattern>>,
+    /// `queue = "orders-validate"`: core NATS queue group shared by every Sluice process
+    /// running this handler; defaults to the handler name.
+    pub queue: Option<Spanned<QueueName>>,
+    /// `stream = "ORDERS"`: a JetStream stream, read through a durable pull consumer.
+    pub stream: Option<Spanned<StreamName>>,
+    /// `consumer = "orders-validate"`: the durable consumer's name; defaults to the handler
+    /// name. Every Sluice process bound to it shares its messages.
+    pub consumer: Option<Spanned<StreamName>>,
+    /// `filter = "orders.created"` or `filter = ["orders.created", "orders.updated"]`: the
+    /// consumer's filter subjects; defaults to the whole stream.
+    pub filter: Option<Spanned<OneOrMany>>,
+    /// `ack_wait = "30s"`: how long JetStream waits for an ack before redelivering; defaults
+    /// to twice the timeout plus one second.
+    pub ack_wait: Option<Spanned<HumanDuration>>,
+    /// `max_ack_pending = 1000`: messages the consumer may have unacknowledged across all
+    /// processes (in flight or waiting for a retry); defaults to the larger of 1000 and four
+    /// times `limits.max_concurrency`.
+    pub max_ack_pending: Option<Spanned<i64>>,
+}
+
+/// A stream or consumer name: letters, digits, `-` and `_`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamName(pub String);
+
+impl<'de> Deserialize<'de> for StreamName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        let valid = !name.is_empty()
+            && name.len() <= 255
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            return Err(de::Error::custom(format!(
+                "invalid name {name:?}; expected letters, digits, '-' or '_'"
+            )));
+        }
+        Ok(StreamName(name))
+    }
+}
+
+/// A string or an array of strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a subject or an array of subjects")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut all = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    all.push(s);
+                }
+                Ok(OneOrMany(all))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySection {
+    /// `max_attempts = 5`: attempts in all, the first included (1 to 1000); 1 never retries.
+    pub max_attempts: Option<Spanned<i64>>,
+    /// `backoff = "exponential"`: `constant` or `exponential`.
+    pub backoff: Option<crate::retry::Backoff>,
+    /// `initial = "100ms"`: the first delay.
+    pub initial: Option<HumanDuration>,
+    /// `max = "30s"`: no delay is longer (a handler's retry-after hint included).
+    pub max: Option<Spanned<HumanDuration>>,
+    /// `multiplier = 2.0`: exponential growth per attempt (at least 1).
+    pub multiplier: Option<Spanned<f64>>,
+    /// `jitter = "full"`: `full`, `equal` or `none`.
+    pub jitter: Option<crate::retry::Jitter>,
+    /// `retry_on = ["retry-requested", "trap", "timeout"]`: failure kinds worth retrying.
+    pub retry_on: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterSection {
+    /// `subject = "dlq.orders"`: where dead letters are published (a literal subject). The
+    /// publish must be acknowledged by a stream, or the source message is not let go.
+    pub subject: Spanned<SubjectPattern>,
+    /// `stream = "DLQ"`: the stream that stores them, for `create_stream` and `sluice dlq`.
+    pub stream: Option<StreamName>,
+    /// `create_stream = true`: create `stream`, capturing `subject`, when it is missing.
+    pub create_stream: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,58 +1,55 @@
 //! Core NATS: one queue subscription per handler; every Sluice process running the handler
 //! joins the same queue group, so NATS spreads the messages across them.
+//!
+//! Core NATS does not redeliver, so retries happen in this process: a failed message waits
+//! out its backoff in its own task, holding no concurrency permit, while other messages flow.
+//! A pending retry does not survive the process: on shutdown it runs at once, one last time,
+//! and is dead-lettered if it fails again. Use a JetStream source where that matters.
 
 use std::sync::Arc;
 
-use async_nats::{Client, HeaderMap, Subscriber};
+use async_nats::{Client, Subscriber};
 use futures::StreamExt;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::{Context, History};
 use crate::bindings::Delivery;
-use crate::dispatch::{Failure, Outcome, dispatch};
-use crate::engine::Engine;
-use crate::handler::Handler;
-use crate::host::Outputs;
+use crate::dlq::{self, Original};
+use crate::manifest::Source;
+use crate::retry::Decision;
 
-/// Subscribes `handler` to its subject in its queue group.
-pub async fn subscribe(client: &Client, handler: &Handler) -> anyhow::Result<Subscriber> {
-    let spec = &handler.spec;
+/// Subscribes the handler of `ctx` to its subject in its queue group.
+pub async fn subscribe(client: &Client, ctx: &Context) -> anyhow::Result<Subscriber> {
+    let spec = &ctx.handler.spec;
+    let Source::Core { subject, queue } = &spec.source else {
+        anyhow::bail!("handler {} does not have a core NATS source", spec.name);
+    };
     client
-        .queue_subscribe(spec.subject.as_str().to_owned(), spec.queue.clone())
+        .queue_subscribe(subject.as_str().to_owned(), queue.clone())
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "handler {}: cannot subscribe to {}: {e}",
-                spec.name,
-                spec.subject
-            )
-        })
+        .map_err(|e| anyhow::anyhow!("handler {}: cannot subscribe to {subject}: {e}", spec.name))
 }
 
 /// Serves `subscription` until `stop` turns true, then drains it: messages already
 /// delivered to this process are processed, in-flight calls finish, then it returns.
-pub async fn serve(
-    client: Client,
-    engine: Arc<Engine>,
-    handler: Arc<Handler>,
-    mut subscription: Subscriber,
-    mut stop: watch::Receiver<bool>,
-) {
-    let spec = handler.spec.clone();
-    let permits = Arc::new(Semaphore::new(spec.limits.max_concurrency as usize));
+pub async fn serve(ctx: Context, mut subscription: Subscriber, mut stop: watch::Receiver<bool>) {
+    let name = ctx.handler.spec.name.clone();
+    let permits = Arc::new(Semaphore::new(
+        ctx.handler.spec.limits.max_concurrency as usize,
+    ));
     let mut in_flight = JoinSet::new();
-    let mut draining = *stop.borrow();
-    if draining {
-        drain(&mut subscription, &spec.name).await;
-    }
+    let mut draining = false;
     loop {
         tokio::select! {
             biased;
             changed = stop.changed(), if !draining => {
                 if changed.is_err() || *stop.borrow() {
                     draining = true;
-                    drain(&mut subscription, &spec.name).await;
+                    if let Err(e) = subscription.drain().await {
+                        tracing::warn!(handler = &*name, "cannot drain subscription: {e}");
+                    }
                 }
             }
             next = subscription.next() => {
@@ -60,54 +57,84 @@ pub async fn serve(
                 // Waiting for a permit here is the backpressure: at the concurrency limit we
                 // stop reading, and the queue group hands messages to other processes.
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                let (client, engine, handler) = (client.clone(), engine.clone(), handler.clone());
-                in_flight.spawn(async move {
-                    process(&client, &engine, &handler, msg).await;
-                    drop(permit);
-                });
+                let span = tracing::info_span!("message", handler = &*name, subject = %msg.subject);
+                let task = process(ctx.clone(), msg, permits.clone(), permit, stop.clone());
+                in_flight.spawn(task.instrument(span));
                 while in_flight.try_join_next().is_some() {}
             }
         }
     }
     while in_flight.join_next().await.is_some() {}
-    tracing::debug!(handler = &*spec.name, "stopped");
+    tracing::debug!(handler = &*name, "stopped");
 }
 
-async fn drain(subscription: &mut Subscriber, handler: &str) {
-    if let Err(e) = subscription.drain().await {
-        tracing::warn!(handler, "cannot drain subscription: {e}");
-    }
-}
-
-async fn process(client: &Client, engine: &Engine, handler: &Handler, msg: async_nats::Message) {
-    let spec = &handler.spec;
-    let span = tracing::info_span!("message", handler = &*spec.name, subject = %msg.subject);
-    async {
-        let wit_msg = super::to_wit(&msg);
-        let delivery = Delivery { attempt: 1, max_attempts: 1, idempotency_key: None, stream_sequence: None };
-        match dispatch(engine, handler, &wit_msg, &delivery).await {
-            Outcome::Success(outputs) => send(client, outputs).await,
-            Outcome::Failed(failure) => {
-                tracing::warn!(kind = %failure.kind, reason = %failure.reason, digest = handler.short_digest(), "handler failed");
-                if let Some(reply) = msg.reply {
-                    reply_failure(client, reply, handler, &failure).await;
-                }
+/// Every attempt of one message, until it succeeds or is given up on.
+async fn process(
+    ctx: Context,
+    msg: async_nats::Message,
+    permits: Arc<Semaphore>,
+    mut permit: OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+) {
+    let spec = ctx.handler.spec.clone();
+    let wit = super::to_wit(&msg);
+    let mut history: Option<History> = None;
+    let mut attempt = 1;
+    loop {
+        let delivery = Delivery {
+            attempt,
+            max_attempts: spec.retry.max_attempts,
+            idempotency_key: None,
+            stream_sequence: None,
+        };
+        let failure = match super::attempt(&ctx, &wit, &delivery).await {
+            Ok(()) => return,
+            Err(failure) => failure,
+        };
+        let decision = super::decide(&ctx, &failure, attempt);
+        let recorded = History::record(history.take(), failure);
+        match decision {
+            Decision::Retry(delay) => {
+                history = Some(recorded);
+                drop(permit);
+                // On shutdown, the last attempt runs at once rather than being lost.
+                let last_chance = tokio::select! {
+                    _ = tokio::time::sleep(delay) => false,
+                    _ = stop.wait_for(|stopping| *stopping) => true,
+                };
+                permit = match permits.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                };
+                attempt = if last_chance {
+                    spec.retry.max_attempts.max(attempt + 1)
+                } else {
+                    attempt + 1
+                };
             }
-        }
-    }
-    .instrument(span)
-    .await
-}
-
-/// Sends what a successful call queued, in order: publications, then the reply.
-async fn send(client: &Client, outputs: Outputs) {
-    for out in outputs.published.into_iter().chain(outputs.reply) {
-        let subject = out.subject.clone();
-        if let Err(e) = client
-            .publish_with_headers(out.subject, out.headers, out.payload)
-            .await
-        {
-            tracing::error!(%subject, "cannot send output: {e}");
+            Decision::GiveUp(kind) => {
+                let verdict = recorded.verdict(kind, attempt);
+                let original = Original {
+                    subject: msg.subject.as_str(),
+                    headers: msg.headers.as_ref(),
+                    payload: &msg.payload,
+                    stream: None,
+                };
+                if let Err(e) = super::dead_letter(&ctx, &verdict, &original).await {
+                    tracing::error!("message lost: {e}");
+                }
+                if let Some(reply) = &msg.reply {
+                    reply_failure(
+                        ctx.sender.client(),
+                        reply.clone(),
+                        &ctx,
+                        &verdict,
+                        &original,
+                    )
+                    .await;
+                }
+                return;
+            }
         }
     }
 }
@@ -117,26 +144,17 @@ async fn send(client: &Client, outputs: Outputs) {
 async fn reply_failure(
     client: &Client,
     reply: async_nats::Subject,
-    handler: &Handler,
-    failure: &Failure,
+    ctx: &Context,
+    verdict: &dlq::Verdict,
+    original: &Original<'_>,
 ) {
-    let mut headers = HeaderMap::new();
-    let reason = one_line(&failure.reason);
+    let mut headers = dlq::verdict_headers(&ctx.handler.spec, verdict, original);
     headers.insert("Nats-Service-Error-Code", "500");
-    headers.insert("Nats-Service-Error", reason.as_str());
-    headers.insert("Sluice-Failure-Kind", failure.kind.as_str());
-    headers.insert("Sluice-Failure-Reason", reason.as_str());
-    headers.insert("Sluice-Handler", &*handler.spec.name);
-    headers.insert("Sluice-Handler-Digest", handler.spec.digest.as_str());
+    headers.insert("Nats-Service-Error", dlq::one_line(&verdict.reason));
     if let Err(e) = client
         .publish_with_headers(reply, headers, Default::default())
         .await
     {
         tracing::warn!("cannot send the failure reply: {e}");
     }
-}
-
-/// Header values cannot hold line breaks.
-fn one_line(text: &str) -> String {
-    text.replace(['\r', '\n'], " ")
 }

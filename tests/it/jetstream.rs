@@ -1,0 +1,371 @@
+//! JetStream sources: retries with backoff, dead-lettering with the standard headers, crash
+//! recovery, shared durable consumers, and conflicting consumers.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream;
+use async_nats::jetstream::message::StreamMessage;
+use futures::StreamExt;
+use sluice_tests::{Sluice, client, js_publish, manifest, nats, stream, stream_messages};
+
+/// A misbehave handler on stream WORK, dead-lettering to DLQ (created by Sluice).
+fn work_manifest(retry: &str) -> String {
+    manifest(
+        "worker",
+        "misbehave",
+        "unused",
+        &format!(
+            r#"
+[limits]
+timeout = "1s"
+
+[capabilities]
+publish = ["results.>"]
+
+[retry]
+{retry}
+
+[dead_letter]
+subject = "dlq.worker"
+stream = "DLQ"
+create_stream = true
+"#
+        ),
+    )
+    .replace("subject = \"unused\"", "stream = \"WORK\"")
+}
+
+fn header(m: &StreamMessage, name: &str) -> String {
+    m.headers
+        .get(name)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(|| panic!("no header {name}"))
+}
+
+fn time_header(m: &StreamMessage, name: &str) -> SystemTime {
+    humantime::parse_rfc3339(&header(m, name)).unwrap()
+}
+
+async fn consumer_info(js: &jetstream::Context, consumer: &str) -> jetstream::consumer::Info {
+    js.get_stream("WORK")
+        .await
+        .unwrap()
+        .consumer_info(consumer)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_message_failing_k_times_succeeds_on_attempt_k_plus_1_after_the_backoff() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    let sluice = Sluice::start(
+        &server,
+        &[(
+            "w.toml",
+            work_manifest("max_attempts = 5\ninitial = \"200ms\"\njitter = \"none\""),
+        )],
+    )
+    .await;
+    let nc = client(&server).await;
+    let mut results = nc.subscribe("results.>").await.unwrap();
+    nc.flush().await.unwrap();
+
+    let started = tokio::time::Instant::now();
+    js_publish(&js, "work.1", "fail-until:2:results.1").await;
+    let result = tokio::time::timeout(Duration::from_secs(20), results.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(String::from_utf8_lossy(&result.payload), "attempt 3");
+    // Two backoffs: 200ms then 400ms (no jitter). A lower bound only: the machine is shared.
+    assert!(
+        elapsed >= Duration::from_millis(600),
+        "retried too early: {elapsed:?}"
+    );
+
+    // Acked: nothing pending, nothing dead-lettered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = consumer_info(&js, "worker").await;
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_pending, 0);
+    assert_eq!(
+        js.get_stream("DLQ")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        0
+    );
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_rejected_message_is_dead_lettered_after_one_attempt_with_every_header() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    let sluice = Sluice::start(&server, &[("w.toml", work_manifest("max_attempts = 5"))]).await;
+
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("X-Trace", "abc-123");
+    headers.insert("Nats-Msg-Id", "order-42");
+    let before = SystemTime::now();
+    let seq = js
+        .publish_with_headers("work.orders", headers, "reject".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+
+    let dead = stream_messages(&js, "DLQ", 1, Duration::from_secs(20)).await;
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.subject.as_str(), "dlq.worker");
+    assert_eq!(&d.payload[..], b"reject");
+    assert_eq!(header(d, "Sluice-Failure-Kind"), "rejected");
+    assert_eq!(header(d, "Sluice-Failure-Reason"), "asked to reject");
+    assert_eq!(header(d, "Sluice-Attempts"), "1");
+    assert_eq!(header(d, "Sluice-Original-Subject"), "work.orders");
+    assert_eq!(header(d, "Sluice-Handler"), "worker");
+    assert!(header(d, "Sluice-Handler-Digest").starts_with("sha256:"));
+    assert_eq!(header(d, "Sluice-Stream"), "WORK");
+    assert_eq!(header(d, "Sluice-Stream-Sequence"), seq.to_string());
+    assert_eq!(header(d, "Sluice-Original-Msg-Id"), "order-42");
+    assert_eq!(header(d, "X-Trace"), "abc-123");
+    let (first, last) = (
+        time_header(d, "Sluice-First-Failure-At"),
+        time_header(d, "Sluice-Last-Failure-At"),
+    );
+    assert!(first >= before - Duration::from_secs(1) && last >= first);
+    assert!(d.headers.get("Sluice-Last-Failure-Kind").is_none());
+
+    // Termed, not redelivered: still one dead letter a while later, nothing pending.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info = consumer_info(&js, "worker").await;
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+    assert_eq!(
+        js.get_stream("DLQ")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        1
+    );
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn an_always_failing_message_is_dead_lettered_after_exactly_max_attempts() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    let sluice = Sluice::start(
+        &server,
+        &[(
+            "w.toml",
+            work_manifest("max_attempts = 3\ninitial = \"150ms\"\njitter = \"none\""),
+        )],
+    )
+    .await;
+
+    js_publish(&js, "work.1", "retry").await;
+    let dead = stream_messages(&js, "DLQ", 1, Duration::from_secs(20)).await;
+    let d = &dead[0];
+    assert_eq!(header(d, "Sluice-Failure-Kind"), "retries-exhausted");
+    assert_eq!(header(d, "Sluice-Last-Failure-Kind"), "retry-requested");
+    assert_eq!(header(d, "Sluice-Failure-Reason"), "asked to retry");
+    assert_eq!(header(d, "Sluice-Attempts"), "3");
+    // Backoffs of 150ms and 300ms lie between the first and the last failure.
+    let gap = time_header(d, "Sluice-Last-Failure-At")
+        .duration_since(time_header(d, "Sluice-First-Failure-At"))
+        .unwrap();
+    assert!(
+        gap >= Duration::from_millis(450),
+        "attempts too close together: {gap:?}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        js.get_stream("DLQ")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        1
+    );
+    assert_eq!(consumer_info(&js, "worker").await.num_ack_pending, 0);
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_dead_letter_stream_does_not_lose_the_message() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    // No stream captures the dead-letter subject, and Sluice is not asked to create one.
+    let text = work_manifest("max_attempts = 2\ninitial = \"100ms\"\nmax = \"300ms\"")
+        .replace("create_stream = true\n", "");
+    let sluice = Sluice::start(&server, &[("w.toml", text)]).await;
+
+    js_publish(&js, "work.1", "reject").await;
+    // The dead letter cannot be stored, so the message stays with the consumer...
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = consumer_info(&js, "worker").await;
+    assert_eq!(
+        info.num_ack_pending + info.num_pending as usize,
+        1,
+        "the message was let go: {info:?}"
+    );
+    assert!(
+        info.num_redelivered >= 1,
+        "the message did not come back: {info:?}"
+    );
+
+    // ...and once the stream exists, its next delivery is dead-lettered (without running
+    // the handler again).
+    js.create_stream(jetstream::stream::Config {
+        name: "DLQ".into(),
+        subjects: vec!["dlq.worker".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dead = stream_messages(&js, "DLQ", 1, Duration::from_secs(20)).await;
+    assert_eq!(header(&dead[0], "Sluice-Failure-Kind"), "retries-exhausted");
+    assert_eq!(&dead[0].payload[..], b"reject");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(consumer_info(&js, "worker").await.num_ack_pending, 0);
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_mid_retry_sequence_continues_after_restart_with_one_dead_letter() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    let text = work_manifest("max_attempts = 4\ninitial = \"400ms\"\njitter = \"none\"");
+    let first = Sluice::start(&server, &[("w.toml", text.clone())]).await;
+
+    js_publish(&js, "work.1", "retry").await;
+    // Attempt 1 at once, attempt 2 after 400ms; crash before attempt 3 (800ms later).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while consumer_info(&js, "worker").await.delivered.stream_sequence == 0
+        || consumer_info(&js, "worker").await.num_redelivered == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "attempt 2 never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.crash();
+
+    let second = Sluice::start(&server, &[("w.toml", text)]).await;
+    let dead = stream_messages(&js, "DLQ", 1, Duration::from_secs(30)).await;
+    assert_eq!(dead.len(), 1);
+    // The count went on from JetStream's delivery count: 4 attempts in all, not 4 after the
+    // restart.
+    assert_eq!(header(&dead[0], "Sluice-Attempts"), "4");
+    assert_eq!(header(&dead[0], "Sluice-Failure-Kind"), "retries-exhausted");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        js.get_stream("DLQ")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        1
+    );
+    let info = consumer_info(&js, "worker").await;
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn runtimes_bound_to_one_durable_consumer_share_its_messages() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    let tagged = |tag: &str| {
+        work_manifest("max_attempts = 3")
+            .replace("[retry]", &format!("[config]\ntag = \"{tag}\"\n\n[retry]"))
+    };
+    let a = Sluice::start(&server, &[("w.toml", tagged("a"))]).await;
+    let b = Sluice::start(&server, &[("w.toml", tagged("b"))]).await;
+    let nc = client(&server).await;
+    let mut results = nc.subscribe("results.>").await.unwrap();
+    nc.flush().await.unwrap();
+
+    const N: usize = 200;
+    for i in 0..N {
+        js_publish(&js, &format!("work.{i}"), &format!("publish:results.{i}")).await;
+    }
+    let mut per_message: HashMap<String, usize> = HashMap::new();
+    let mut per_runtime: HashMap<String, usize> = HashMap::new();
+    let mut quiet = Duration::from_secs(30);
+    let mut received = 0;
+    while let Ok(Some(msg)) = tokio::time::timeout(quiet, results.next()).await {
+        *per_message.entry(msg.subject.to_string()).or_default() += 1;
+        let tag = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Sluice-Tag"))
+            .map(|v| v.to_string());
+        *per_runtime.entry(tag.unwrap_or_default()).or_default() += 1;
+        received += 1;
+        if received == N {
+            quiet = Duration::from_millis(500);
+        }
+    }
+    assert_eq!(per_message.len(), N);
+    assert!(
+        per_message.values().all(|&n| n == 1),
+        "a message was handled twice"
+    );
+    assert_eq!(
+        per_runtime.len(),
+        2,
+        "one runtime got everything: {per_runtime:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_existing_consumer_with_another_filter_is_refused() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    js.get_stream("WORK")
+        .await
+        .unwrap()
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("worker".into()),
+            filter_subject: "work.other".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = Sluice::try_start(&server, &[("w.toml", work_manifest("max_attempts = 2"))])
+        .await
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("consumer worker on stream WORK exists with a conflicting configuration"),
+        "{text}"
+    );
+    assert!(
+        text.contains("filter subjects are [\"work.other\"]"),
+        "{text}"
+    );
+}
