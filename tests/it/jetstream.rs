@@ -369,3 +369,132 @@ async fn an_existing_consumer_with_another_filter_is_refused() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn dlq_replay_into_a_fixed_handler_empties_the_dead_letter_stream() {
+    use sluice::dlq::admin::{self, Filter, ReplayOptions};
+
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    let broken =
+        work_manifest("max_attempts = 2").replace("[retry]", "[config]\nbroken = true\n\n[retry]");
+    let v1 = Sluice::start(&server, &[("w.toml", broken)]).await;
+    const N: usize = 20;
+    for i in 0..N {
+        js_publish(
+            &js,
+            &format!("work.{i}"),
+            &format!("config-gate:results.{i}"),
+        )
+        .await;
+    }
+    stream_messages(&js, "DLQ", N as u64, Duration::from_secs(30)).await;
+    v1.stop().await;
+
+    // Listing, filtered.
+    let all = admin::list(&js, "DLQ", &Filter::default()).await.unwrap();
+    assert_eq!(all.len(), N);
+    assert!(all.iter().all(|e| e.handler() == "worker"
+        && e.kind() == "rejected"
+        && e.reason() == "handler is broken"));
+    let by_kind = Filter {
+        kind: Some("rejected".into()),
+        ..Filter::default()
+    };
+    assert_eq!(admin::list(&js, "DLQ", &by_kind).await.unwrap().len(), N);
+    let other = Filter {
+        handler: Some("someone-else".into()),
+        ..Filter::default()
+    };
+    assert!(admin::list(&js, "DLQ", &other).await.unwrap().is_empty());
+
+    // The fixed version serves; a dry run changes nothing.
+    let v2 = Sluice::start(&server, &[("w.toml", work_manifest("max_attempts = 2"))]).await;
+    let nc = client(&server).await;
+    let mut results = nc.subscribe("results.>").await.unwrap();
+    nc.flush().await.unwrap();
+    let sender = sluice::outputs::OutputSender::new(nc.clone());
+    let dry = ReplayOptions {
+        dry_run: true,
+        ..ReplayOptions::default()
+    };
+    assert_eq!(
+        admin::replay(&sender, "DLQ", &dry, |_, _| {})
+            .await
+            .unwrap()
+            .replayed
+            .len(),
+        N
+    );
+    assert_eq!(
+        js.get_stream("DLQ")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        N as u64
+    );
+
+    // A limited replay, then the rest.
+    let five = ReplayOptions {
+        filter: Filter {
+            limit: Some(5),
+            ..Filter::default()
+        },
+        ..ReplayOptions::default()
+    };
+    let mut progress = Vec::new();
+    let report = admin::replay(&sender, "DLQ", &five, |done, total| {
+        progress.push((done, total))
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.replayed.len(), 5);
+    assert!(report.failed.is_none());
+    assert_eq!(progress.last(), Some(&(5, 5)));
+    assert_eq!(
+        js.get_stream("DLQ")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        (N - 5) as u64
+    );
+    let rest = admin::replay(&sender, "DLQ", &ReplayOptions::default(), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(rest.replayed.len(), N - 5);
+    assert_eq!(
+        js.get_stream("DLQ")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        0
+    );
+
+    // Every replayed message was processed by the fixed handler, once.
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < N {
+        let msg = tokio::time::timeout(Duration::from_secs(20), results.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&msg.payload[..], b"fixed");
+        assert!(
+            seen.insert(msg.subject.to_string()),
+            "{} processed twice",
+            msg.subject
+        );
+    }
+    v2.stop().await;
+}

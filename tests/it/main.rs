@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod components;
+mod core_retry;
 mod dispatch;
 mod golden;
 mod jetstream;

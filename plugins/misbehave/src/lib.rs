@@ -12,6 +12,7 @@
 //! | `publish:SUBJECT`             | publishes to SUBJECT, answers with what the host said       |
 //! | `publish-then-reject:SUBJECT` | publishes to SUBJECT, then fails with `Error::Reject`       |
 //! | `fail-until:K:SUBJECT`        | fails with `Error::Retry` on attempts 1..=K, then publishes `attempt N` to SUBJECT |
+//! | `config-gate:SUBJECT`         | rejects while config `broken` is `true`, else publishes to SUBJECT |
 //! | `retry`                       | fails with `Error::Retry`                                   |
 //! | `reject`                      | fails with `Error::Reject`                                  |
 //!
@@ -61,6 +62,12 @@ fn handle(msg: Message) -> Result {
                 )));
             }
             publish(subject, &format!("attempt {attempt}"))?;
+        }
+        "config-gate" => {
+            if sluice_guest::config("broken").as_deref() == Some("true") {
+                return Err(Error::reject("handler is broken"));
+            }
+            publish(arg, "fixed")?;
         }
         _ => return Err(Error::reject(format!("unknown command {command:?}"))),
     }

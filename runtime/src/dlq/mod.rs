@@ -7,6 +7,8 @@
 //! dead letter carries a `Nats-Msg-Id`, so a re-publish after a crash is dropped by the
 //! stream's duplicate window instead of parking the message twice.
 
+pub mod admin;
+
 use std::time::SystemTime;
 
 use async_nats::jetstream::{self, stream};

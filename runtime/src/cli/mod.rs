@@ -1,4 +1,6 @@
-//! The `sluice` command line: `run`, `validate`, `publish`, `request`.
+//! The `sluice` command line: `run`, `validate`, `publish`, `request`, `dlq`.
+
+mod dlq;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,6 +51,9 @@ pub enum Command {
     Publish(SendArgs),
     /// Send a request and print the reply.
     Request(RequestArgs),
+    /// Inspect and replay a dead-letter stream.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +146,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Validate(args) => return validate(&args),
         Command::Publish(args) => publish(args).await,
         Command::Request(args) => return request(args).await,
+        Command::Dlq(command) => dlq::run(command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
