@@ -27,18 +27,12 @@ pub enum Error {
 impl Error {
     /// A transient failure; see [`Error::Retry`].
     pub fn retry(reason: impl Into<String>) -> Self {
-        Error::Retry {
-            reason: reason.into(),
-            after: None,
-        }
+        Error::Retry { reason: reason.into(), after: None }
     }
 
     /// A transient failure that should not be retried before `after`.
     pub fn retry_after(reason: impl Into<String>, after: Duration) -> Self {
-        Error::Retry {
-            reason: reason.into(),
-            after: Some(after),
-        }
+        Error::Retry { reason: reason.into(), after: Some(after) }
     }
 
     /// A permanent failure; see [`Error::Reject`].
@@ -60,16 +54,10 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Retry {
-                reason,
-                after: Some(after),
-            } => {
+            Error::Retry { reason, after: Some(after) } => {
                 write!(f, "retry after {after:?}: {reason}")
             }
-            Error::Retry {
-                reason,
-                after: None,
-            } => write!(f, "retry: {reason}"),
+            Error::Retry { reason, after: None } => write!(f, "retry: {reason}"),
             Error::Reject(reason) => write!(f, "reject: {reason}"),
         }
     }

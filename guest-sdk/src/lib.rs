@@ -31,11 +31,13 @@
 
 mod error;
 mod message;
+mod state;
 
 pub mod log;
 
 pub use error::{Error, PublishError, Result};
 pub use message::{Delivery, Headers, Message};
+pub use state::{StateError, dedup, kv};
 
 // The generated bindings are an implementation detail: handler authors use the API above.
 #[doc(hidden)]
@@ -78,8 +80,8 @@ pub fn publish_with_headers(
 /// Serialises `value` as JSON and [`publish`]es it with `Content-Type: application/json`.
 #[cfg(feature = "json")]
 pub fn publish_json<T: serde::Serialize + ?Sized>(subject: &str, value: &T) -> Result {
-    let payload = serde_json::to_vec(value)
-        .map_err(|e| Error::reject(format!("cannot encode JSON for {subject}: {e}")))?;
+    let payload =
+        serde_json::to_vec(value).map_err(|e| Error::reject(format!("cannot encode JSON for {subject}: {e}")))?;
     let mut headers = Headers::new();
     headers.insert("Content-Type", "application/json");
     publish_with_headers(subject, &headers, payload)?;
@@ -93,10 +95,7 @@ pub fn reply(payload: impl AsRef<[u8]>) -> std::result::Result<(), PublishError>
 }
 
 /// Like [`reply`], with headers.
-pub fn reply_with_headers(
-    headers: &Headers,
-    payload: impl AsRef<[u8]>,
-) -> std::result::Result<(), PublishError> {
+pub fn reply_with_headers(headers: &Headers, payload: impl AsRef<[u8]>) -> std::result::Result<(), PublishError> {
     outbox::reply(&headers.to_wit(), payload.as_ref()).map_err(PublishError)
 }
 

@@ -48,16 +48,14 @@ impl Message {
 
     /// The payload as UTF-8 text; a payload that is not UTF-8 is rejected.
     pub fn text(&self) -> crate::Result<&str> {
-        std::str::from_utf8(&self.payload)
-            .map_err(|e| crate::Error::reject(format!("payload is not UTF-8: {e}")))
+        std::str::from_utf8(&self.payload).map_err(|e| crate::Error::reject(format!("payload is not UTF-8: {e}")))
     }
 
     /// Parses the payload as JSON. A payload that does not parse is rejected (a retry would
     /// not fix it), with serde's explanation as the reason.
     #[cfg(feature = "json")]
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
-        serde_json::from_slice(&self.payload)
-            .map_err(|e| crate::Error::reject(format!("invalid JSON payload: {e}")))
+        serde_json::from_slice(&self.payload).map_err(|e| crate::Error::reject(format!("invalid JSON payload: {e}")))
     }
 
     /// Attempt number, idempotency key and stream position of this delivery.
@@ -94,18 +92,12 @@ impl Headers {
 
     /// The first value of `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     /// Every value of `name`, in order.
     pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0
-            .iter()
-            .filter(move |(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().filter(move |(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     /// Sets `name` to `value`, replacing any values it had.
@@ -142,10 +134,6 @@ impl Headers {
 
 impl<N: Into<String>, V: Into<String>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
-        Headers(
-            iter.into_iter()
-                .map(|(n, v)| (n.into(), v.into()))
-                .collect(),
-        )
+        Headers(iter.into_iter().map(|(n, v)| (n.into(), v.into())).collect())
     }
 }

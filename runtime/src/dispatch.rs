@@ -11,6 +11,7 @@ use crate::bindings::{Delivery, Failure as WitFailure, Message};
 use crate::engine::{Engine, chain};
 use crate::handler::Handler;
 use crate::host::{HostState, Outputs};
+use crate::store::Scope;
 
 /// How one call ended.
 #[derive(Debug)]
@@ -49,6 +50,12 @@ pub enum FailureKind {
     OutputFailed,
     /// A retryable failure happened on the last allowed attempt.
     RetriesExhausted,
+    /// The handler's state store could not be reached.
+    StoreError,
+    /// The message has no idempotency key and the manifest says to dead-letter such.
+    MissingIdempotencyKey,
+    /// The key was handled before with a different payload.
+    IdempotencyConflict,
 }
 
 impl FailureKind {
@@ -62,11 +69,14 @@ impl FailureKind {
             FailureKind::Instantiation => "instantiation",
             FailureKind::OutputFailed => "output-failed",
             FailureKind::RetriesExhausted => "retries-exhausted",
+            FailureKind::StoreError => "store-error",
+            FailureKind::MissingIdempotencyKey => "missing-idempotency-key",
+            FailureKind::IdempotencyConflict => "idempotency-conflict",
         }
     }
 
     /// Every kind, for parsing and documentation.
-    pub const ALL: [FailureKind; 8] = [
+    pub const ALL: [FailureKind; 11] = [
         FailureKind::Rejected,
         FailureKind::RetryRequested,
         FailureKind::Trap,
@@ -75,6 +85,9 @@ impl FailureKind {
         FailureKind::Instantiation,
         FailureKind::OutputFailed,
         FailureKind::RetriesExhausted,
+        FailureKind::StoreError,
+        FailureKind::MissingIdempotencyKey,
+        FailureKind::IdempotencyConflict,
     ];
 
     /// The kind named `name` (as in `Sluice-Failure-Kind`).
@@ -105,15 +118,13 @@ impl std::error::Error for DeadlineExceeded {}
 pub async fn dispatch(
     engine: &Engine,
     handler: &Handler,
+    scope: Option<Scope>,
     msg: &Message,
     delivery: &Delivery,
 ) -> Outcome {
     let spec = &handler.spec;
     let timeout = spec.limits.timeout;
-    let mut store = Store::new(
-        engine.wasmtime(),
-        HostState::new(spec.clone(), msg.reply_to.clone()),
-    );
+    let mut store = Store::new(engine.wasmtime(), HostState::new(spec.clone(), msg.reply_to.clone(), scope));
     store.limiter(|state| &mut state.limits);
 
     // Guest code yields to the executor at every epoch tick (so a busy guest cannot hold a
@@ -131,15 +142,8 @@ pub async fn dispatch(
     // The epoch stops guest code; this timer stops a guest waiting in a host call (a WASI
     // sleep, say), where no epoch check runs.
     let call = async {
-        let instance = handler
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| (true, e))?;
-        instance
-            .call_handle(&mut store, msg, delivery)
-            .await
-            .map_err(|e| (false, e))
+        let instance = handler.pre.instantiate_async(&mut store).await.map_err(|e| (true, e))?;
+        instance.call_handle(&mut store, msg, delivery).await.map_err(|e| (false, e))
     };
     let result = match tokio::time::timeout(timeout, call).await {
         Ok(result) => result,
@@ -148,11 +152,9 @@ pub async fn dispatch(
 
     match result {
         Ok(Ok(())) => Outcome::Success(std::mem::take(&mut store.data_mut().outputs)),
-        Ok(Err(WitFailure::Reject(reason))) => Outcome::Failed(Failure {
-            kind: FailureKind::Rejected,
-            reason,
-            retry_after: None,
-        }),
+        Ok(Err(WitFailure::Reject(reason))) => {
+            Outcome::Failed(Failure { kind: FailureKind::Rejected, reason, retry_after: None })
+        }
         Ok(Err(WitFailure::Retry(hint))) => Outcome::Failed(Failure {
             kind: FailureKind::RetryRequested,
             reason: hint.reason,
@@ -166,27 +168,13 @@ pub async fn dispatch(
     }
 }
 
-fn classify(
-    error: &wasmtime::Error,
-    instantiating: bool,
-    state: &HostState,
-    timeout: Duration,
-) -> Failure {
+fn classify(error: &wasmtime::Error, instantiating: bool, state: &HostState, timeout: Duration) -> Failure {
     let (kind, reason) = if error.is::<DeadlineExceeded>() {
-        (
-            FailureKind::Timeout,
-            format!(
-                "handler ran past its {} timeout",
-                humantime::format_duration(timeout)
-            ),
-        )
+        (FailureKind::Timeout, format!("handler ran past its {} timeout", humantime::format_duration(timeout)))
     } else if state.limits.memory_exceeded {
         (
             FailureKind::MemoryLimit,
-            format!(
-                "handler tried to grow its memory past {}",
-                crate::manifest::ByteSize(state.spec.limits.memory)
-            ),
+            format!("handler tried to grow its memory past {}", crate::manifest::ByteSize(state.spec.limits.memory)),
         )
     } else if let Some(trap) = error.downcast_ref::<Trap>() {
         (FailureKind::Trap, trap.to_string())
@@ -196,9 +184,5 @@ fn classify(
         // A host function failed in a way that traps the guest.
         (FailureKind::Trap, chain(error))
     };
-    Failure {
-        kind,
-        reason,
-        retry_after: None,
-    }
+    Failure { kind, reason, retry_after: None }
 }

@@ -33,10 +33,7 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions {
-            max_memory: 1 << 30,
-            max_instances: 1000,
-        }
+        EngineOptions { max_memory: 1 << 30, max_instances: 1000 }
     }
 }
 
@@ -50,9 +47,7 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("options", &self.options)
-            .finish_non_exhaustive()
+        f.debug_struct("Engine").field("options", &self.options).finish_non_exhaustive()
     }
 }
 
@@ -70,23 +65,15 @@ impl Engine {
             .max_memory_size(max_memory);
 
         let mut config = Config::new();
-        config
-            .epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        config.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = wasmtime::Engine::new(&config)
             .map_err(anyhow::Error::from)
             .map_err(|e| e.context("cannot create the wasmtime engine"))?;
 
         let mut linker = Linker::new(&engine);
         host::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
-        let ticker =
-            EpochTicker::start(engine.clone()).context("cannot start the epoch ticker thread")?;
-        Ok(Arc::new(Engine {
-            engine,
-            linker,
-            options,
-            _ticker: ticker,
-        }))
+        let ticker = EpochTicker::start(engine.clone()).context("cannot start the epoch ticker thread")?;
+        Ok(Arc::new(Engine { engine, linker, options, _ticker: ticker }))
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
@@ -96,19 +83,10 @@ impl Engine {
     /// Compiles the manifest's component and checks it against the world: it must export
     /// `handle` with the right type and import nothing the host does not provide. Errors point
     /// at the manifest's `component = ...` line and say what is wrong.
-    pub fn load(
-        &self,
-        manifest: &Manifest,
-        bytes: &[u8],
-    ) -> Result<HandlerPre<HostState>, ManifestError> {
-        let at_component =
-            |message: String| manifest.error_at(manifest.spans.component.clone(), message);
+    pub fn load(&self, manifest: &Manifest, bytes: &[u8]) -> Result<HandlerPre<HostState>, ManifestError> {
+        let at_component = |message: String| manifest.error_at(manifest.spans.component.clone(), message);
         if manifest.limits.memory > self.options.max_memory {
-            let span = manifest
-                .spans
-                .memory
-                .clone()
-                .unwrap_or(manifest.spans.component.clone());
+            let span = manifest.spans.memory.clone().unwrap_or(manifest.spans.component.clone());
             return Err(manifest.error_at(
                 span,
                 format!(
@@ -121,17 +99,12 @@ impl Engine {
         check_is_component(bytes).map_err(at_component)?;
         let component = Component::from_binary(&self.engine, bytes)
             .map_err(|e| at_component(format!("cannot compile component: {}", chain(&e))))?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
-            at_component(format!(
-                "component imports something Sluice does not provide: {}",
-                chain(&e)
-            ))
-        })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| at_component(format!("component imports something Sluice does not provide: {}", chain(&e))))?;
         HandlerPre::new(pre).map_err(|e| {
-            at_component(format!(
-                "component does not implement world sluice:handler/handler@0.1.0: {}",
-                chain(&e)
-            ))
+            at_component(format!("component does not implement world sluice:handler/handler@0.1.0: {}", chain(&e)))
         })
     }
 }
@@ -144,21 +117,16 @@ fn check_is_component(bytes: &[u8]) -> Result<(), String> {
     }
     // Bytes 6..8 are the layer: 0 for a core module, 1 for a component.
     if bytes[6..8] == [0, 0] {
-        return Err(
-            "this is a core WebAssembly module, not a component; build the handler with \
+        return Err("this is a core WebAssembly module, not a component; build the handler with \
              `cargo build --target wasm32-wasip2` (or wrap it with `wasm-tools component new`)"
-                .to_owned(),
-        );
+            .to_owned());
     }
     Ok(())
 }
 
 /// `error: cause: cause` on one line.
 pub(crate) fn chain(e: &wasmtime::Error) -> String {
-    e.chain()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
+    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] on a plain thread (not a tokio task, so
@@ -172,18 +140,13 @@ impl EpochTicker {
     fn start(engine: wasmtime::Engine) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("sluice-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            })?;
-        Ok(EpochTicker {
-            stop,
-            thread: Some(thread),
-        })
+        let thread = std::thread::Builder::new().name("sluice-epoch".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        })?;
+        Ok(EpochTicker { stop, thread: Some(thread) })
     }
 }
 

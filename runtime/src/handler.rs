@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 use crate::bindings::HandlerPre;
 use crate::engine::Engine;
 use crate::host::HostState;
-use crate::manifest::{DeadLetter, Limits, Manifest, ManifestError, Source};
+use crate::idempotency::Idempotency;
+use crate::manifest::{DeadLetter, Limits, Manifest, ManifestError, Source, StoreConfig};
 use crate::retry::RetryPolicy;
 use crate::subject::SubjectPattern;
 
@@ -26,6 +27,8 @@ pub struct HandlerSpec {
     pub limits: Limits,
     pub retry: RetryPolicy,
     pub dead_letter: Option<DeadLetter>,
+    pub idempotency: Option<Idempotency>,
+    pub store: StoreConfig,
     pub publish: Vec<SubjectPattern>,
     pub config: BTreeMap<String, String>,
 }
@@ -34,13 +37,13 @@ pub struct HandlerSpec {
 pub struct Handler {
     pub spec: Arc<HandlerSpec>,
     pub pre: HandlerPre<HostState>,
+    /// The component imports `dedup` or `kv`, so it needs its state store.
+    pub imports_state: bool,
 }
 
 impl std::fmt::Debug for Handler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Handler")
-            .field("spec", &self.spec)
-            .finish_non_exhaustive()
+        f.debug_struct("Handler").field("spec", &self.spec).finish_non_exhaustive()
     }
 }
 
@@ -50,14 +53,16 @@ impl Handler {
         let bytes = std::fs::read(&manifest.component).map_err(|e| {
             manifest.error_at(
                 manifest.spans.component.clone(),
-                format!(
-                    "cannot read component {}: {e}",
-                    manifest.component.display()
-                ),
+                format!("cannot read component {}: {e}", manifest.component.display()),
             )
         })?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
         let pre = engine.load(&manifest, &bytes)?;
+        let component = pre.instance_pre().component();
+        let imports_state = component
+            .component_type()
+            .imports(engine.wasmtime())
+            .any(|(name, _)| name.starts_with("sluice:handler/dedup@") || name.starts_with("sluice:handler/kv@"));
         let spec = HandlerSpec {
             name: manifest.name.as_str().into(),
             manifest_path: manifest.file.path.clone(),
@@ -67,13 +72,18 @@ impl Handler {
             limits: manifest.limits,
             retry: manifest.retry,
             dead_letter: manifest.dead_letter,
+            idempotency: manifest.idempotency,
+            store: manifest.store,
             publish: manifest.publish,
             config: manifest.config,
         };
-        Ok(Handler {
-            spec: Arc::new(spec),
-            pre,
-        })
+        Ok(Handler { spec: Arc::new(spec), pre, imports_state })
+    }
+
+    /// Whether the handler needs a state store: for idempotency, or for the guest's own
+    /// dedup and kv.
+    pub fn needs_state(&self) -> bool {
+        self.spec.idempotency.is_some() || self.imports_state
     }
 
     /// The first 12 hex digits of the digest, for logs.

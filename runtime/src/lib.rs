@@ -16,9 +16,11 @@
 //! | [`host`] | the host side of each WIT interface, and the per-call state |
 //! | [`handler`] | a loaded handler: spec, digest, pre-instantiated component |
 //! | [`dispatch`] | one message through one fresh instance, with a typed outcome |
+//! | [`idempotency`] | idempotency keys: deriving them from a message |
 //! | [`retry`] | the retry policy: attempts, backoff with jitter, retryable kinds |
 //! | [`source`] | where messages come from (core NATS queue groups, JetStream consumers), and settling outcomes |
 //! | [`outputs`] | sending a successful call's outputs (stream acks awaited) |
+//! | [`store`] | handler state (dedup records, guest dedup and kv) on memory, redb or NATS KV |
 //! | [`dlq`] | dead-letter headers, publishing, the dead-letter stream |
 //! | [`runtime`] | load, bind, serve, graceful shutdown |
 //! | [`nats_server`] | a child `nats-server` (embedded default, tests) |
@@ -31,13 +33,15 @@ pub mod dlq;
 pub mod engine;
 pub mod handler;
 pub mod host;
+pub mod idempotency;
 pub mod manifest;
 pub mod nats_server;
 pub mod outputs;
 pub mod retry;
 pub mod runtime;
 pub mod source;
+pub mod store;
 pub mod subject;
 
 pub use engine::EngineOptions;
-pub use runtime::{LoadError, Running, Runtime};
+pub use runtime::{LoadError, Running, Runtime, RuntimeOptions};

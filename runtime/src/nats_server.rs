@@ -53,12 +53,7 @@ impl NatsServer {
         let mut server = NatsServer { child, port, dir };
         server
             .wait_ready(Duration::from_secs(15))
-            .with_context(|| {
-                format!(
-                    "nats-server did not come up on port {port}; its log:\n{}",
-                    tail(&log)
-                )
-            })?;
+            .with_context(|| format!("nats-server did not come up on port {port}; its log:\n{}", tail(&log)))?;
         Ok(server)
     }
 
@@ -117,11 +112,7 @@ pub fn find_binary() -> anyhow::Result<PathBuf> {
         bail!("{BINARY_ENV}={} is not a file", path.display());
     }
     let on_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("nats-server"))
-                .collect::<Vec<_>>()
-        })
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).collect::<Vec<_>>())
         .unwrap_or_default();
     let mut roots: Vec<PathBuf> = Vec::new();
     if let Ok(cwd) = std::env::current_dir() {

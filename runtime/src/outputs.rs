@@ -25,11 +25,7 @@ pub struct OutputSender {
 
 impl OutputSender {
     pub fn new(client: Client) -> Self {
-        OutputSender {
-            js: jetstream::new(client.clone()),
-            client,
-            captured: Mutex::new(HashMap::new()),
-        }
+        OutputSender { js: jetstream::new(client.clone()), client, captured: Mutex::new(HashMap::new()) }
     }
 
     pub fn client(&self) -> &Client {
@@ -59,8 +55,7 @@ impl OutputSender {
             }
         }
         for (subject, ack) in acks {
-            ack.await
-                .map_err(|e| format!("stream did not acknowledge the output to {subject}: {e}"))?;
+            ack.await.map_err(|e| format!("stream did not acknowledge the output to {subject}: {e}"))?;
         }
         // The reply goes last: a requester that got its answer may rely on the rest.
         if let Some(reply) = outputs.reply {

@@ -45,23 +45,25 @@ pub struct RetryPolicy {
 /// Failure kinds retried when the manifest does not say: the transient ones. A reject is
 /// the handler saying a retry cannot help, and a memory-limit hit is deterministic for a
 /// given message, so neither is retried by default.
-pub const DEFAULT_RETRY_ON: [FailureKind; 5] = [
+pub const DEFAULT_RETRY_ON: [FailureKind; 6] = [
     FailureKind::RetryRequested,
     FailureKind::Trap,
     FailureKind::Timeout,
     FailureKind::Instantiation,
     FailureKind::OutputFailed,
+    FailureKind::StoreError,
 ];
 
 /// Failure kinds that `retry_on` may name. A reject is final by definition, and
 /// `retries-exhausted` is the verdict, not a failure.
-pub const RETRYABLE: [FailureKind; 6] = [
+pub const RETRYABLE: [FailureKind; 7] = [
     FailureKind::RetryRequested,
     FailureKind::Trap,
     FailureKind::Timeout,
     FailureKind::MemoryLimit,
     FailureKind::Instantiation,
     FailureKind::OutputFailed,
+    FailureKind::StoreError,
 ];
 
 impl Default for RetryPolicy {
@@ -95,11 +97,7 @@ impl RetryPolicy {
         }
         if attempt >= self.max_attempts {
             // With a single attempt configured nothing was "exhausted": report the failure.
-            let kind = if self.max_attempts > 1 {
-                FailureKind::RetriesExhausted
-            } else {
-                failure.kind
-            };
+            let kind = if self.max_attempts > 1 { FailureKind::RetriesExhausted } else { failure.kind };
             return Decision::GiveUp(kind);
         }
         Decision::Retry(self.delay(attempt, failure.retry_after))
@@ -133,11 +131,7 @@ mod tests {
     use super::*;
 
     fn failure(kind: FailureKind) -> Failure {
-        Failure {
-            kind,
-            reason: "r".into(),
-            retry_after: None,
-        }
+        Failure { kind, reason: "r".into(), retry_after: None }
     }
 
     fn policy(jitter: Jitter) -> RetryPolicy {
@@ -154,10 +148,7 @@ mod tests {
         let p = policy(Jitter::None);
         let delays: Vec<u128> = (1..=6).map(|a| p.delay(a, None).as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
-        let constant = RetryPolicy {
-            backoff: Backoff::Constant,
-            ..p
-        };
+        let constant = RetryPolicy { backoff: Backoff::Constant, ..p };
         assert_eq!(constant.delay(5, None), Duration::from_millis(100));
     }
 
@@ -169,17 +160,11 @@ mod tests {
                 let full = policy(Jitter::Full).delay(attempt, None);
                 assert!(full <= cap);
                 let equal = policy(Jitter::Equal).delay(attempt, None);
-                assert!(
-                    equal >= cap / 2 && equal <= cap,
-                    "{equal:?} not in [{:?}, {cap:?}]",
-                    cap / 2
-                );
+                assert!(equal >= cap / 2 && equal <= cap, "{equal:?} not in [{:?}, {cap:?}]", cap / 2);
             }
         }
         // Full jitter really spreads: 200 draws are not all the same.
-        let draws: HashSet<Duration> = (0..200)
-            .map(|_| policy(Jitter::Full).delay(3, None))
-            .collect();
+        let draws: HashSet<Duration> = (0..200).map(|_| policy(Jitter::Full).delay(3, None)).collect();
         assert!(draws.len() > 100);
     }
 
@@ -187,38 +172,17 @@ mod tests {
     fn the_hint_raises_the_delay_but_not_past_the_cap() {
         let p = policy(Jitter::Full);
         assert!(p.delay(1, Some(Duration::from_millis(700))) >= Duration::from_millis(700));
-        assert_eq!(
-            p.delay(1, Some(Duration::from_secs(60))),
-            Duration::from_secs(1)
-        );
+        assert_eq!(p.delay(1, Some(Duration::from_secs(60))), Duration::from_secs(1));
     }
 
     #[test]
     fn decisions() {
         let p = policy(Jitter::None);
-        assert_eq!(
-            p.decide(&failure(FailureKind::Trap), 1),
-            Decision::Retry(Duration::from_millis(100))
-        );
-        assert_eq!(
-            p.decide(&failure(FailureKind::Trap), 5),
-            Decision::GiveUp(FailureKind::RetriesExhausted)
-        );
-        assert_eq!(
-            p.decide(&failure(FailureKind::Rejected), 1),
-            Decision::GiveUp(FailureKind::Rejected)
-        );
-        assert_eq!(
-            p.decide(&failure(FailureKind::MemoryLimit), 1),
-            Decision::GiveUp(FailureKind::MemoryLimit)
-        );
-        let once = RetryPolicy {
-            max_attempts: 1,
-            ..p
-        };
-        assert_eq!(
-            once.decide(&failure(FailureKind::Timeout), 1),
-            Decision::GiveUp(FailureKind::Timeout)
-        );
+        assert_eq!(p.decide(&failure(FailureKind::Trap), 1), Decision::Retry(Duration::from_millis(100)));
+        assert_eq!(p.decide(&failure(FailureKind::Trap), 5), Decision::GiveUp(FailureKind::RetriesExhausted));
+        assert_eq!(p.decide(&failure(FailureKind::Rejected), 1), Decision::GiveUp(FailureKind::Rejected));
+        assert_eq!(p.decide(&failure(FailureKind::MemoryLimit), 1), Decision::GiveUp(FailureKind::MemoryLimit));
+        let once = RetryPolicy { max_attempts: 1, ..p };
+        assert_eq!(once.decide(&failure(FailureKind::Timeout), 1), Decision::GiveUp(FailureKind::Timeout));
     }
 }

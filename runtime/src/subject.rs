@@ -64,10 +64,7 @@ fn validate(text: &str, wildcards: bool) -> Result<(), String> {
         return Err(format!("empty subject; {HINT}"));
     }
     if text.len() > 1024 {
-        return Err(format!(
-            "subject is {} bytes long; at most 1024 are accepted",
-            text.len()
-        ));
+        return Err(format!("subject is {} bytes long; at most 1024 are accepted", text.len()));
     }
     let tokens: Vec<&str> = text.split('.').collect();
     for (i, token) in tokens.iter().enumerate() {
@@ -75,15 +72,11 @@ fn validate(text: &str, wildcards: bool) -> Result<(), String> {
             return Err(format!("invalid subject {text:?}: empty token; {HINT}"));
         }
         if token.chars().any(char::is_whitespace) {
-            return Err(format!(
-                "invalid subject {text:?}: whitespace is not allowed; {HINT}"
-            ));
+            return Err(format!("invalid subject {text:?}: whitespace is not allowed; {HINT}"));
         }
         let has_wildcard = token.contains('*') || token.contains('>');
         if has_wildcard && !wildcards {
-            return Err(format!(
-                "invalid subject {text:?}: wildcards are not allowed here"
-            ));
+            return Err(format!("invalid subject {text:?}: wildcards are not allowed here"));
         }
         if has_wildcard && *token != "*" && *token != ">" {
             return Err(format!(
@@ -91,9 +84,7 @@ fn validate(text: &str, wildcards: bool) -> Result<(), String> {
             ));
         }
         if *token == ">" && i + 1 != tokens.len() {
-            return Err(format!(
-                "invalid subject {text:?}: \">\" may only be the last token"
-            ));
+            return Err(format!("invalid subject {text:?}: \">\" may only be the last token"));
         }
     }
     Ok(())
@@ -124,10 +115,7 @@ mod tests {
     #[test]
     fn validation() {
         for bad in ["", "a..b", ".a", "a.", "a b", "a.>.b", "a.b*", "a.>x"] {
-            assert!(
-                SubjectPattern::parse(bad).is_err(),
-                "{bad:?} should be invalid"
-            );
+            assert!(SubjectPattern::parse(bad).is_err(), "{bad:?} should be invalid");
         }
         assert!(validate_literal("a.*").is_err());
         assert!(validate_literal("_INBOX.abc.1").is_ok());

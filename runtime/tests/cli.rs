@@ -16,17 +16,11 @@ fn sluice() -> Command {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
 fn build_plugins() {
-    let status = Command::new("bash")
-        .arg(repo_root().join("scripts/build-plugins.sh"))
-        .status()
-        .unwrap();
+    let status = Command::new("bash").arg(repo_root().join("scripts/build-plugins.sh")).status().unwrap();
     assert!(status.success(), "cannot build the plugins");
 }
 
@@ -35,11 +29,7 @@ fn validate_accepts_the_shipped_manifests() {
     build_plugins();
     let out = sluice().args(["validate", "manifests/"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}{stdout}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("ok: echo"), "{stdout}");
     assert!(stdout.contains("ok: order-validator"), "{stdout}");
 }
@@ -58,13 +48,7 @@ fn validate_points_at_the_broken_line() {
     let out = sluice().arg("validate").arg(&manifest).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.starts_with(&format!(
-            "{}:9:11: invalid duration \"soon\"",
-            manifest.display()
-        )),
-        "{stderr}"
-    );
+    assert!(stderr.starts_with(&format!("{}:9:11: invalid duration \"soon\"", manifest.display())), "{stderr}");
     assert!(stderr.contains("9 | timeout = \"soon\""), "{stderr}");
 }
 
@@ -114,30 +98,16 @@ fn run_serves_a_request_to_echo_with_the_embedded_server() {
     }
     let url = url.unwrap_or_else(|| panic!("no NATS URL in the log:\n{}", log.join("\n")));
 
-    let out = sluice()
-        .args(["request", "--nats", &url, "echo", "hello from the CLI"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = sluice().args(["request", "--nats", &url, "echo", "hello from the CLI"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the CLI\n");
 
     // SIGTERM stops it gracefully.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
     assert!(status.success());
     let mut child = child;
     let exit = wait_timeout(&mut child.0, Duration::from_secs(20));
-    assert_eq!(
-        exit.and_then(|s| s.code()),
-        Some(0),
-        "sluice did not exit cleanly on SIGTERM"
-    );
+    assert_eq!(exit.and_then(|s| s.code()), Some(0), "sluice did not exit cleanly on SIGTERM");
 }
 
 fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {

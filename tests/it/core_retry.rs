@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use sluice_tests::{
-    Sluice, client, header, manifest, nats, request, stream, stream_messages, text,
-};
+use sluice_tests::{Sluice, client, header, manifest, nats, request, stream, stream_messages, text};
 
 #[tokio::test]
 async fn a_retrying_message_does_not_block_others_and_ends_in_the_dead_letter_stream() {
@@ -25,11 +23,7 @@ jitter = "none"
 subject = "dlq.core"
 stream = "DLQ"
 "#;
-    let sluice = Sluice::start(
-        &server,
-        &[("m.toml", manifest("misbehave", "misbehave", "work", extra))],
-    )
-    .await;
+    let sluice = Sluice::start(&server, &[("m.toml", manifest("misbehave", "misbehave", "work", extra))]).await;
     let nc = client(&server).await;
 
     let failing = {
@@ -40,43 +34,15 @@ stream = "DLQ"
     // With a single permit, this is only served because the failed message waits for its
     // retry without holding it.
     assert_eq!(text(&request(&nc, "work", "ok").await), "ok");
-    assert_eq!(
-        js.get_stream("DLQ")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        0
-    );
+    assert_eq!(js.get_stream("DLQ").await.unwrap().info().await.unwrap().state.messages, 0);
 
     // Three attempts (300ms + 600ms of backoff), then the failure reply and the dead letter.
     let reply = failing.await.unwrap();
-    assert_eq!(
-        header(&reply, "Sluice-Failure-Kind").as_deref(),
-        Some("retries-exhausted")
-    );
+    assert_eq!(header(&reply, "Sluice-Failure-Kind").as_deref(), Some("retries-exhausted"));
     assert_eq!(header(&reply, "Sluice-Attempts").as_deref(), Some("3"));
     let dead = stream_messages(&js, "DLQ", 1, Duration::from_secs(10)).await;
-    assert_eq!(
-        dead[0]
-            .headers
-            .get("Sluice-Last-Failure-Kind")
-            .map(|v| v.as_str()),
-        Some("retry-requested")
-    );
-    assert_eq!(
-        dead[0]
-            .headers
-            .get("Sluice-Original-Subject")
-            .map(|v| v.as_str()),
-        Some("work")
-    );
-    assert!(
-        dead[0].headers.get("Sluice-Stream").is_none(),
-        "a core message has no stream"
-    );
+    assert_eq!(dead[0].headers.get("Sluice-Last-Failure-Kind").map(|v| v.as_str()), Some("retry-requested"));
+    assert_eq!(dead[0].headers.get("Sluice-Original-Subject").map(|v| v.as_str()), Some("work"));
+    assert!(dead[0].headers.get("Sluice-Stream").is_none(), "a core message has no stream");
     sluice.stop().await;
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sluice::{EngineOptions, LoadError, Runtime};
+use sluice::{EngineOptions, LoadError, Runtime, RuntimeOptions};
 
 #[test]
 fn invalid_manifests_give_the_expected_located_errors() {
@@ -18,26 +18,18 @@ fn invalid_manifests_give_the_expected_located_errors() {
         .filter(|p| p.is_dir() || p.extension().is_some_and(|e| e == "toml"))
         .collect();
     cases.sort();
-    assert!(
-        cases.len() >= 15,
-        "golden cases went missing: {}",
-        cases.len()
-    );
+    assert!(cases.len() >= 15, "golden cases went missing: {}", cases.len());
 
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let mut mismatches = Vec::new();
     for case in &cases {
-        let options = EngineOptions {
-            max_memory: 1 << 30,
-            max_instances: 16,
+        let options = RuntimeOptions {
+            engine: EngineOptions { max_memory: 1 << 30, max_instances: 16 },
+            ..RuntimeOptions::default()
         };
         let actual = match Runtime::load(std::slice::from_ref(case), options) {
             Ok(_) => "(no error)".to_owned(),
-            Err(LoadError::Invalid(errors)) => errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n\n"),
+            Err(LoadError::Invalid(errors)) => errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n\n"),
             Err(other) => format!("unexpected error kind: {other}"),
         };
         let expected_path = case.with_extension("err");
@@ -54,10 +46,5 @@ fn invalid_manifests_give_the_expected_located_errors() {
             ));
         }
     }
-    assert!(
-        mismatches.is_empty(),
-        "{} golden mismatches:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
-    );
+    assert!(mismatches.is_empty(), "{} golden mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
 }

@@ -37,10 +37,7 @@ create_stream = true
 }
 
 fn header(m: &StreamMessage, name: &str) -> String {
-    m.headers
-        .get(name)
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_else(|| panic!("no header {name}"))
+    m.headers.get(name).map(|v| v.as_str().to_owned()).unwrap_or_else(|| panic!("no header {name}"))
 }
 
 fn time_header(m: &StreamMessage, name: &str) -> SystemTime {
@@ -48,12 +45,7 @@ fn time_header(m: &StreamMessage, name: &str) -> SystemTime {
 }
 
 async fn consumer_info(js: &jetstream::Context, consumer: &str) -> jetstream::consumer::Info {
-    js.get_stream("WORK")
-        .await
-        .unwrap()
-        .consumer_info(consumer)
-        .await
-        .unwrap()
+    js.get_stream("WORK").await.unwrap().consumer_info(consumer).await.unwrap()
 }
 
 #[tokio::test]
@@ -62,10 +54,7 @@ async fn a_message_failing_k_times_succeeds_on_attempt_k_plus_1_after_the_backof
     let js = stream(&server, "WORK", &["work.>"]).await;
     let sluice = Sluice::start(
         &server,
-        &[(
-            "w.toml",
-            work_manifest("max_attempts = 5\ninitial = \"200ms\"\njitter = \"none\""),
-        )],
+        &[("w.toml", work_manifest("max_attempts = 5\ninitial = \"200ms\"\njitter = \"none\""))],
     )
     .await;
     let nc = client(&server).await;
@@ -74,34 +63,18 @@ async fn a_message_failing_k_times_succeeds_on_attempt_k_plus_1_after_the_backof
 
     let started = tokio::time::Instant::now();
     js_publish(&js, "work.1", "fail-until:2:results.1").await;
-    let result = tokio::time::timeout(Duration::from_secs(20), results.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(20), results.next()).await.unwrap().unwrap();
     let elapsed = started.elapsed();
     assert_eq!(String::from_utf8_lossy(&result.payload), "attempt 3");
     // Two backoffs: 200ms then 400ms (no jitter). A lower bound only: the machine is shared.
-    assert!(
-        elapsed >= Duration::from_millis(600),
-        "retried too early: {elapsed:?}"
-    );
+    assert!(elapsed >= Duration::from_millis(600), "retried too early: {elapsed:?}");
 
     // Acked: nothing pending, nothing dead-lettered.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let info = consumer_info(&js, "worker").await;
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_pending, 0);
-    assert_eq!(
-        js.get_stream("DLQ")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        0
-    );
+    assert_eq!(js.get_stream("DLQ").await.unwrap().info().await.unwrap().state.messages, 0);
     sluice.stop().await;
 }
 
@@ -115,13 +88,7 @@ async fn a_rejected_message_is_dead_lettered_after_one_attempt_with_every_header
     headers.insert("X-Trace", "abc-123");
     headers.insert("Nats-Msg-Id", "order-42");
     let before = SystemTime::now();
-    let seq = js
-        .publish_with_headers("work.orders", headers, "reject".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .sequence;
+    let seq = js.publish_with_headers("work.orders", headers, "reject".into()).await.unwrap().await.unwrap().sequence;
 
     let dead = stream_messages(&js, "DLQ", 1, Duration::from_secs(20)).await;
     assert_eq!(dead.len(), 1);
@@ -138,10 +105,7 @@ async fn a_rejected_message_is_dead_lettered_after_one_attempt_with_every_header
     assert_eq!(header(d, "Sluice-Stream-Sequence"), seq.to_string());
     assert_eq!(header(d, "Sluice-Original-Msg-Id"), "order-42");
     assert_eq!(header(d, "X-Trace"), "abc-123");
-    let (first, last) = (
-        time_header(d, "Sluice-First-Failure-At"),
-        time_header(d, "Sluice-Last-Failure-At"),
-    );
+    let (first, last) = (time_header(d, "Sluice-First-Failure-At"), time_header(d, "Sluice-Last-Failure-At"));
     assert!(first >= before - Duration::from_secs(1) && last >= first);
     assert!(d.headers.get("Sluice-Last-Failure-Kind").is_none());
 
@@ -149,17 +113,7 @@ async fn a_rejected_message_is_dead_lettered_after_one_attempt_with_every_header
     tokio::time::sleep(Duration::from_millis(500)).await;
     let info = consumer_info(&js, "worker").await;
     assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
-    assert_eq!(
-        js.get_stream("DLQ")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        1
-    );
+    assert_eq!(js.get_stream("DLQ").await.unwrap().info().await.unwrap().state.messages, 1);
     sluice.stop().await;
 }
 
@@ -169,10 +123,7 @@ async fn an_always_failing_message_is_dead_lettered_after_exactly_max_attempts()
     let js = stream(&server, "WORK", &["work.>"]).await;
     let sluice = Sluice::start(
         &server,
-        &[(
-            "w.toml",
-            work_manifest("max_attempts = 3\ninitial = \"150ms\"\njitter = \"none\""),
-        )],
+        &[("w.toml", work_manifest("max_attempts = 3\ninitial = \"150ms\"\njitter = \"none\""))],
     )
     .await;
 
@@ -184,26 +135,12 @@ async fn an_always_failing_message_is_dead_lettered_after_exactly_max_attempts()
     assert_eq!(header(d, "Sluice-Failure-Reason"), "asked to retry");
     assert_eq!(header(d, "Sluice-Attempts"), "3");
     // Backoffs of 150ms and 300ms lie between the first and the last failure.
-    let gap = time_header(d, "Sluice-Last-Failure-At")
-        .duration_since(time_header(d, "Sluice-First-Failure-At"))
-        .unwrap();
-    assert!(
-        gap >= Duration::from_millis(450),
-        "attempts too close together: {gap:?}"
-    );
+    let gap =
+        time_header(d, "Sluice-Last-Failure-At").duration_since(time_header(d, "Sluice-First-Failure-At")).unwrap();
+    assert!(gap >= Duration::from_millis(450), "attempts too close together: {gap:?}");
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        js.get_stream("DLQ")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        1
-    );
+    assert_eq!(js.get_stream("DLQ").await.unwrap().info().await.unwrap().state.messages, 1);
     assert_eq!(consumer_info(&js, "worker").await.num_ack_pending, 0);
     sluice.stop().await;
 }
@@ -213,23 +150,16 @@ async fn a_missing_dead_letter_stream_does_not_lose_the_message() {
     let server = nats();
     let js = stream(&server, "WORK", &["work.>"]).await;
     // No stream captures the dead-letter subject, and Sluice is not asked to create one.
-    let text = work_manifest("max_attempts = 2\ninitial = \"100ms\"\nmax = \"300ms\"")
-        .replace("create_stream = true\n", "");
+    let text =
+        work_manifest("max_attempts = 2\ninitial = \"100ms\"\nmax = \"300ms\"").replace("create_stream = true\n", "");
     let sluice = Sluice::start(&server, &[("w.toml", text)]).await;
 
     js_publish(&js, "work.1", "reject").await;
     // The dead letter cannot be stored, so the message stays with the consumer...
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let info = consumer_info(&js, "worker").await;
-    assert_eq!(
-        info.num_ack_pending + info.num_pending as usize,
-        1,
-        "the message was let go: {info:?}"
-    );
-    assert!(
-        info.num_redelivered >= 1,
-        "the message did not come back: {info:?}"
-    );
+    assert_eq!(info.num_ack_pending + info.num_pending as usize, 1, "the message was let go: {info:?}");
+    assert!(info.num_redelivered >= 1, "the message did not come back: {info:?}");
 
     // ...and once the stream exists, its next delivery is dead-lettered (without running
     // the handler again).
@@ -261,13 +191,10 @@ async fn a_crash_mid_retry_sequence_continues_after_restart_with_one_dead_letter
     while consumer_info(&js, "worker").await.delivered.stream_sequence == 0
         || consumer_info(&js, "worker").await.num_redelivered == 0
     {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "attempt 2 never came"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "attempt 2 never came");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    first.crash();
+    first.crash().await;
 
     let second = Sluice::start(&server, &[("w.toml", text)]).await;
     let dead = stream_messages(&js, "DLQ", 1, Duration::from_secs(30)).await;
@@ -277,17 +204,7 @@ async fn a_crash_mid_retry_sequence_continues_after_restart_with_one_dead_letter
     assert_eq!(header(&dead[0], "Sluice-Attempts"), "4");
     assert_eq!(header(&dead[0], "Sluice-Failure-Kind"), "retries-exhausted");
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(
-        js.get_stream("DLQ")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        1
-    );
+    assert_eq!(js.get_stream("DLQ").await.unwrap().info().await.unwrap().state.messages, 1);
     let info = consumer_info(&js, "worker").await;
     assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
     second.stop().await;
@@ -298,8 +215,7 @@ async fn runtimes_bound_to_one_durable_consumer_share_its_messages() {
     let server = nats();
     let js = stream(&server, "WORK", &["work.>"]).await;
     let tagged = |tag: &str| {
-        work_manifest("max_attempts = 3")
-            .replace("[retry]", &format!("[config]\ntag = \"{tag}\"\n\n[retry]"))
+        work_manifest("max_attempts = 3").replace("[retry]", &format!("[config]\ntag = \"{tag}\"\n\n[retry]"))
     };
     let a = Sluice::start(&server, &[("w.toml", tagged("a"))]).await;
     let b = Sluice::start(&server, &[("w.toml", tagged("b"))]).await;
@@ -317,11 +233,7 @@ async fn runtimes_bound_to_one_durable_consumer_share_its_messages() {
     let mut received = 0;
     while let Ok(Some(msg)) = tokio::time::timeout(quiet, results.next()).await {
         *per_message.entry(msg.subject.to_string()).or_default() += 1;
-        let tag = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Sluice-Tag"))
-            .map(|v| v.to_string());
+        let tag = msg.headers.as_ref().and_then(|h| h.get("Sluice-Tag")).map(|v| v.to_string());
         *per_runtime.entry(tag.unwrap_or_default()).or_default() += 1;
         received += 1;
         if received == N {
@@ -329,15 +241,8 @@ async fn runtimes_bound_to_one_durable_consumer_share_its_messages() {
         }
     }
     assert_eq!(per_message.len(), N);
-    assert!(
-        per_message.values().all(|&n| n == 1),
-        "a message was handled twice"
-    );
-    assert_eq!(
-        per_runtime.len(),
-        2,
-        "one runtime got everything: {per_runtime:?}"
-    );
+    assert!(per_message.values().all(|&n| n == 1), "a message was handled twice");
+    assert_eq!(per_runtime.len(), 2, "one runtime got everything: {per_runtime:?}");
     a.stop().await;
     b.stop().await;
 }
@@ -356,18 +261,10 @@ async fn an_existing_consumer_with_another_filter_is_refused() {
         })
         .await
         .unwrap();
-    let err = Sluice::try_start(&server, &[("w.toml", work_manifest("max_attempts = 2"))])
-        .await
-        .unwrap_err();
+    let err = Sluice::try_start(&server, &[("w.toml", work_manifest("max_attempts = 2"))]).await.unwrap_err();
     let text = format!("{err:#}");
-    assert!(
-        text.contains("consumer worker on stream WORK exists with a conflicting configuration"),
-        "{text}"
-    );
-    assert!(
-        text.contains("filter subjects are [\"work.other\"]"),
-        "{text}"
-    );
+    assert!(text.contains("consumer worker on stream WORK exists with a conflicting configuration"), "{text}");
+    assert!(text.contains("filter subjects are [\"work.other\"]"), "{text}");
 }
 
 #[tokio::test]
@@ -376,17 +273,11 @@ async fn dlq_replay_into_a_fixed_handler_empties_the_dead_letter_stream() {
 
     let server = nats();
     let js = stream(&server, "WORK", &["work.>"]).await;
-    let broken =
-        work_manifest("max_attempts = 2").replace("[retry]", "[config]\nbroken = true\n\n[retry]");
+    let broken = work_manifest("max_attempts = 2").replace("[retry]", "[config]\nbroken = true\n\n[retry]");
     let v1 = Sluice::start(&server, &[("w.toml", broken)]).await;
     const N: usize = 20;
     for i in 0..N {
-        js_publish(
-            &js,
-            &format!("work.{i}"),
-            &format!("config-gate:results.{i}"),
-        )
-        .await;
+        js_publish(&js, &format!("work.{i}"), &format!("config-gate:results.{i}")).await;
     }
     stream_messages(&js, "DLQ", N as u64, Duration::from_secs(30)).await;
     v1.stop().await;
@@ -394,18 +285,10 @@ async fn dlq_replay_into_a_fixed_handler_empties_the_dead_letter_stream() {
     // Listing, filtered.
     let all = admin::list(&js, "DLQ", &Filter::default()).await.unwrap();
     assert_eq!(all.len(), N);
-    assert!(all.iter().all(|e| e.handler() == "worker"
-        && e.kind() == "rejected"
-        && e.reason() == "handler is broken"));
-    let by_kind = Filter {
-        kind: Some("rejected".into()),
-        ..Filter::default()
-    };
+    assert!(all.iter().all(|e| e.handler() == "worker" && e.kind() == "rejected" && e.reason() == "handler is broken"));
+    let by_kind = Filter { kind: Some("rejected".into()), ..Filter::default() };
     assert_eq!(admin::list(&js, "DLQ", &by_kind).await.unwrap().len(), N);
-    let other = Filter {
-        handler: Some("someone-else".into()),
-        ..Filter::default()
-    };
+    let other = Filter { handler: Some("someone-else".into()), ..Filter::default() };
     assert!(admin::list(&js, "DLQ", &other).await.unwrap().is_empty());
 
     // The fixed version serves; a dry run changes nothing.
@@ -414,87 +297,28 @@ async fn dlq_replay_into_a_fixed_handler_empties_the_dead_letter_stream() {
     let mut results = nc.subscribe("results.>").await.unwrap();
     nc.flush().await.unwrap();
     let sender = sluice::outputs::OutputSender::new(nc.clone());
-    let dry = ReplayOptions {
-        dry_run: true,
-        ..ReplayOptions::default()
-    };
-    assert_eq!(
-        admin::replay(&sender, "DLQ", &dry, |_, _| {})
-            .await
-            .unwrap()
-            .replayed
-            .len(),
-        N
-    );
-    assert_eq!(
-        js.get_stream("DLQ")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        N as u64
-    );
+    let dry = ReplayOptions { dry_run: true, ..ReplayOptions::default() };
+    assert_eq!(admin::replay(&sender, "DLQ", &dry, |_, _| {}).await.unwrap().replayed.len(), N);
+    assert_eq!(js.get_stream("DLQ").await.unwrap().info().await.unwrap().state.messages, N as u64);
 
     // A limited replay, then the rest.
-    let five = ReplayOptions {
-        filter: Filter {
-            limit: Some(5),
-            ..Filter::default()
-        },
-        ..ReplayOptions::default()
-    };
+    let five = ReplayOptions { filter: Filter { limit: Some(5), ..Filter::default() }, ..ReplayOptions::default() };
     let mut progress = Vec::new();
-    let report = admin::replay(&sender, "DLQ", &five, |done, total| {
-        progress.push((done, total))
-    })
-    .await
-    .unwrap();
+    let report = admin::replay(&sender, "DLQ", &five, |done, total| progress.push((done, total))).await.unwrap();
     assert_eq!(report.replayed.len(), 5);
     assert!(report.failed.is_none());
     assert_eq!(progress.last(), Some(&(5, 5)));
-    assert_eq!(
-        js.get_stream("DLQ")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        (N - 5) as u64
-    );
-    let rest = admin::replay(&sender, "DLQ", &ReplayOptions::default(), |_, _| {})
-        .await
-        .unwrap();
+    assert_eq!(js.get_stream("DLQ").await.unwrap().info().await.unwrap().state.messages, (N - 5) as u64);
+    let rest = admin::replay(&sender, "DLQ", &ReplayOptions::default(), |_, _| {}).await.unwrap();
     assert_eq!(rest.replayed.len(), N - 5);
-    assert_eq!(
-        js.get_stream("DLQ")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages,
-        0
-    );
+    assert_eq!(js.get_stream("DLQ").await.unwrap().info().await.unwrap().state.messages, 0);
 
     // Every replayed message was processed by the fixed handler, once.
     let mut seen = std::collections::HashSet::new();
     while seen.len() < N {
-        let msg = tokio::time::timeout(Duration::from_secs(20), results.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(20), results.next()).await.unwrap().unwrap();
         assert_eq!(&msg.payload[..], b"fixed");
-        assert!(
-            seen.insert(msg.subject.to_string()),
-            "{} processed twice",
-            msg.subject
-        );
+        assert!(seen.insert(msg.subject.to_string()), "{} processed twice", msg.subject);
     }
     v2.stop().await;
 }

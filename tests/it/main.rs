@@ -6,6 +6,7 @@ mod components;
 mod core_retry;
 mod dispatch;
 mod golden;
+mod idempotency;
 mod jetstream;
 mod queue_group;
 mod sandbox;

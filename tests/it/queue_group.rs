@@ -10,31 +10,15 @@ use sluice_tests::{Sluice, client, header, manifest, nats};
 async fn two_runtimes_share_a_queue_group_and_handle_each_message_once() {
     let server = nats();
     // Same handler name (so same queue group), told apart by the tag they reply with.
-    let a = Sluice::start(
-        &server,
-        &[(
-            "echo.toml",
-            manifest("echo", "echo", "echo", "[config]\ntag = \"a\""),
-        )],
-    )
-    .await;
-    let b = Sluice::start(
-        &server,
-        &[(
-            "echo.toml",
-            manifest("echo", "echo", "echo", "[config]\ntag = \"b\""),
-        )],
-    )
-    .await;
+    let a = Sluice::start(&server, &[("echo.toml", manifest("echo", "echo", "echo", "[config]\ntag = \"a\""))]).await;
+    let b = Sluice::start(&server, &[("echo.toml", manifest("echo", "echo", "echo", "[config]\ntag = \"b\""))]).await;
     let nc = client(&server).await;
     let mut replies = nc.subscribe("replies.>").await.unwrap();
     nc.flush().await.unwrap();
 
     const N: usize = 300;
     for i in 0..N {
-        nc.publish_with_reply("echo", format!("replies.{i}"), i.to_string().into())
-            .await
-            .unwrap();
+        nc.publish_with_reply("echo", format!("replies.{i}"), i.to_string().into()).await.unwrap();
     }
     nc.flush().await.unwrap();
 
@@ -45,24 +29,15 @@ async fn two_runtimes_share_a_queue_group_and_handle_each_message_once() {
     let mut quiet = Duration::from_secs(20);
     while let Ok(Some(msg)) = tokio::time::timeout(quiet, replies.next()).await {
         *per_message.entry(msg.subject.to_string()).or_default() += 1;
-        *per_runtime
-            .entry(header(&msg, "Sluice-Tag").unwrap_or_default())
-            .or_default() += 1;
+        *per_runtime.entry(header(&msg, "Sluice-Tag").unwrap_or_default()).or_default() += 1;
         received += 1;
         if received == N {
             quiet = Duration::from_millis(500);
         }
     }
     assert_eq!(per_message.len(), N, "some messages were not handled");
-    assert!(
-        per_message.values().all(|&n| n == 1),
-        "some messages were handled twice"
-    );
-    assert_eq!(
-        per_runtime.len(),
-        2,
-        "one runtime got all the work: {per_runtime:?}"
-    );
+    assert!(per_message.values().all(|&n| n == 1), "some messages were handled twice");
+    assert_eq!(per_runtime.len(), 2, "one runtime got all the work: {per_runtime:?}");
     assert!(per_runtime.values().all(|&n| n > 0));
 
     a.stop().await;

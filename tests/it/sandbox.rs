@@ -23,10 +23,7 @@ async fn start(server: &sluice::nats_server::NatsServer) -> Sluice {
     Sluice::start(
         server,
         &[
-            (
-                "misbehave.toml",
-                manifest("misbehave", "misbehave", "misbehave", LIMITS),
-            ),
+            ("misbehave.toml", manifest("misbehave", "misbehave", "misbehave", LIMITS)),
             ("echo.toml", manifest("echo", "echo", "echo", "")),
         ],
     )
@@ -42,11 +39,7 @@ async fn expect_failure(nc: &async_nats::Client, command: &str, kind: &str) -> a
         "{command}: reason {:?}",
         header(&reply, "Sluice-Failure-Reason")
     );
-    assert_eq!(
-        text(&request(nc, "misbehave", "ok").await),
-        "ok",
-        "not served after {command}"
-    );
+    assert_eq!(text(&request(nc, "misbehave", "ok").await), "ok", "not served after {command}");
     reply
 }
 
@@ -57,17 +50,9 @@ async fn traps_and_panics_end_only_their_call() {
     let nc = client(&server).await;
 
     let reply = expect_failure(&nc, "trap", "trap").await;
-    assert!(
-        header(&reply, "Sluice-Failure-Reason")
-            .unwrap()
-            .contains("unreachable")
-    );
+    assert!(header(&reply, "Sluice-Failure-Reason").unwrap().contains("unreachable"));
     expect_failure(&nc, "panic", "trap").await;
-    assert!(
-        header(&reply, "Sluice-Handler-Digest")
-            .unwrap()
-            .starts_with("sha256:")
-    );
+    assert!(header(&reply, "Sluice-Handler-Digest").unwrap().starts_with("sha256:"));
     sluice.stop().await;
 }
 
@@ -87,26 +72,14 @@ async fn a_looping_handler_is_interrupted_at_its_timeout() {
         })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        text(&request(&nc, "echo", "still here").await),
-        "still here"
-    );
+    assert_eq!(text(&request(&nc, "echo", "still here").await), "still here");
     assert_eq!(text(&request(&nc, "misbehave", "ok").await), "ok");
 
     let (reply, elapsed) = spinning.await.unwrap();
-    assert_eq!(
-        header(&reply, "Sluice-Failure-Kind").as_deref(),
-        Some("timeout")
-    );
-    assert!(
-        elapsed >= Duration::from_millis(500),
-        "interrupted before its timeout: {elapsed:?}"
-    );
+    assert_eq!(header(&reply, "Sluice-Failure-Kind").as_deref(), Some("timeout"));
+    assert!(elapsed >= Duration::from_millis(500), "interrupted before its timeout: {elapsed:?}");
     // Generous: the point is that it was interrupted at all, on a shared, noisy machine.
-    assert!(
-        elapsed < Duration::from_secs(8),
-        "not interrupted near its timeout: {elapsed:?}"
-    );
+    assert!(elapsed < Duration::from_secs(8), "not interrupted near its timeout: {elapsed:?}");
 
     // A guest waiting in a host call (a WASI sleep) is interrupted too.
     expect_failure(&nc, "sleep:5000", "timeout").await;
@@ -120,11 +93,7 @@ async fn a_memory_hungry_handler_hits_its_memory_limit() {
     let nc = client(&server).await;
 
     let reply = expect_failure(&nc, "alloc", "memory-limit").await;
-    assert!(
-        header(&reply, "Sluice-Failure-Reason")
-            .unwrap()
-            .contains("32 MiB")
-    );
+    assert!(header(&reply, "Sluice-Failure-Reason").unwrap().contains("32 MiB"));
     // And again: each message gets a fresh instance with the full budget.
     expect_failure(&nc, "alloc", "memory-limit").await;
     sluice.stop().await;
@@ -141,36 +110,15 @@ async fn publishing_outside_the_allowlist_is_refused() {
 
     let reply = request(&nc, "misbehave", "publish:forbidden.secrets").await;
     let answer = text(&reply);
-    assert!(
-        answer.starts_with("refused: publishing to \"forbidden.secrets\" is not allowed"),
-        "{answer}"
-    );
-    assert!(
-        answer.contains("\"allowed.>\""),
-        "the error names what is allowed: {answer}"
-    );
+    assert!(answer.starts_with("refused: publishing to \"forbidden.secrets\" is not allowed"), "{answer}");
+    assert!(answer.contains("\"allowed.>\""), "the error names what is allowed: {answer}");
 
     let reply = request(&nc, "misbehave", "publish:allowed.audit.1").await;
     assert_eq!(text(&reply), "published");
 
-    let got = collect_quiet(
-        &mut allowed,
-        Duration::from_millis(300),
-        Duration::from_secs(5),
-    )
-    .await;
-    assert_eq!(
-        got.iter()
-            .map(|m| m.subject.to_string())
-            .collect::<Vec<_>>(),
-        ["allowed.audit.1"]
-    );
-    let leaked = collect_quiet(
-        &mut forbidden,
-        Duration::from_millis(100),
-        Duration::from_secs(1),
-    )
-    .await;
+    let got = collect_quiet(&mut allowed, Duration::from_millis(300), Duration::from_secs(5)).await;
+    assert_eq!(got.iter().map(|m| m.subject.to_string()).collect::<Vec<_>>(), ["allowed.audit.1"]);
+    let leaked = collect_quiet(&mut forbidden, Duration::from_millis(100), Duration::from_secs(1)).await;
     assert!(leaked.is_empty(), "a refused publish was sent");
     sluice.stop().await;
 }
@@ -186,31 +134,15 @@ async fn outputs_of_a_failed_call_are_not_sent() {
 
     // The handler queues a publication, then fails: the publication is dropped.
     let reply = expect_failure(&nc, "publish-then-reject:allowed.x", "rejected").await;
-    assert_eq!(
-        header(&reply, "Sluice-Failure-Reason").as_deref(),
-        Some("published, then rejected")
-    );
+    assert_eq!(header(&reply, "Sluice-Failure-Reason").as_deref(), Some("published, then rejected"));
     assert!(reply.payload.is_empty());
     expect_failure(&nc, "retry", "retry-requested").await;
-    let leaked = collect_quiet(
-        &mut allowed,
-        Duration::from_millis(300),
-        Duration::from_secs(2),
-    )
-    .await;
+    let leaked = collect_quiet(&mut allowed, Duration::from_millis(300), Duration::from_secs(2)).await;
     assert!(leaked.is_empty(), "a failed call's output was sent");
 
     // The same publication from a successful call is sent, so the check above can fail.
-    assert_eq!(
-        text(&request(&nc, "misbehave", "publish:allowed.x").await),
-        "published"
-    );
-    let sent = collect_quiet(
-        &mut allowed,
-        Duration::from_millis(300),
-        Duration::from_secs(5),
-    )
-    .await;
+    assert_eq!(text(&request(&nc, "misbehave", "publish:allowed.x").await), "published");
+    let sent = collect_quiet(&mut allowed, Duration::from_millis(300), Duration::from_secs(5)).await;
     assert_eq!(sent.len(), 1);
     sluice.stop().await;
 }

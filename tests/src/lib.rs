@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::Client;
 use futures::StreamExt;
 use sluice::nats_server::NatsServer;
-use sluice::{EngineOptions, Running, Runtime};
+use sluice::{Running, Runtime, RuntimeOptions};
 
 /// The repository root.
 pub fn repo_root() -> &'static Path {
@@ -24,24 +24,13 @@ pub fn plugin(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let script = repo_root().join("scripts/build-plugins.sh");
-        let status = Command::new("bash")
-            .arg(&script)
-            .status()
-            .map_err(|e| e.to_string())?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!("{} failed: {status}", script.display()))
-        }
+        let status = Command::new("bash").arg(&script).status().map_err(|e| e.to_string())?;
+        if status.success() { Ok(()) } else { Err(format!("{} failed: {status}", script.display())) }
     });
     if let Err(e) = built {
-        panic!(
-            "cannot build the plugins: {e} (is the wasm32-wasip2 target installed? run `make tools`)"
-        );
+        panic!("cannot build the plugins: {e} (is the wasm32-wasip2 target installed? run `make tools`)");
     }
-    let path = repo_root()
-        .join("plugins/dist")
-        .join(format!("{name}.wasm"));
+    let path = repo_root().join("plugins/dist").join(format!("{name}.wasm"));
     assert!(path.is_file(), "no plugin {name} at {}", path.display());
     path
 }
@@ -52,10 +41,7 @@ pub fn init_logging() {
     INIT.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     });
 }
 
@@ -90,32 +76,40 @@ impl Sluice {
     /// Writes `manifests` (file name, TOML) and serves them on `server`. Returns once every
     /// handler is subscribed.
     pub async fn start(server: &NatsServer, manifests: &[(&str, String)]) -> Sluice {
-        Self::try_start(server, manifests)
-            .await
-            .unwrap_or_else(|e| panic!("cannot start Sluice: {e:#}"))
+        Self::try_start(server, manifests).await.unwrap_or_else(|e| panic!("cannot start Sluice: {e:#}"))
     }
 
     /// Like [`start`](Self::start), returning bind errors (a conflicting consumer, ...).
-    pub async fn try_start(
+    pub async fn try_start(server: &NatsServer, manifests: &[(&str, String)]) -> anyhow::Result<Sluice> {
+        let dir = tempfile::tempdir()?;
+        let options = RuntimeOptions { data_dir: Some(dir.path().join("data")), ..RuntimeOptions::default() };
+        Self::start_with(server, manifests, dir, options).await
+    }
+
+    /// Starts with explicit options (a shared data directory, an injected fault); the
+    /// manifests are written to `dir`.
+    pub async fn start_with(
         server: &NatsServer,
         manifests: &[(&str, String)],
+        dir: tempfile::TempDir,
+        options: RuntimeOptions,
     ) -> anyhow::Result<Sluice> {
-        let dir = tempfile::tempdir()?;
+        let manifest_dir = dir.path().join("manifests");
+        std::fs::create_dir_all(&manifest_dir)?;
         for (file, text) in manifests {
-            std::fs::write(dir.path().join(file), text)?;
+            std::fs::write(manifest_dir.join(file), text)?;
         }
-        let runtime = Runtime::load(&[dir.path().to_owned()], EngineOptions::default())
-            .map_err(|e| anyhow::anyhow!("cannot load manifests:\n{e}"))?;
+        let runtime =
+            Runtime::load(&[manifest_dir], options).map_err(|e| anyhow::anyhow!("cannot load manifests:\n{e}"))?;
         let running = runtime.bind(client(server).await).await?;
-        Ok(Sluice {
-            running: Some(running),
-            dir,
-        })
+        Ok(Sluice { running: Some(running), dir })
     }
 
     /// Stops abruptly, like a killed process: nothing in flight is finished or acked.
-    pub fn crash(mut self) {
-        drop(self.running.take());
+    pub async fn crash(mut self) {
+        if let Some(running) = self.running.take() {
+            running.abort().await;
+        }
     }
 
     /// Shuts down gracefully (drain, finish in-flight messages).
@@ -139,10 +133,7 @@ pub async fn request(client: &Client, subject: &str, payload: &str) -> async_nat
 
 /// The value of header `name` of `msg`.
 pub fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
-    msg.headers
-        .as_ref()?
-        .get(name)
-        .map(|v| v.as_str().to_owned())
+    msg.headers.as_ref()?.get(name).map(|v| v.as_str().to_owned())
 }
 
 /// The payload of `msg` as text.
@@ -158,8 +149,7 @@ pub async fn collect_quiet(
 ) -> Vec<async_nats::Message> {
     let mut got = Vec::new();
     let until = tokio::time::Instant::now() + limit;
-    while let Ok(Some(msg)) =
-        tokio::time::timeout_at(until.min(tokio::time::Instant::now() + quiet), sub.next()).await
+    while let Ok(Some(msg)) = tokio::time::timeout_at(until.min(tokio::time::Instant::now() + quiet), sub.next()).await
     {
         got.push(msg);
     }
@@ -167,11 +157,7 @@ pub async fn collect_quiet(
 }
 
 /// A JetStream context on `server`, with a stream `name` capturing `subjects`.
-pub async fn stream(
-    server: &NatsServer,
-    name: &str,
-    subjects: &[&str],
-) -> async_nats::jetstream::Context {
+pub async fn stream(server: &NatsServer, name: &str, subjects: &[&str]) -> async_nats::jetstream::Context {
     let js = async_nats::jetstream::new(client(server).await);
     js.create_stream(async_nats::jetstream::stream::Config {
         name: name.to_owned(),
@@ -185,12 +171,7 @@ pub async fn stream(
 
 /// Publishes `payload` to `subject` through JetStream, waiting for the stream's ack.
 pub async fn js_publish(js: &async_nats::jetstream::Context, subject: &str, payload: &str) -> u64 {
-    js.publish(subject.to_owned(), payload.to_owned().into_bytes().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .sequence
+    js.publish(subject.to_owned(), payload.to_owned().into_bytes().into()).await.unwrap().await.unwrap().sequence
 }
 
 /// Waits until stream `name` holds `count` messages (at most `limit`), then returns them all.
@@ -207,10 +188,7 @@ pub async fn stream_messages(
         {
             break stream;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "stream {name} did not reach {count} messages in {limit:?}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "stream {name} did not reach {count} messages in {limit:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let state = stream.info().await.unwrap().state.clone();

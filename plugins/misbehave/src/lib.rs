@@ -13,8 +13,15 @@
 //! | `publish-then-reject:SUBJECT` | publishes to SUBJECT, then fails with `Error::Reject`       |
 //! | `fail-until:K:SUBJECT`        | fails with `Error::Retry` on attempts 1..=K, then publishes `attempt N` to SUBJECT |
 //! | `config-gate:SUBJECT`         | rejects while config `broken` is `true`, else publishes to SUBJECT |
+//! | `work:MS:SUBJECT`             | sleeps MS milliseconds, then publishes `worked` to SUBJECT  |
+//! | `kv-set:KEY:VALUE`            | sets KEY in the handler's kv, answers `set`                 |
+//! | `kv-get:KEY`                  | answers the value of KEY, or `none`                         |
+//! | `mark:KEY`                    | `dedup.check-and-mark(KEY, 1h)`: answers `first` or `seen`  |
 //! | `retry`                       | fails with `Error::Retry`                                   |
 //! | `reject`                      | fails with `Error::Reject`                                  |
+//!
+//! A JSON payload `{"cmd": "COMMAND", ...}` runs COMMAND (the other fields are there for the
+//! host to read, an idempotency key say).
 //!
 //! "Answers" means a reply when the message is a request. Publications carry a `Sluice-Tag`
 //! header with the `tag` config value when one is set (tests use it to tell runtimes apart).
@@ -22,7 +29,13 @@
 use sluice_guest::{Error, Headers, Message, Result};
 
 fn handle(msg: Message) -> Result {
-    let command = msg.text()?.trim().to_owned();
+    let text = msg.text()?.trim();
+    let command = if text.starts_with('{') {
+        let doc: serde_json::Value = msg.json()?;
+        doc.get("cmd").and_then(|c| c.as_str()).ok_or_else(|| Error::reject("JSON payload without \"cmd\""))?.to_owned()
+    } else {
+        text.to_owned()
+    };
     let (verb, arg) = command.split_once(':').unwrap_or((command.as_str(), ""));
     match verb {
         "ok" => answer(&msg, "ok")?,
@@ -33,9 +46,7 @@ fn handle(msg: Message) -> Result {
         "retry" => return Err(Error::retry("asked to retry")),
         "reject" => return Err(Error::reject("asked to reject")),
         "sleep" => {
-            let ms: u64 = arg
-                .parse()
-                .map_err(|_| Error::reject(format!("bad sleep command {command:?}")))?;
+            let ms: u64 = arg.parse().map_err(|_| Error::reject(format!("bad sleep command {command:?}")))?;
             std::thread::sleep(std::time::Duration::from_millis(ms));
             answer(&msg, "slept")?;
         }
@@ -52,16 +63,32 @@ fn handle(msg: Message) -> Result {
         }
         "fail-until" => {
             let (k, subject) = arg.split_once(':').unwrap_or((arg, ""));
-            let k: u32 = k
-                .parse()
-                .map_err(|_| Error::reject(format!("bad fail-until command {command:?}")))?;
+            let k: u32 = k.parse().map_err(|_| Error::reject(format!("bad fail-until command {command:?}")))?;
             let attempt = msg.delivery().attempt;
             if attempt <= k {
-                return Err(Error::retry(format!(
-                    "attempt {attempt} of {k} planned failures"
-                )));
+                return Err(Error::retry(format!("attempt {attempt} of {k} planned failures")));
             }
             publish(subject, &format!("attempt {attempt}"))?;
+        }
+        "work" => {
+            let (ms, subject) = arg.split_once(':').unwrap_or((arg, ""));
+            let ms: u64 = ms.parse().map_err(|_| Error::reject(format!("bad work command {command:?}")))?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            publish(subject, "worked")?;
+        }
+        "kv-set" => {
+            let (key, value) = arg.split_once(':').unwrap_or((arg, ""));
+            sluice_guest::kv::set(key, value)?;
+            answer(&msg, "set")?;
+        }
+        "kv-get" => {
+            let value = sluice_guest::kv::get(arg)?;
+            let text = value.map_or_else(|| "none".to_owned(), |v| String::from_utf8_lossy(&v).into_owned());
+            answer(&msg, &text)?;
+        }
+        "mark" => {
+            let first = sluice_guest::dedup::check_and_mark(arg, std::time::Duration::from_secs(3600))?;
+            answer(&msg, if first { "first" } else { "seen" })?;
         }
         "config-gate" => {
             if sluice_guest::config("broken").as_deref() == Some("true") {

@@ -72,10 +72,7 @@ fn validate(order: &Order) -> Result<u64> {
     let mut total: u64 = 0;
     for item in &order.items {
         if item.quantity == 0 {
-            return Err(Error::reject(format!(
-                "order {}: item {} has quantity 0",
-                order.id, item.sku
-            )));
+            return Err(Error::reject(format!("order {}: item {} has quantity 0", order.id, item.sku)));
         }
         total = item
             .unit_price_cents

@@ -58,11 +58,7 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
 }
 
 fn filter(s: &Selection, limit: Option<usize>) -> Filter {
-    Filter {
-        handler: s.handler.clone(),
-        kind: s.kind.clone(),
-        limit,
-    }
+    Filter { handler: s.handler.clone(), kind: s.kind.clone(), limit }
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<()> {
@@ -74,8 +70,7 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
         "SEQ", "HANDLER", "KIND", "ATTEMPTS", "AGE", "SUBJECT"
     );
     for e in &entries {
-        let age = humantime::format_duration(std::time::Duration::from_secs(e.age().as_secs()))
-            .to_string();
+        let age = humantime::format_duration(std::time::Duration::from_secs(e.age().as_secs())).to_string();
         println!(
             "{:>8}  {:<20}  {:<18}  {:>8}  {:>10}  {:<24}  {}",
             e.sequence,
@@ -87,22 +82,15 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
             truncate(e.reason(), 80)
         );
     }
-    eprintln!(
-        "{} message{}",
-        entries.len(),
-        if entries.len() == 1 { "" } else { "s" }
-    );
+    eprintln!("{} message{}", entries.len(), if entries.len() == 1 { "" } else { "s" });
     Ok(())
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let client = super::connect(&args.selection.nats).await?;
     let sender = OutputSender::new(client.clone());
-    let options = ReplayOptions {
-        filter: filter(&args.selection, args.limit),
-        to: args.to.clone(),
-        dry_run: args.dry_run,
-    };
+    let options =
+        ReplayOptions { filter: filter(&args.selection, args.limit), to: args.to.clone(), dry_run: args.dry_run };
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} replaying {pos}/{len} [{bar:30}] {elapsed}")
@@ -116,21 +104,10 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     .await?;
     bar.finish_and_clear();
     client.flush().await?;
-    let verb = if args.dry_run {
-        "would replay"
-    } else {
-        "replayed"
-    };
-    println!(
-        "{verb} {} message{}",
-        report.replayed.len(),
-        if report.replayed.len() == 1 { "" } else { "s" }
-    );
+    let verb = if args.dry_run { "would replay" } else { "replayed" };
+    println!("{verb} {} message{}", report.replayed.len(), if report.replayed.len() == 1 { "" } else { "s" });
     if let Some((seq, why)) = report.failed {
-        anyhow::bail!(
-            "stopped at sequence {seq}: {why}; it and the rest are still in {}",
-            args.selection.stream
-        );
+        anyhow::bail!("stopped at sequence {seq}: {why}; it and the rest are still in {}", args.selection.stream);
     }
     Ok(())
 }

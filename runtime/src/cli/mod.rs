@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::engine::EngineOptions;
 use crate::manifest::{ByteSize, HumanDuration};
 use crate::nats_server::NatsServer;
-use crate::runtime::{LoadError, Runtime};
+use crate::runtime::{LoadError, Runtime, RuntimeOptions};
 
 /// The NATS URL used when none is given.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -64,8 +64,24 @@ pub struct RunArgs {
     /// NATS server URL. Default: nats://127.0.0.1:4222, or an embedded server if none answers.
     #[arg(long, env = "SLUICE_NATS_URL")]
     pub nats: Option<String>,
+    /// Where local state lives (the redb store). Default: $XDG_STATE_HOME/sluice, or
+    /// ~/.local/state/sluice.
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+impl RunArgs {
+    fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        let state = std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")));
+        state.map_or_else(|| PathBuf::from(".sluice"), |s| s.join("sluice"))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -89,10 +105,7 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     fn options(&self) -> EngineOptions {
-        EngineOptions {
-            max_memory: self.max_memory.0,
-            max_instances: self.max_instances,
-        }
+        EngineOptions { max_memory: self.max_memory.0, max_instances: self.max_instances }
     }
 }
 
@@ -121,21 +134,15 @@ pub struct RequestArgs {
 }
 
 fn parse_size(text: &str) -> Result<ByteSize, String> {
-    text.parse::<bytesize::ByteSize>()
-        .map(|b| ByteSize(b.as_u64()))
-        .map_err(|e| format!("invalid size {text:?}: {e}"))
+    text.parse::<bytesize::ByteSize>().map(|b| ByteSize(b.as_u64())).map_err(|e| format!("invalid size {text:?}: {e}"))
 }
 
 fn parse_duration(text: &str) -> Result<HumanDuration, String> {
-    humantime::parse_duration(text)
-        .map(HumanDuration)
-        .map_err(|e| format!("invalid duration {text:?}: {e}"))
+    humantime::parse_duration(text).map(HumanDuration).map_err(|e| format!("invalid duration {text:?}: {e}"))
 }
 
 fn parse_header(text: &str) -> Result<(String, String), String> {
-    let (name, value) = text
-        .split_once(':')
-        .ok_or_else(|| format!("expected NAME:VALUE, got {text:?}"))?;
+    let (name, value) = text.split_once(':').ok_or_else(|| format!("expected NAME:VALUE, got {text:?}"))?;
     Ok((name.trim().to_owned(), value.trim().to_owned()))
 }
 
@@ -158,7 +165,7 @@ pub async fn main(cli: Cli) -> ExitCode {
 }
 
 fn validate(args: &ValidateArgs) -> ExitCode {
-    match Runtime::load(&args.paths, args.engine.options()) {
+    match Runtime::load(&args.paths, RuntimeOptions { engine: args.engine.options(), ..Default::default() }) {
         Ok(runtime) => {
             for h in runtime.handlers() {
                 println!(
@@ -182,18 +189,15 @@ fn load_error_text(e: &LoadError) -> String {
     match e {
         LoadError::Invalid(errors) => {
             let n = errors.len();
-            format!(
-                "{e}\n\nerror: {n} invalid manifest{}",
-                if n == 1 { "" } else { "s" }
-            )
+            format!("{e}\n\nerror: {n} invalid manifest{}", if n == 1 { "" } else { "s" })
         }
         other => format!("error: {other:#}"),
     }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let runtime = Runtime::load(&args.paths, args.engine.options())
-        .map_err(|e| anyhow::anyhow!("{}", load_error_text(&e)))?;
+    let options = RuntimeOptions { engine: args.engine.options(), data_dir: Some(args.data_dir()), fault: None };
+    let runtime = Runtime::load(&args.paths, options).map_err(|e| anyhow::anyhow!("{}", load_error_text(&e)))?;
     // Keep the embedded server (if any) alive until Sluice has shut down.
     let (client, _embedded) = connect_or_embed(args.nats.as_deref()).await?;
     let running = runtime.bind(client).await?;
@@ -214,9 +218,8 @@ async fn connect_or_embed(url: Option<&str>) -> anyhow::Result<(Client, Option<N
         return Ok((client, None));
     }
     let port_free = std::net::TcpListener::bind(("127.0.0.1", 4222)).is_ok();
-    let server = NatsServer::start(if port_free { 4222 } else { 0 }).context(
-        "no NATS server answered on nats://127.0.0.1:4222 and the embedded one could not start",
-    )?;
+    let server = NatsServer::start(if port_free { 4222 } else { 0 })
+        .context("no NATS server answered on nats://127.0.0.1:4222 and the embedded one could not start")?;
     tracing::info!(
         url = %server.url(),
         data = %server.dir().display(),
@@ -241,15 +244,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("cannot listen for SIGTERM: {e}");
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -262,12 +264,9 @@ async fn shutdown_signal() {
 fn header_map(pairs: &[(String, String)]) -> anyhow::Result<HeaderMap> {
     let mut map = HeaderMap::new();
     for (name, value) in pairs {
-        let name: async_nats::HeaderName = name
-            .parse()
-            .map_err(|_| anyhow::anyhow!("invalid header name {name:?}"))?;
-        let value: async_nats::HeaderValue = value
-            .parse()
-            .map_err(|_| anyhow::anyhow!("invalid header value {value:?}"))?;
+        let name: async_nats::HeaderName = name.parse().map_err(|_| anyhow::anyhow!("invalid header name {name:?}"))?;
+        let value: async_nats::HeaderValue =
+            value.parse().map_err(|_| anyhow::anyhow!("invalid header value {value:?}"))?;
         map.append(name, value);
     }
     Ok(map)
@@ -276,9 +275,7 @@ fn header_map(pairs: &[(String, String)]) -> anyhow::Result<HeaderMap> {
 async fn publish(args: SendArgs) -> anyhow::Result<()> {
     let client = connect(&args.nats).await?;
     let headers = header_map(&args.headers)?;
-    client
-        .publish_with_headers(args.subject, headers, args.payload.into_bytes().into())
-        .await?;
+    client.publish_with_headers(args.subject, headers, args.payload.into_bytes().into()).await?;
     client.flush().await?;
     Ok(())
 }
@@ -303,19 +300,9 @@ async fn request_inner(args: RequestArgs) -> anyhow::Result<ExitCode> {
         .send_request(args.send.subject.clone(), request)
         .await
         .with_context(|| format!("no reply on {} within {}", args.send.subject, args.timeout))?;
-    if let Some(kind) = reply
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Sluice-Failure-Kind"))
-    {
-        let reason = reply
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Sluice-Failure-Reason"));
-        eprintln!(
-            "error: handler failed ({kind}): {}",
-            reason.map(|r| r.as_str()).unwrap_or("")
-        );
+    if let Some(kind) = reply.headers.as_ref().and_then(|h| h.get("Sluice-Failure-Kind")) {
+        let reason = reply.headers.as_ref().and_then(|h| h.get("Sluice-Failure-Reason"));
+        eprintln!("error: handler failed ({kind}): {}", reason.map(|r| r.as_str()).unwrap_or(""));
         return Ok(ExitCode::FAILURE);
     }
     let mut out = std::io::stdout().lock();

@@ -66,28 +66,14 @@ pub struct Filter {
 
 impl Filter {
     fn matches(&self, e: &Entry) -> bool {
-        self.handler.as_deref().is_none_or(|h| h == e.handler())
-            && self.kind.as_deref().is_none_or(|k| k == e.kind())
+        self.handler.as_deref().is_none_or(|h| h == e.handler()) && self.kind.as_deref().is_none_or(|k| k == e.kind())
     }
 }
 
 /// The entries of `stream` that match `filter`, oldest first.
-pub async fn list(
-    js: &jetstream::Context,
-    stream: &str,
-    filter: &Filter,
-) -> anyhow::Result<Vec<Entry>> {
-    let mut s = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("dead-letter stream {stream}: {e}"))?;
-    if s.info()
-        .await
-        .map_err(|e| anyhow::anyhow!("dead-letter stream {stream}: {e}"))?
-        .state
-        .messages
-        == 0
-    {
+pub async fn list(js: &jetstream::Context, stream: &str, filter: &Filter) -> anyhow::Result<Vec<Entry>> {
+    let mut s = js.get_stream(stream).await.map_err(|e| anyhow::anyhow!("dead-letter stream {stream}: {e}"))?;
+    if s.info().await.map_err(|e| anyhow::anyhow!("dead-letter stream {stream}: {e}"))?.state.messages == 0 {
         return Ok(Vec::new());
     }
     // An ordered consumer reads the whole stream once, in order, leaving no state behind.
@@ -95,20 +81,11 @@ pub async fn list(
         .create_consumer(OrderedConfig::default())
         .await
         .map_err(|e| anyhow::anyhow!("cannot read dead-letter stream {stream}: {e}"))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot read {stream}: {e}"))?;
+    let mut messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("cannot read {stream}: {e}"))?;
     let mut entries = Vec::new();
-    while let Some(next) = tokio::time::timeout(Duration::from_secs(5), messages.next())
-        .await
-        .ok()
-        .flatten()
-    {
+    while let Some(next) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await.ok().flatten() {
         let msg = next.map_err(|e| anyhow::anyhow!("reading {stream}: {e}"))?;
-        let info = msg
-            .info()
-            .map_err(|e| anyhow::anyhow!("reading {stream}: {e}"))?;
+        let info = msg.info().map_err(|e| anyhow::anyhow!("reading {stream}: {e}"))?;
         let (sequence, pending) = (info.stream_sequence, info.pending);
         let stored_at = SystemTime::from(info.published);
         let entry = Entry {
@@ -158,22 +135,12 @@ pub async fn replay(
 ) -> anyhow::Result<ReplayReport> {
     let js = sender.jetstream();
     let entries = list(js, stream, &options.filter).await?;
-    let s = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("dead-letter stream {stream}: {e}"))?;
+    let s = js.get_stream(stream).await.map_err(|e| anyhow::anyhow!("dead-letter stream {stream}: {e}"))?;
     let mut report = ReplayReport::default();
     let total = entries.len();
     for (done, entry) in entries.into_iter().enumerate() {
-        let Some(subject) = options
-            .to
-            .clone()
-            .or_else(|| entry.original_subject().map(str::to_owned))
-        else {
-            report.failed = Some((
-                entry.sequence,
-                "no Sluice-Original-Subject header; use --to".to_owned(),
-            ));
+        let Some(subject) = options.to.clone().or_else(|| entry.original_subject().map(str::to_owned)) else {
+            report.failed = Some((entry.sequence, "no Sluice-Original-Subject header; use --to".to_owned()));
             break;
         };
         if let Err(e) = crate::subject::validate_literal(&subject) {
@@ -186,22 +153,13 @@ pub async fn replay(
                 headers: replay_headers(&entry.headers, stream, entry.sequence),
                 payload: entry.payload,
             };
-            if let Err(e) = sender
-                .send(Outputs {
-                    published: vec![output],
-                    reply: None,
-                })
-                .await
-            {
+            if let Err(e) = sender.send(Outputs { published: vec![output], reply: None }).await {
                 report.failed = Some((entry.sequence, e));
                 break;
             }
             if let Err(e) = s.delete_message(entry.sequence).await {
                 // Republished but still parked: say so, and stop before anything is replayed twice.
-                report.failed = Some((
-                    entry.sequence,
-                    format!("replayed, but could not be removed: {e}"),
-                ));
+                report.failed = Some((entry.sequence, format!("replayed, but could not be removed: {e}")));
                 break;
             }
         }

@@ -60,11 +60,7 @@ pub struct Original<'a> {
 }
 
 /// The `Sluice-*` headers describing `verdict` (also used on failure replies).
-pub fn verdict_headers(
-    spec: &HandlerSpec,
-    verdict: &Verdict,
-    original: &Original<'_>,
-) -> HeaderMap {
+pub fn verdict_headers(spec: &HandlerSpec, verdict: &Verdict, original: &Original<'_>) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(header::KIND, verdict.kind.as_str());
     if let Some(last) = verdict.last_kind {
@@ -75,14 +71,8 @@ pub fn verdict_headers(
     h.insert(header::ORIGINAL_SUBJECT, one_line(original.subject));
     h.insert(header::HANDLER, &*spec.name);
     h.insert(header::DIGEST, spec.digest.as_str());
-    h.insert(
-        header::FIRST_FAILURE_AT,
-        humantime::format_rfc3339_millis(verdict.first_failure_at).to_string(),
-    );
-    h.insert(
-        header::LAST_FAILURE_AT,
-        humantime::format_rfc3339_millis(verdict.last_failure_at).to_string(),
-    );
+    h.insert(header::FIRST_FAILURE_AT, humantime::format_rfc3339_millis(verdict.first_failure_at).to_string());
+    h.insert(header::LAST_FAILURE_AT, humantime::format_rfc3339_millis(verdict.last_failure_at).to_string());
     if let Some((stream, seq)) = original.stream {
         h.insert(header::STREAM, stream);
         h.insert(header::STREAM_SEQUENCE, seq.to_string());
@@ -123,27 +113,15 @@ pub async fn publish(
     }
     let id = match original.stream {
         Some((stream, seq)) => format!("sluice-dlq:{}:{stream}:{seq}", spec.name),
-        None => format!(
-            "sluice-dlq:{}:{}",
-            spec.name,
-            humantime::format_rfc3339_nanos(verdict.last_failure_at)
-        ),
+        None => format!("sluice-dlq:{}:{}", spec.name, humantime::format_rfc3339_nanos(verdict.last_failure_at)),
     };
     headers.insert("Nats-Msg-Id", HeaderValue::from(id.as_str()));
     let ack = js
         .publish_with_headers(target.subject.clone(), headers, original.payload.clone())
         .await
-        .map_err(|e| {
-            format!(
-                "cannot publish to dead-letter subject {}: {e}",
-                target.subject
-            )
-        })?;
+        .map_err(|e| format!("cannot publish to dead-letter subject {}: {e}", target.subject))?;
     ack.await.map_err(|e| {
-        format!(
-            "dead-letter subject {} was not stored by a stream ({e}); is a stream capturing it?",
-            target.subject
-        )
+        format!("dead-letter subject {} was not stored by a stream ({e}); is a stream capturing it?", target.subject)
     })?;
     Ok(())
 }
@@ -162,10 +140,7 @@ pub async fn ensure_stream(js: &jetstream::Context, target: &DeadLetter) -> anyh
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot create dead-letter stream {name}: {e}"))?;
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| anyhow::anyhow!("dead-letter stream {name}: {e}"))?;
+    let info = stream.info().await.map_err(|e| anyhow::anyhow!("dead-letter stream {name}: {e}"))?;
     let captures = info
         .config
         .subjects

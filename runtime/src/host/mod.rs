@@ -4,6 +4,7 @@
 mod config;
 mod log;
 mod outbox;
+mod state;
 mod stdio;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ pub use stdio::GuestOutput;
 
 use crate::bindings;
 use crate::handler::HandlerSpec;
+use crate::store::Scope;
 
 /// Everything one call of one handler can reach. A fresh one is built for every message and
 /// dropped with the store: no state survives between messages.
@@ -27,19 +29,19 @@ pub struct HostState {
     pub(crate) limits: GuestLimits,
     /// The reply subject of the message being handled.
     pub(crate) reply_to: Option<String>,
+    /// The handler's store, for the guest's dedup marks and kv.
+    pub(crate) scope: Option<Scope>,
     pub(crate) outputs: Outputs,
 }
 
 impl std::fmt::Debug for HostState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostState")
-            .field("handler", &self.spec.name)
-            .finish_non_exhaustive()
+        f.debug_struct("HostState").field("handler", &self.spec.name).finish_non_exhaustive()
     }
 }
 
 impl HostState {
-    pub(crate) fn new(spec: Arc<HandlerSpec>, reply_to: Option<String>) -> Self {
+    pub(crate) fn new(spec: Arc<HandlerSpec>, reply_to: Option<String>, scope: Option<Scope>) -> Self {
         // Guests get no filesystem (no preopens), no environment, no arguments and no
         // network (every socket address is denied, and TCP, UDP and name lookup are off).
         // Their stdout and stderr become log lines tagged with the handler name.
@@ -55,6 +57,7 @@ impl HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             reply_to,
+            scope,
             outputs: Outputs::default(),
         }
     }
@@ -62,10 +65,7 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -89,10 +89,7 @@ impl GuestLimits {
     fn new(memory: u64) -> Self {
         let memory = usize::try_from(memory).unwrap_or(usize::MAX);
         GuestLimits {
-            inner: StoreLimitsBuilder::new()
-                .memory_size(memory)
-                .table_elements(1 << 20)
-                .build(),
+            inner: StoreLimitsBuilder::new().memory_size(memory).table_elements(1 << 20).build(),
             memory,
             memory_exceeded: false,
         }
@@ -100,24 +97,14 @@ impl GuestLimits {
 }
 
 impl ResourceLimiter for GuestLimits {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.memory {
             self.memory_exceeded = true;
         }
         self.inner.memory_growing(current, desired, maximum)
     }
 
-    fn table_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         self.inner.table_growing(current, desired, maximum)
     }
 }

@@ -39,35 +39,20 @@ impl Host for HostState {
             return Ok(Err(format!(
                 "publishing to {subject:?} is not allowed: handler {} may publish to [{}] (capabilities.publish)",
                 self.spec.name,
-                self.spec
-                    .publish
-                    .iter()
-                    .map(|p| format!("{:?}", p.as_str()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                self.spec.publish.iter().map(|p| format!("{:?}", p.as_str())).collect::<Vec<_>>().join(", ")
             )));
         }
         let headers = match header_map(headers) {
             Ok(h) => h,
             Err(e) => return Ok(Err(e)),
         };
-        self.outputs.published.push(Output {
-            subject,
-            headers,
-            payload: payload.into(),
-        });
+        self.outputs.published.push(Output { subject, headers, payload: payload.into() });
         Ok(Ok(()))
     }
 
-    fn reply(
-        &mut self,
-        headers: Vec<(String, String)>,
-        payload: Vec<u8>,
-    ) -> wasmtime::Result<Result<(), String>> {
+    fn reply(&mut self, headers: Vec<(String, String)>, payload: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
         let Some(subject) = self.reply_to.clone() else {
-            return Ok(Err(
-                "the message has no reply subject (it was not a request)".to_owned(),
-            ));
+            return Ok(Err("the message has no reply subject (it was not a request)".to_owned()));
         };
         if self.outputs.reply.is_some() {
             return Ok(Err("a reply was already queued for this message".to_owned()));
@@ -76,11 +61,7 @@ impl Host for HostState {
             Ok(h) => h,
             Err(e) => return Ok(Err(e)),
         };
-        self.outputs.reply = Some(Output {
-            subject,
-            headers,
-            payload: payload.into(),
-        });
+        self.outputs.reply = Some(Output { subject, headers, payload: payload.into() });
         Ok(Ok(()))
     }
 }
@@ -93,9 +74,8 @@ fn header_map(pairs: Vec<(String, String)>) -> Result<HeaderMap, String> {
         if name.is_empty() {
             return Err("empty header name".to_owned());
         }
-        let name = HeaderName::from_str(&name).map_err(|_| {
-            format!("invalid header name {name:?}: expected printable ASCII without ':' or spaces")
-        })?;
+        let name = HeaderName::from_str(&name)
+            .map_err(|_| format!("invalid header name {name:?}: expected printable ASCII without ':' or spaces"))?;
         let value = HeaderValue::from_str(&value)
             .map_err(|_| format!("invalid value for header {name}: CR and LF are not allowed"))?;
         map.append(name, value);

@@ -30,20 +30,12 @@ pub struct Location {
 impl ManifestError {
     /// An error about the value at byte range `span` of `source`.
     pub fn at(source: &SourceText, span: Range<usize>, message: impl Into<String>) -> Self {
-        ManifestError {
-            path: source.path.clone(),
-            location: Some(locate(&source.text, span)),
-            message: message.into(),
-        }
+        ManifestError { path: source.path.clone(), location: Some(locate(&source.text, span)), message: message.into() }
     }
 
     /// An error about the file as a whole (unreadable, missing).
     pub fn without_location(path: &Path, message: impl Into<String>) -> Self {
-        ManifestError {
-            path: path.to_owned(),
-            location: None,
-            message: message.into(),
-        }
+        ManifestError { path: path.to_owned(), location: None, message: message.into() }
     }
 }
 
@@ -72,13 +64,7 @@ impl fmt::Display for ManifestError {
         let gutter = loc.line.to_string().len();
         writeln!(f, "{:gutter$} |", "")?;
         writeln!(f, "{} | {}", loc.line, loc.line_text)?;
-        write!(
-            f,
-            "{:gutter$} | {}{}",
-            "",
-            " ".repeat(loc.column - 1),
-            "^".repeat(loc.width)
-        )
+        write!(f, "{:gutter$} | {}{}", "", " ".repeat(loc.column - 1), "^".repeat(loc.width))
     }
 }
 
@@ -88,14 +74,8 @@ mod tests {
 
     #[test]
     fn locates_line_and_column() {
-        let source = SourceText {
-            path: "m.toml".into(),
-            text: "[a]\nkey = \"value\"\n".into(),
-        };
+        let source = SourceText { path: "m.toml".into(), text: "[a]\nkey = \"value\"\n".into() };
         let err = ManifestError::at(&source, 10..17, "bad value");
-        assert_eq!(
-            err.to_string(),
-            "m.toml:2:7: bad value\n  |\n2 | key = \"value\"\n  |       ^^^^^^^"
-        );
+        assert_eq!(err.to_string(), "m.toml:2:7: bad value\n  |\n2 | key = \"value\"\n  |       ^^^^^^^");
     }
 }

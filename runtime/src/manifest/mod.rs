@@ -17,7 +17,9 @@ pub use error::{ManifestError, SourceText};
 pub use units::{ByteSize, HumanDuration};
 
 use crate::dispatch::FailureKind;
+use crate::idempotency::{Idempotency, OnMissing};
 use crate::retry::RetryPolicy;
+use crate::store::Backend;
 use crate::subject::SubjectPattern;
 
 /// Memory one instance may use when the manifest does not say.
@@ -39,6 +41,8 @@ pub struct Manifest {
     pub limits: Limits,
     pub retry: RetryPolicy,
     pub dead_letter: Option<DeadLetter>,
+    pub idempotency: Option<Idempotency>,
+    pub store: StoreConfig,
     pub publish: Vec<SubjectPattern>,
     pub config: BTreeMap<String, String>,
     /// Where values sit in the file, for errors found after parsing.
@@ -49,10 +53,7 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A core NATS subscription in a queue group.
-    Core {
-        subject: SubjectPattern,
-        queue: String,
-    },
+    Core { subject: SubjectPattern, queue: String },
     /// A durable JetStream pull consumer.
     JetStream(JetStreamSource),
 }
@@ -85,6 +86,19 @@ pub struct DeadLetter {
     pub create_stream: bool,
 }
 
+/// Where a handler's state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    /// `nats-kv`: bucket replicas.
+    pub replicas: usize,
+    /// `memory`: entries kept at most.
+    pub max_entries: usize,
+}
+
+/// How long a handled key is remembered when the manifest does not say.
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// What one call may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -103,11 +117,7 @@ pub struct Spans {
 
 impl Manifest {
     /// An error located at `span` of this manifest.
-    pub fn error_at(
-        &self,
-        span: std::ops::Range<usize>,
-        message: impl Into<String>,
-    ) -> ManifestError {
+    pub fn error_at(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ManifestError {
         ManifestError::at(&self.file, span, message)
     }
 }
@@ -121,10 +131,7 @@ pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
 
 /// Validates manifest `text` as if read from `path` (which anchors the component path).
 pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
-    let file = Arc::new(SourceText {
-        path: path.to_owned(),
-        text,
-    });
+    let file = Arc::new(SourceText { path: path.to_owned(), text });
     let raw: schema::RawManifest = toml::from_str(&file.text).map_err(|e| {
         let message = with_hint(e.message().trim_end());
         match e.span() {
@@ -147,40 +154,34 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         return Err(ManifestError::at(
             &file,
             raw.handler.component.span(),
-            format!(
-                "component file not found: {} (paths are relative to the manifest's folder)",
-                component.display()
-            ),
+            format!("component file not found: {} (paths are relative to the manifest's folder)", component.display()),
         ));
     }
 
     let mut publish = Vec::with_capacity(raw.capabilities.publish.len());
     for pattern in &raw.capabilities.publish {
-        let parsed = SubjectPattern::parse(pattern.get_ref())
-            .map_err(|e| ManifestError::at(&file, pattern.span(), e))?;
+        let parsed =
+            SubjectPattern::parse(pattern.get_ref()).map_err(|e| ManifestError::at(&file, pattern.span(), e))?;
         publish.push(parsed);
     }
 
     let name = raw.handler.name.get_ref().0.clone();
     let limits = Limits {
-        memory: raw
-            .limits
-            .memory
-            .as_ref()
-            .map_or(DEFAULT_MEMORY, |m| m.get_ref().0),
+        memory: raw.limits.memory.as_ref().map_or(DEFAULT_MEMORY, |m| m.get_ref().0),
         timeout: raw.limits.timeout.map_or(DEFAULT_TIMEOUT, |t| t.0),
-        max_concurrency: raw
-            .limits
-            .max_concurrency
-            .map_or(DEFAULT_MAX_CONCURRENCY, |c| c.0),
+        max_concurrency: raw.limits.max_concurrency.map_or(DEFAULT_MAX_CONCURRENCY, |c| c.0),
     };
     let source_span = raw.source.span();
     let source = resolve_source(&file, source_span, raw.source.into_inner(), &name, &limits)?;
     let retry = resolve_retry(&file, raw.retry)?;
-    let dead_letter = raw
-        .dead_letter
-        .map(|d| resolve_dead_letter(&file, d))
-        .transpose()?;
+    let dead_letter = raw.dead_letter.map(|d| resolve_dead_letter(&file, d)).transpose()?;
+    let idempotency = raw.idempotency.map(|i| Idempotency {
+        key: i.key.unwrap_or_default(),
+        ttl: i.ttl.map_or(DEFAULT_IDEMPOTENCY_TTL, |t| t.0),
+        on_missing: i.on_missing.unwrap_or(OnMissing::Process),
+        fingerprint: i.fingerprint,
+    });
+    let store = resolve_store(&file, raw.store)?;
 
     Ok(Manifest {
         spans: Spans {
@@ -195,6 +196,8 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         limits,
         retry,
         dead_letter,
+        idempotency,
+        store,
         publish,
         config: raw.config.into_iter().map(|(k, v)| (k, v.0)).collect(),
     })
@@ -217,36 +220,25 @@ fn resolve_source(
                 "conflicting sources: `subject` (core NATS) and `stream` (JetStream) are both set; choose one",
             ))
         }
-        (None, None) => Err(err(
-            span,
-            "[source] needs `subject = \"...\"` (core NATS) or `stream = \"...\"` (JetStream)",
-        )),
+        (None, None) => {
+            Err(err(span, "[source] needs `subject = \"...\"` (core NATS) or `stream = \"...\"` (JetStream)"))
+        }
         (Some(subject), None) => {
             for (key, s) in [
                 ("consumer", raw.consumer.as_ref().map(|c| c.span())),
                 ("filter", raw.filter.as_ref().map(|f| f.span())),
                 ("ack_wait", raw.ack_wait.as_ref().map(|a| a.span())),
-                (
-                    "max_ack_pending",
-                    raw.max_ack_pending.as_ref().map(|a| a.span()),
-                ),
+                ("max_ack_pending", raw.max_ack_pending.as_ref().map(|a| a.span())),
             ] {
                 if let Some(s) = s {
                     return Err(err(
                         s,
-                        &format!(
-                            "`{key}` only applies to a JetStream source (`stream = ...`), not to `subject`"
-                        ),
+                        &format!("`{key}` only applies to a JetStream source (`stream = ...`), not to `subject`"),
                     ));
                 }
             }
-            let queue = raw
-                .queue
-                .map_or_else(|| handler.to_owned(), |q| q.into_inner().0);
-            Ok(Source::Core {
-                subject: subject.into_inner(),
-                queue,
-            })
+            let queue = raw.queue.map_or_else(|| handler.to_owned(), |q| q.into_inner().0);
+            Ok(Source::Core { subject: subject.into_inner(), queue })
         }
         (None, Some(stream)) => {
             if let Some(queue) = raw.queue {
@@ -279,10 +271,7 @@ fn resolve_source(
             };
             let max_ack_pending = match raw.max_ack_pending {
                 Some(n) if !(1..=1_000_000).contains(n.get_ref()) => {
-                    return Err(err(
-                        n.span(),
-                        "max_ack_pending is out of range; expected 1 to 1000000",
-                    ));
+                    return Err(err(n.span(), "max_ack_pending is out of range; expected 1 to 1000000"));
                 }
                 Some(n) => n.into_inner(),
                 None => (i64::from(limits.max_concurrency) * 4).max(1000),
@@ -290,9 +279,7 @@ fn resolve_source(
             Ok(Source::JetStream(JetStreamSource {
                 max_ack_pending,
                 stream: stream.into_inner().0,
-                consumer: raw
-                    .consumer
-                    .map_or_else(|| handler.to_owned(), |c| c.into_inner().0),
+                consumer: raw.consumer.map_or_else(|| handler.to_owned(), |c| c.into_inner().0),
                 filters,
                 ack_wait,
             }))
@@ -300,10 +287,7 @@ fn resolve_source(
     }
 }
 
-fn resolve_retry(
-    file: &SourceText,
-    raw: schema::RetrySection,
-) -> Result<RetryPolicy, ManifestError> {
+fn resolve_retry(file: &SourceText, raw: schema::RetrySection) -> Result<RetryPolicy, ManifestError> {
     let defaults = RetryPolicy::default();
     let max_attempts = match raw.max_attempts {
         Some(n) => match u32::try_from(*n.get_ref()) {
@@ -312,10 +296,7 @@ fn resolve_retry(
                 return Err(ManifestError::at(
                     file,
                     n.span(),
-                    format!(
-                        "max_attempts = {} is out of range; expected 1 to 1000",
-                        n.get_ref()
-                    ),
+                    format!("max_attempts = {} is out of range; expected 1 to 1000", n.get_ref()),
                 ));
             }
         },
@@ -327,11 +308,7 @@ fn resolve_retry(
             return Err(ManifestError::at(
                 file,
                 m.span(),
-                format!(
-                    "max = {} is shorter than initial = {}",
-                    m.get_ref(),
-                    HumanDuration(initial)
-                ),
+                format!("max = {} is shorter than initial = {}", m.get_ref(), HumanDuration(initial)),
             ));
         }
         Some(m) => m.into_inner().0,
@@ -342,22 +319,18 @@ fn resolve_retry(
             return Err(ManifestError::at(
                 file,
                 m.span(),
-                format!(
-                    "multiplier = {} is out of range; expected 1.0 to 100.0",
-                    m.get_ref()
-                ),
+                format!("multiplier = {} is out of range; expected 1.0 to 100.0", m.get_ref()),
             ));
         }
         Some(m) => m.into_inner(),
         None => defaults.multiplier,
     };
-    let retry_on =
-        match raw.retry_on {
-            None => defaults.retry_on,
-            Some(names) => {
-                let mut kinds = std::collections::HashSet::new();
-                for name in names {
-                    let kind = FailureKind::parse(name.get_ref())
+    let retry_on = match raw.retry_on {
+        None => defaults.retry_on,
+        Some(names) => {
+            let mut kinds = std::collections::HashSet::new();
+            for name in names {
+                let kind = FailureKind::parse(name.get_ref())
                     .filter(|k| crate::retry::RETRYABLE.contains(k))
                     .ok_or_else(|| {
                         let accepted: Vec<String> =
@@ -372,11 +345,11 @@ fn resolve_retry(
                             ),
                         )
                     })?;
-                    kinds.insert(kind);
-                }
-                kinds
+                kinds.insert(kind);
             }
-        };
+            kinds
+        }
+    };
     Ok(RetryPolicy {
         max_attempts,
         backoff: raw.backoff.unwrap_or(defaults.backoff),
@@ -388,51 +361,48 @@ fn resolve_retry(
     })
 }
 
-fn resolve_dead_letter(
-    file: &SourceText,
-    raw: schema::DeadLetterSection,
-) -> Result<DeadLetter, ManifestError> {
+fn resolve_store(file: &SourceText, raw: schema::StoreSection) -> Result<StoreConfig, ManifestError> {
+    let bounded = |v: Option<toml::Spanned<i64>>, key: &str, max: i64, default: usize| match v {
+        Some(n) if !(1..=max).contains(n.get_ref()) => Err(ManifestError::at(
+            file,
+            n.span(),
+            format!("{key} = {} is out of range; expected 1 to {max}", n.get_ref()),
+        )),
+        Some(n) => Ok(usize::try_from(n.into_inner()).unwrap_or(default)),
+        None => Ok(default),
+    };
+    Ok(StoreConfig {
+        backend: raw.backend.unwrap_or(Backend::Redb),
+        replicas: bounded(raw.replicas, "replicas", 5, 1)?,
+        max_entries: bounded(raw.max_entries, "max_entries", 100_000_000, 100_000)?,
+    })
+}
+
+fn resolve_dead_letter(file: &SourceText, raw: schema::DeadLetterSection) -> Result<DeadLetter, ManifestError> {
     let subject = raw.subject.get_ref();
     if let Err(e) = crate::subject::validate_literal(subject.as_str()) {
-        return Err(ManifestError::at(
-            file,
-            raw.subject.span(),
-            format!("dead-letter {e}"),
-        ));
+        return Err(ManifestError::at(file, raw.subject.span(), format!("dead-letter {e}")));
     }
     let create_stream = raw.create_stream.as_ref().is_some_and(|c| *c.get_ref());
     if create_stream && raw.stream.is_none() {
-        let span = raw
-            .create_stream
-            .map(|c| c.span())
-            .unwrap_or(raw.subject.span());
+        let span = raw.create_stream.map(|c| c.span()).unwrap_or(raw.subject.span());
         return Err(ManifestError::at(
             file,
             span,
             "create_stream = true needs `stream = \"...\"`, the stream to create",
         ));
     }
-    Ok(DeadLetter {
-        subject: subject.as_str().to_owned(),
-        stream: raw.stream.map(|s| s.0),
-        create_stream,
-    })
+    Ok(DeadLetter { subject: subject.as_str().to_owned(), stream: raw.stream.map(|s| s.0), create_stream })
 }
 
 /// serde's "missing field" names the field; say what it is for.
 fn with_hint(message: &str) -> String {
     let hint = match message {
-        "missing field `handler`" => {
-            "a manifest needs a [handler] table with `name` and `component`"
-        }
-        "missing field `source`" => {
-            "a manifest needs a [source] table with the `subject` to subscribe to"
-        }
+        "missing field `handler`" => "a manifest needs a [handler] table with `name` and `component`",
+        "missing field `source`" => "a manifest needs a [source] table with the `subject` to subscribe to",
         "missing field `name`" => "[handler] needs `name = \"...\"`, unique across the runtime",
         "missing field `component`" => "[handler] needs `component = \"path/to/handler.wasm\"`",
-        "missing field `subject`" => {
-            "[source] needs `subject = \"...\"`, the NATS subject to subscribe to"
-        }
+        "missing field `subject`" => "[source] needs `subject = \"...\"`, the NATS subject to subscribe to",
         _ => return message.to_owned(),
     };
     format!("{message}: {hint}")
@@ -465,11 +435,7 @@ pub fn load_all(paths: &[PathBuf]) -> Result<Vec<Manifest>, Vec<ManifestError>> 
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        Ok(manifests)
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(manifests) } else { Err(errors) }
 }
 
 /// The manifest files named by `paths`, expanding directories.
@@ -479,26 +445,17 @@ pub fn manifest_files(paths: &[PathBuf], errors: &mut Vec<ManifestError>) -> Vec
         if path.is_dir() {
             match std::fs::read_dir(path) {
                 Ok(entries) => {
-                    let mut found: Vec<PathBuf> = entries
-                        .filter_map(Result::ok)
-                        .map(|e| e.path())
-                        .filter(|p| is_manifest_file(p))
-                        .collect();
+                    let mut found: Vec<PathBuf> =
+                        entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| is_manifest_file(p)).collect();
                     found.sort();
                     files.extend(found);
                 }
-                Err(e) => errors.push(ManifestError::without_location(
-                    path,
-                    format!("cannot read folder: {e}"),
-                )),
+                Err(e) => errors.push(ManifestError::without_location(path, format!("cannot read folder: {e}"))),
             }
         } else if path.exists() {
             files.push(path.clone());
         } else {
-            errors.push(ManifestError::without_location(
-                path,
-                "no such file or folder",
-            ));
+            errors.push(ManifestError::without_location(path, "no such file or folder"));
         }
     }
     files
@@ -508,8 +465,5 @@ pub fn manifest_files(paths: &[PathBuf], errors: &mut Vec<ManifestError>) -> Vec
 pub fn is_manifest_file(path: &Path) -> bool {
     path.is_file()
         && path.extension().is_some_and(|e| e == "toml")
-        && !path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'))
+        && !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }

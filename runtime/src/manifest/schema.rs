@@ -32,6 +32,11 @@ pub struct RawManifest {
     pub retry: RetrySection,
     /// `[dead_letter]`: where messages that cannot succeed are parked.
     pub dead_letter: Option<DeadLetterSection>,
+    /// `[idempotency]`: how duplicates are recognised and skipped.
+    pub idempotency: Option<IdempotencySection>,
+    /// `[store]`: where dedup records and the guest's dedup marks and kv live.
+    #[serde(default)]
+    pub store: StoreSection,
     /// `[config]`: values the handler reads with `config.get`.
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
@@ -82,13 +87,9 @@ impl<'de> Deserialize<'de> for StreamName {
         let name = String::deserialize(deserializer)?;
         let valid = !name.is_empty()
             && name.len() <= 255
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !valid {
-            return Err(de::Error::custom(format!(
-                "invalid name {name:?}; expected letters, digits, '-' or '_'"
-            )));
+            return Err(de::Error::custom(format!("invalid name {name:?}; expected letters, digits, '-' or '_'")));
         }
         Ok(StreamName(name))
     }
@@ -180,9 +181,7 @@ impl<'de> Deserialize<'de> for HandlerName {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let name = String::deserialize(deserializer)?;
         let valid_start = name.starts_with(|c: char| c.is_ascii_alphanumeric());
-        let valid_rest = name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        let valid_rest = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !valid_start || !valid_rest || name.len() > 64 {
             return Err(de::Error::custom(format!(
                 "invalid handler name {name:?}; expected 1 to 64 letters, digits, '-' or '_', starting with a letter or digit"
@@ -199,11 +198,7 @@ pub struct QueueName(pub String);
 impl<'de> Deserialize<'de> for QueueName {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let name = String::deserialize(deserializer)?;
-        if name.is_empty()
-            || name
-                .chars()
-                .any(|c| c.is_whitespace() || c == '*' || c == '>')
-        {
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '*' || c == '>') {
             return Err(de::Error::custom(format!(
                 "invalid queue group {name:?}; expected a non-empty name without whitespace or wildcards"
             )));
@@ -270,4 +265,32 @@ impl<'de> Deserialize<'de> for ConfigValue {
         }
         deserializer.deserialize_any(V)
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencySection {
+    /// `key = "header:Nats-Msg-Id"` (the default), `"json:/order/id"`, `"payload-sha256"`,
+    /// `"subject"`, or a template like `"{subject}:{json:/order/id}"`.
+    pub key: Option<crate::idempotency::KeySpec>,
+    /// `ttl = "24h"`: how long a handled key is remembered.
+    pub ttl: Option<HumanDuration>,
+    /// `on_missing = "process"`: a message without a key is processed without dedup, or, with
+    /// `"dead-letter"`, dead-lettered as `missing-idempotency-key`.
+    pub on_missing: Option<crate::idempotency::OnMissing>,
+    /// `fingerprint = true`: a duplicate key with a different payload is dead-lettered as
+    /// `idempotency-conflict` instead of skipped.
+    #[serde(default)]
+    pub fingerprint: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `backend = "redb"`: `memory`, `redb` or `nats-kv`.
+    pub backend: Option<crate::store::Backend>,
+    /// `replicas = 3`: copies of a `nats-kv` bucket in a cluster.
+    pub replicas: Option<Spanned<i64>>,
+    /// `max_entries = 100000`: the `memory` backend's bound.
+    pub max_entries: Option<Spanned<i64>>,
 }

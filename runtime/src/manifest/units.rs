@@ -44,9 +44,7 @@ impl<'de> Deserialize<'de> for ByteSize {
             return Err(de::Error::custom(format!("invalid size {text:?}; {hint}")));
         }
         match text.parse::<bytesize::ByteSize>() {
-            Ok(size) if size.as_u64() == 0 => {
-                Err(de::Error::custom(format!("size {text:?} is zero; {hint}")))
-            }
+            Ok(size) if size.as_u64() == 0 => Err(de::Error::custom(format!("size {text:?} is zero; {hint}"))),
             Ok(size) => Ok(ByteSize(size.as_u64())),
             Err(_) => Err(de::Error::custom(format!("invalid size {text:?}; {hint}"))),
         }
@@ -85,30 +83,17 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(
-            parse("d = \"250ms\"").unwrap().d,
-            Some(HumanDuration(Duration::from_millis(250)))
-        );
-        assert_eq!(
-            parse("d = \"1h 30m\"").unwrap().d,
-            Some(HumanDuration(Duration::from_secs(5400)))
-        );
+        assert_eq!(parse("d = \"250ms\"").unwrap().d, Some(HumanDuration(Duration::from_millis(250))));
+        assert_eq!(parse("d = \"1h 30m\"").unwrap().d, Some(HumanDuration(Duration::from_secs(5400))));
         assert!(parse("d = \"0s\"").unwrap_err().contains("is zero"));
-        assert!(
-            parse("d = \"2 parsecs\"")
-                .unwrap_err()
-                .contains("expected a number and a unit")
-        );
+        assert!(parse("d = \"2 parsecs\"").unwrap_err().contains("expected a number and a unit"));
         assert!(parse("d = 2").is_err());
     }
 
     #[test]
     fn sizes() {
         assert_eq!(parse("s = \"64MiB\"").unwrap().s, Some(ByteSize(64 << 20)));
-        assert_eq!(
-            parse("s = \"512 KiB\"").unwrap().s,
-            Some(ByteSize(512 << 10))
-        );
+        assert_eq!(parse("s = \"512 KiB\"").unwrap().s, Some(ByteSize(512 << 10)));
         assert!(parse("s = \"lots\"").unwrap_err().contains("invalid size"));
         assert!(parse("s = \"0MiB\"").unwrap_err().contains("is zero"));
     }

@@ -14,11 +14,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::{Context, History};
-use crate::bindings::Delivery;
+use super::{Context, Delivered, History, Settle};
 use crate::dlq::{self, Original};
 use crate::manifest::Source;
-use crate::retry::Decision;
 
 /// Subscribes the handler of `ctx` to its subject in its queue group.
 pub async fn subscribe(client: &Client, ctx: &Context) -> anyhow::Result<Subscriber> {
@@ -36,9 +34,7 @@ pub async fn subscribe(client: &Client, ctx: &Context) -> anyhow::Result<Subscri
 /// delivered to this process are processed, in-flight calls finish, then it returns.
 pub async fn serve(ctx: Context, mut subscription: Subscriber, mut stop: watch::Receiver<bool>) {
     let name = ctx.handler.spec.name.clone();
-    let permits = Arc::new(Semaphore::new(
-        ctx.handler.spec.limits.max_concurrency as usize,
-    ));
+    let permits = Arc::new(Semaphore::new(ctx.handler.spec.limits.max_concurrency as usize));
     let mut in_flight = JoinSet::new();
     let mut draining = false;
     loop {
@@ -76,26 +72,19 @@ async fn process(
     mut permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
 ) {
-    let spec = ctx.handler.spec.clone();
+    let max_attempts = ctx.handler.spec.retry.max_attempts;
     let wit = super::to_wit(&msg);
+    let original =
+        Original { subject: msg.subject.as_str(), headers: msg.headers.as_ref(), payload: &msg.payload, stream: None };
     let mut history: Option<History> = None;
     let mut attempt = 1;
     loop {
-        let delivery = Delivery {
-            attempt,
-            max_attempts: spec.retry.max_attempts,
-            idempotency_key: None,
-            stream_sequence: None,
-        };
-        let failure = match super::attempt(&ctx, &wit, &delivery).await {
-            Ok(()) => return,
-            Err(failure) => failure,
-        };
-        let decision = super::decide(&ctx, &failure, attempt);
-        let recorded = History::record(history.take(), failure);
-        match decision {
-            Decision::Retry(delay) => {
-                history = Some(recorded);
+        let delivered = Delivered { original, wit: &wit, attempt };
+        let (settle, seen) = super::handle_delivery(&ctx, delivered, history.take()).await;
+        history = seen;
+        match settle {
+            Settle::Done | Settle::Halt => return,
+            Settle::Retry(delay) => {
                 drop(permit);
                 // On shutdown, the last attempt runs at once rather than being lost.
                 let last_chance = tokio::select! {
@@ -106,32 +95,14 @@ async fn process(
                     Ok(p) => p,
                     Err(_) => return,
                 };
-                attempt = if last_chance {
-                    spec.retry.max_attempts.max(attempt + 1)
-                } else {
-                    attempt + 1
-                };
+                attempt = if last_chance { max_attempts.max(attempt + 1) } else { attempt + 1 };
             }
-            Decision::GiveUp(kind) => {
-                let verdict = recorded.verdict(kind, attempt);
-                let original = Original {
-                    subject: msg.subject.as_str(),
-                    headers: msg.headers.as_ref(),
-                    payload: &msg.payload,
-                    stream: None,
-                };
+            Settle::GiveUp(verdict) => {
                 if let Err(e) = super::dead_letter(&ctx, &verdict, &original).await {
                     tracing::error!("message lost: {e}");
                 }
                 if let Some(reply) = &msg.reply {
-                    reply_failure(
-                        ctx.sender.client(),
-                        reply.clone(),
-                        &ctx,
-                        &verdict,
-                        &original,
-                    )
-                    .await;
+                    reply_failure(ctx.sender.client(), reply.clone(), &ctx, &verdict, &original).await;
                 }
                 return;
             }
@@ -151,10 +122,7 @@ async fn reply_failure(
     let mut headers = dlq::verdict_headers(&ctx.handler.spec, verdict, original);
     headers.insert("Nats-Service-Error-Code", "500");
     headers.insert("Nats-Service-Error", dlq::one_line(&verdict.reason));
-    if let Err(e) = client
-        .publish_with_headers(reply, headers, Default::default())
-        .await
-    {
+    if let Err(e) = client.publish_with_headers(reply, headers, Default::default()).await {
         tracing::warn!("cannot send the failure reply: {e}");
     }
 }

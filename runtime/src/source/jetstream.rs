@@ -19,12 +19,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::{Context, History};
-use crate::bindings::Delivery;
+use super::{Context, Delivered, History, Settle};
 use crate::dispatch::FailureKind;
 use crate::dlq::{Original, Verdict};
 use crate::manifest::{JetStreamSource, Source};
-use crate::retry::Decision;
 
 /// Failure histories of messages in a retry sequence, by stream sequence.
 type Histories = Arc<Mutex<HashMap<u64, History>>>;
@@ -57,10 +55,7 @@ pub async fn bind(js: &jetstream::Context, ctx: &Context) -> anyhow::Result<Pull
     let Source::JetStream(src) = &spec.source else {
         anyhow::bail!("handler {} does not have a JetStream source", spec.name);
     };
-    let what = format!(
-        "handler {}: consumer {} on stream {}",
-        spec.name, src.consumer, src.stream
-    );
+    let what = format!("handler {}: consumer {} on stream {}", spec.name, src.consumer, src.stream);
     let stream = js
         .get_stream(&src.stream)
         .await
@@ -79,10 +74,7 @@ pub async fn bind(js: &jetstream::Context, ctx: &Context) -> anyhow::Result<Pull
                 conflicts.push("it is a push consumer; Sluice needs a pull consumer".to_owned());
             }
             if have.ack_policy != AckPolicy::Explicit {
-                conflicts.push(format!(
-                    "its ack policy is {:?}, Sluice needs explicit acks",
-                    have.ack_policy
-                ));
+                conflicts.push(format!("its ack policy is {:?}, Sluice needs explicit acks", have.ack_policy));
             }
             if have_filters != wanted.filter_subjects {
                 conflicts.push(format!(
@@ -106,25 +98,16 @@ pub async fn bind(js: &jetstream::Context, ctx: &Context) -> anyhow::Result<Pull
                     wanted.ack_wait,
                     wanted.max_ack_pending
                 );
-                stream
-                    .update_consumer(wanted)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{what}: cannot update: {e}"))?;
+                stream.update_consumer(wanted).await.map_err(|e| anyhow::anyhow!("{what}: cannot update: {e}"))?;
             }
         }
         Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
             tracing::info!(handler = &*spec.name, "creating {what}");
-            stream
-                .create_consumer(wanted)
-                .await
-                .map_err(|e| anyhow::anyhow!("{what}: cannot create: {e}"))?;
+            stream.create_consumer(wanted).await.map_err(|e| anyhow::anyhow!("{what}: cannot create: {e}"))?;
         }
         Err(e) => anyhow::bail!("{what}: {e}"),
     }
-    stream
-        .get_consumer(&src.consumer)
-        .await
-        .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    stream.get_consumer(&src.consumer).await.map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
 /// Pulls and processes messages until `stop` turns true; then stops pulling and lets the
@@ -138,12 +121,7 @@ pub async fn serve(ctx: Context, consumer: PullConsumer, mut stop: watch::Receiv
     let mut in_flight = JoinSet::new();
     // Pull no more than can run at once: a message waiting in a local buffer would reach
     // its ack wait and be redelivered elsewhere while still queued here.
-    let mut messages = match consumer
-        .stream()
-        .max_messages_per_batch(concurrency)
-        .messages()
-        .await
-    {
+    let mut messages = match consumer.stream().max_messages_per_batch(concurrency).messages().await {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(handler = &*spec.name, "cannot pull from the consumer: {e}");
@@ -168,10 +146,8 @@ pub async fn serve(ctx: Context, consumer: PullConsumer, mut stop: watch::Receiv
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Some(Ok(msg)) => {
-                let span =
-                    tracing::info_span!("message", handler = &*spec.name, subject = %msg.subject);
-                in_flight
-                    .spawn(process(ctx.clone(), msg, histories.clone(), permit).instrument(span));
+                let span = tracing::info_span!("message", handler = &*spec.name, subject = %msg.subject);
+                in_flight.spawn(process(ctx.clone(), msg, histories.clone(), permit).instrument(span));
                 while in_flight.try_join_next().is_some() {}
             }
         }
@@ -181,12 +157,7 @@ pub async fn serve(ctx: Context, consumer: PullConsumer, mut stop: watch::Receiv
     tracing::debug!(handler = &*spec.name, "stopped");
 }
 
-async fn process(
-    ctx: Context,
-    msg: jetstream::Message,
-    histories: Histories,
-    _permit: OwnedSemaphorePermit,
-) {
+async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _permit: OwnedSemaphorePermit) {
     let spec = ctx.handler.spec.clone();
     let (stream, seq, delivered) = match msg.info() {
         Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
@@ -226,42 +197,26 @@ async fn process(
     }
 
     let wit = super::to_wit(&msg.message);
-    let delivery = Delivery {
-        attempt,
-        max_attempts: spec.retry.max_attempts,
-        idempotency_key: None,
-        stream_sequence: Some(seq),
-    };
-    let result = with_progress_acks(
-        &msg,
-        ack_wait(&spec.source),
-        super::attempt(&ctx, &wit, &delivery),
-    )
-    .await;
-    let failure = match result {
-        Ok(()) => {
-            take_history();
+    let delivered = Delivered { original, wit: &wit, attempt };
+    let work = super::handle_delivery(&ctx, delivered, take_history());
+    let (settle, history) = with_progress_acks(&msg, ack_wait(&spec.source), work).await;
+    match settle {
+        Settle::Done => {
             if let Err(e) = msg.ack().await {
                 tracing::warn!("cannot ack (it will be redelivered): {e}");
             }
-            return;
         }
-        Err(failure) => failure,
-    };
-    let decision = super::decide(&ctx, &failure, attempt);
-    let history = History::record(take_history(), failure);
-    match decision {
-        Decision::Retry(delay) => {
-            if let Ok(mut h) = histories.lock() {
+        Settle::Halt => {}
+        Settle::Retry(delay) => {
+            if let (Some(history), Ok(mut h)) = (history, histories.lock()) {
                 h.insert(seq, history);
             }
             if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                 tracing::warn!("cannot nak (it will be redelivered after the ack wait): {e}");
             }
         }
-        Decision::GiveUp(kind) => {
-            let verdict = history.verdict(kind, attempt);
-            if let Ok(mut h) = histories.lock() {
+        Settle::GiveUp(verdict) => {
+            if let (Some(history), Ok(mut h)) = (history, histories.lock()) {
                 h.insert(seq, history);
             }
             give_up(&ctx, &msg, verdict, &original, &histories, seq).await;
@@ -306,11 +261,7 @@ async fn give_up(
 
 /// Runs `work`, telling JetStream the message is still in progress every half ack wait so
 /// that a long run (slow outputs, a slow dead-letter stream) is not redelivered meanwhile.
-async fn with_progress_acks<T>(
-    msg: &jetstream::Message,
-    ack_wait: Duration,
-    work: impl Future<Output = T>,
-) -> T {
+async fn with_progress_acks<T>(msg: &jetstream::Message, ack_wait: Duration, work: impl Future<Output = T>) -> T {
     tokio::pin!(work);
     let period = ack_wait / 2;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);

@@ -6,7 +6,7 @@ pub mod core;
 pub mod jetstream;
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
 
@@ -15,8 +15,11 @@ use crate::dispatch::{Failure, FailureKind, Outcome, dispatch};
 use crate::dlq::{self, Original, Verdict};
 use crate::engine::Engine;
 use crate::handler::Handler;
+use crate::host::Outputs;
+use crate::idempotency::{self, OnMissing};
 use crate::outputs::OutputSender;
 use crate::retry::Decision;
+use crate::store::{Begin, Scope, StoreError};
 
 /// What every delivery of a handler needs.
 #[derive(Debug, Clone)]
@@ -24,6 +27,10 @@ pub struct Context {
     pub engine: Arc<Engine>,
     pub handler: Arc<Handler>,
     pub sender: Arc<OutputSender>,
+    /// The handler's state store (dedup records, the guest's marks and kv).
+    pub scope: Option<Scope>,
+    /// Fault injection for tests; `None` in production.
+    pub fault: Option<Fault>,
 }
 
 /// The WIT view of a NATS message.
@@ -46,16 +53,155 @@ fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
     pairs
 }
 
-/// One attempt: run the handler, then send its outputs. `Ok` means everything it asked for
-/// was sent (and stored, for stream subjects).
-pub async fn attempt(ctx: &Context, msg: &Message, delivery: &Delivery) -> Result<(), Failure> {
-    match dispatch(&ctx.engine, &ctx.handler, msg, delivery).await {
-        Outcome::Success(outputs) => ctx.sender.send(outputs).await.map_err(|reason| Failure {
-            kind: FailureKind::OutputFailed,
-            reason,
-            retry_after: None,
-        }),
+/// How a delivery ended, for the source to act on.
+#[derive(Debug)]
+pub enum Settle {
+    /// Handled, or a duplicate of a handled message: ack.
+    Done,
+    /// Run it again after this delay (the failure is in the returned history).
+    Retry(Duration),
+    /// Dead-letter it.
+    GiveUp(Verdict),
+    /// Fault injection ([`Fault::HaltAfterOutputs`]): leave the message as a crash would.
+    Halt,
+}
+
+/// Faults a test can inject, to stop where a crash would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// After the outputs of a successful call are sent: no completion mark, no ack.
+    HaltAfterOutputs,
+}
+
+/// A delivery: the message and where it stands.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered<'a> {
+    pub original: Original<'a>,
+    pub wit: &'a Message,
+    pub attempt: u32,
+}
+
+/// Handles one delivery of a message: the idempotency gate, the handler, its outputs, the
+/// store bookkeeping, and the retry decision. `history` is what this process saw of earlier
+/// attempts; the updated one is returned for the next attempt.
+pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<History>) -> (Settle, Option<History>) {
+    let spec = &ctx.handler.spec;
+    let fail = |failure: Failure, history: Option<History>| {
+        let decision = decide(ctx, &failure, d.attempt);
+        let history = History::record(history, failure);
+        match decision {
+            Decision::Retry(delay) => (Settle::Retry(delay), Some(history)),
+            Decision::GiveUp(kind) => (Settle::GiveUp(history.verdict(kind, d.attempt)), Some(history)),
+        }
+    };
+    // Failures that are final whatever the retry policy says.
+    let final_failure = |kind: FailureKind, reason: String, history: Option<History>| {
+        let history = History::record(history, Failure { kind, reason, retry_after: None });
+        tracing::warn!(kind = %kind, reason = %history.last.reason, "giving up on the message");
+        (Settle::GiveUp(history.verdict(kind, d.attempt)), Some(history))
+    };
+
+    // The gate: derive the key, and take the lease on it unless it was handled already.
+    let mut key = None;
+    if let (Some(idem), Some(scope)) = (&spec.idempotency, &ctx.scope) {
+        match idem.key.derive(d.original.subject, d.original.headers, d.original.payload) {
+            Err(why) if idem.on_missing == OnMissing::DeadLetter => {
+                return final_failure(
+                    FailureKind::MissingIdempotencyKey,
+                    format!("no idempotency key: {why}"),
+                    history,
+                );
+            }
+            Err(why) => tracing::debug!("processing without dedup: {why}"),
+            Ok(k) => {
+                let fingerprint = idem.fingerprint.then(|| idempotency::fingerprint(d.original.payload));
+                let lease = spec.limits.timeout + LEASE_GRACE;
+                match acquire(scope, &k, lease).await {
+                    Err(e) => {
+                        let reason = format!("state store: {e}");
+                        return fail(Failure { kind: FailureKind::StoreError, reason, retry_after: None }, history);
+                    }
+                    Ok(Begin::Completed { fingerprint: seen }) => {
+                        if let (Some(now), Some(seen)) = (&fingerprint, &seen)
+                            && now != seen
+                        {
+                            let reason = format!("key {k:?} was handled before with a different payload");
+                            return final_failure(FailureKind::IdempotencyConflict, reason, history);
+                        }
+                        tracing::debug!(key = %k, "duplicate of a handled message; skipped");
+                        return (Settle::Done, history);
+                    }
+                    Ok(_) => key = Some((k, fingerprint)),
+                }
+            }
+        }
+    }
+
+    let delivery = Delivery {
+        attempt: d.attempt,
+        max_attempts: spec.retry.max_attempts,
+        idempotency_key: key.as_ref().map(|(k, _)| k.clone()),
+        stream_sequence: d.original.stream.map(|(_, seq)| seq),
+    };
+    let result = match dispatch(&ctx.engine, &ctx.handler, ctx.scope.clone(), d.wit, &delivery).await {
+        Outcome::Success(mut outputs) => {
+            if let Some((k, _)) = &key {
+                stamp(&mut outputs, k);
+            }
+            ctx.sender.send(outputs).await.map_err(|reason| Failure {
+                kind: FailureKind::OutputFailed,
+                reason,
+                retry_after: None,
+            })
+        }
         Outcome::Failed(failure) => Err(failure),
+    };
+
+    if result.is_ok() && ctx.fault == Some(Fault::HaltAfterOutputs) {
+        return (Settle::Halt, history);
+    }
+    // Order: outputs sent (and stored), then the key marked completed, then the ack.
+    if let (Some((k, fingerprint)), Some(scope), Some(idem)) = (key, &ctx.scope, &spec.idempotency) {
+        let bookkeeping = match &result {
+            Ok(()) => scope.complete(&k, idem.ttl, fingerprint).await,
+            Err(_) => scope.release(&k).await,
+        };
+        if let Err(e) = bookkeeping {
+            // The lease lapses by itself; a later duplicate then runs again, and its outputs
+            // carry the same ids, which a downstream stream drops.
+            tracing::warn!(key = %k, "state store: {e}");
+        }
+    }
+    match result {
+        Ok(()) => (Settle::Done, None),
+        Err(failure) => fail(failure, history),
+    }
+}
+
+/// Extra time a lease lasts beyond the handler's timeout: sending outputs and marking the key.
+pub const LEASE_GRACE: Duration = Duration::from_secs(10);
+
+/// Takes the lease on `key`, waiting while another process holds it: a duplicate in progress
+/// elsewhere is never run at the same time, and never dead-lettered for that.
+async fn acquire(scope: &Scope, key: &str, lease: Duration) -> Result<Begin, StoreError> {
+    loop {
+        match scope.begin(key, lease).await? {
+            Begin::InProgress { remaining } => {
+                tracing::debug!(key, "in progress elsewhere; waiting up to {remaining:?}");
+                tokio::time::sleep(remaining.clamp(Duration::from_millis(20), Duration::from_millis(500))).await;
+            }
+            other => return Ok(other),
+        }
+    }
+}
+
+/// Stamps each publication `Nats-Msg-Id = <key>/<index>` (unless the handler set one), so a
+/// stream downstream drops a re-send after a crash or a redelivery.
+fn stamp(outputs: &mut Outputs, key: &str) {
+    for (i, out) in outputs.published.iter_mut().enumerate() {
+        if out.headers.get("Nats-Msg-Id").is_none() {
+            out.headers.insert("Nats-Msg-Id", format!("{key}/{i}"));
+        }
     }
 }
 
@@ -70,11 +216,7 @@ pub struct History {
 impl History {
     pub fn record(previous: Option<History>, failure: Failure) -> History {
         let now = SystemTime::now();
-        History {
-            first_failure_at: previous.map_or(now, |h| h.first_failure_at),
-            last_failure_at: now,
-            last: failure,
-        }
+        History { first_failure_at: previous.map_or(now, |h| h.first_failure_at), last_failure_at: now, last: failure }
     }
 
     /// The verdict when the policy gives up with `kind` after `attempts`.
@@ -115,11 +257,7 @@ pub fn decide(ctx: &Context, failure: &Failure, attempt: u32) -> Decision {
 
 /// Dead-letters a message given up on. `Ok` when it is safely parked (or there is nowhere
 /// to park it, which is logged); `Err` when the publish failed and the message must be kept.
-pub async fn dead_letter(
-    ctx: &Context,
-    verdict: &Verdict,
-    original: &Original<'_>,
-) -> Result<(), String> {
+pub async fn dead_letter(ctx: &Context, verdict: &Verdict, original: &Original<'_>) -> Result<(), String> {
     let spec = &ctx.handler.spec;
     let Some(target) = &spec.dead_letter else {
         tracing::error!(

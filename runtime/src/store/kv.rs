@@ -1,0 +1,114 @@
+//! The `nats-kv` backend: JetStream key-value buckets, replicated by the NATS cluster and
+//! shared by every Sluice process, so a duplicate is caught whichever process receives it.
+//!
+//! Buckets are per handler: `sluice-dedup-<handler>` (host and guest dedup records, kept
+//! `max_age`) and `sluice-kv-<handler>` (the guest's kv). Keys are hashed (SHA-256, hex), since
+//! idempotency keys and guest keys may hold characters KV keys cannot.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use super::{Space, StoreError, Versioned};
+
+#[derive(Debug, Clone)]
+pub struct KvStore {
+    js: jetstream::Context,
+    replicas: usize,
+    /// How long dedup records are kept at most (the bucket's max age).
+    dedup_max_age: Duration,
+    buckets: Arc<Mutex<HashMap<String, kv::Store>>>,
+}
+
+impl KvStore {
+    pub fn new(js: jetstream::Context, replicas: usize, dedup_max_age: Duration) -> Self {
+        KvStore { js, replicas: replicas.max(1), dedup_max_age, buckets: Arc::default() }
+    }
+
+    /// Creates the handler's buckets now, so a misconfiguration shows at start-up.
+    pub async fn prepare(&self, handler: &str) -> Result<(), StoreError> {
+        self.bucket(handler, Space::Dedup).await?;
+        self.bucket(handler, Space::Kv).await?;
+        Ok(())
+    }
+
+    async fn bucket(&self, handler: &str, space: Space) -> Result<kv::Store, StoreError> {
+        let (name, max_age) = match space {
+            Space::Dedup | Space::GuestDedup => (format!("sluice-dedup-{handler}"), self.dedup_max_age),
+            Space::Kv => (format!("sluice-kv-{handler}"), Duration::ZERO),
+        };
+        let mut buckets = self.buckets.lock().await;
+        if let Some(b) = buckets.get(&name) {
+            return Ok(b.clone());
+        }
+        let store = match self.js.get_key_value(&name).await {
+            Ok(store) => store,
+            Err(_) => self
+                .js
+                .create_key_value(kv::Config {
+                    bucket: name.clone(),
+                    description: format!("Sluice state of handler {handler}"),
+                    history: 1,
+                    max_age,
+                    num_replicas: self.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| StoreError(format!("cannot create KV bucket {name}: {e}")))?,
+        };
+        buckets.insert(name, store.clone());
+        Ok(store)
+    }
+
+    fn key(space: Space, key: &str) -> String {
+        let prefix = match space {
+            Space::Dedup => "h",
+            Space::GuestDedup => "g",
+            Space::Kv => "k",
+        };
+        format!("{prefix}{}", hex::encode(Sha256::digest(key.as_bytes())))
+    }
+
+    pub async fn get(&self, handler: &str, space: Space, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let bucket = self.bucket(handler, space).await?;
+        let entry = bucket.entry(Self::key(space, key)).await.map_err(StoreError::new)?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| Versioned { value: e.value.to_vec(), version: e.revision }))
+    }
+
+    pub async fn swap(
+        &self,
+        handler: &str,
+        space: Space,
+        key: &str,
+        expected: Option<u64>,
+        value: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        let bucket = self.bucket(handler, space).await?;
+        let key = Self::key(space, key);
+        match (expected, value) {
+            (None, Some(value)) => match bucket.create(&key, value.into()).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(StoreError::new(e)),
+            },
+            (Some(revision), Some(value)) => match bucket.update(&key, value.into(), revision).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) => Err(StoreError::new(e)),
+            },
+            (Some(revision), None) => match bucket.delete_expect_revision(&key, Some(revision)).await {
+                Ok(()) => Ok(true),
+                // A wrong revision is the only expected failure; the server words it so.
+                Err(e) if e.to_string().contains("wrong last sequence") => Ok(false),
+                Err(e) => Err(StoreError::new(e)),
+            },
+            (None, None) => Ok(true),
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The `memory` backend: a map in this process, bounded by entry count (the oldest entries
+//! are evicted first). Lost on restart, not shared: for development and tests.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use super::{Space, Versioned};
+
+type Key = (String, Space, String);
+
+#[derive(Debug)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    max_entries: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    map: HashMap<Key, Versioned>,
+    order: VecDeque<Key>,
+    next_version: u64,
+}
+
+impl MemoryStore {
+    pub fn new(max_entries: usize) -> Self {
+        MemoryStore { inner: Mutex::default(), max_entries: max_entries.max(1) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().map_or(0, |i| i.map.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, handler: &str, space: Space, key: &str) -> Option<Versioned> {
+        let inner = self.inner.lock().ok()?;
+        inner.map.get(&(handler.to_owned(), space, key.to_owned())).cloned()
+    }
+
+    pub fn swap(&self, handler: &str, space: Space, key: &str, expected: Option<u64>, value: Option<Vec<u8>>) -> bool {
+        let Ok(mut inner) = self.inner.lock() else { return false };
+        let k = (handler.to_owned(), space, key.to_owned());
+        if inner.map.get(&k).map(|v| v.version) != expected {
+            return false;
+        }
+        match value {
+            None => {
+                inner.map.remove(&k);
+            }
+            Some(value) => {
+                inner.next_version += 1;
+                let version = inner.next_version;
+                if inner.map.insert(k.clone(), Versioned { value, version }).is_none() {
+                    inner.order.push_back(k);
+                }
+                while inner.map.len() > self.max_entries {
+                    let Some(oldest) = inner.order.pop_front() else { break };
+                    inner.map.remove(&oldest);
+                }
+            }
+        }
+        // Keys deleted above stay in `order` until they come up; skip those lazily.
+        if inner.order.len() > self.max_entries * 2 {
+            let Inner { map, order, .. } = &mut *inner;
+            order.retain(|k| map.contains_key(k));
+        }
+        true
+    }
+}

@@ -1,0 +1,215 @@
+//! The `redb` backend: one embedded database file per Sluice process (`<data dir>/state.redb`,
+//! a table per handler and space).
+//!
+//! Reads use read transactions directly. Writes go to one writer thread that applies
+//! every swap waiting in its queue in a single transaction and commits it durably (one fsync
+//! per batch, not per message: group commit), then answers each caller. It also sweeps
+//! expired dedup records once a minute.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use tokio::sync::oneshot;
+
+use super::{Record, Space, StoreError, Versioned, now_ms};
+
+/// Swaps applied in one transaction at most.
+const MAX_BATCH: usize = 1024;
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct RedbStore {
+    db: Arc<Database>,
+    writer: mpsc::Sender<Swap>,
+}
+
+struct Swap {
+    table: String,
+    key: String,
+    expected: Option<u64>,
+    value: Option<Vec<u8>>,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+fn table_name(handler: &str, space: Space) -> String {
+    format!("{}/{handler}", space.prefix())
+}
+
+/// Stored bytes: the version (8 bytes, little endian), then the value.
+fn split(bytes: &[u8]) -> Option<Versioned> {
+    let (version, value) = bytes.split_at_checked(8)?;
+    Some(Versioned { version: u64::from_le_bytes(version.try_into().ok()?), value: value.to_vec() })
+}
+
+impl RedbStore {
+    /// Opens (or creates) the database at `path`. Fails if another process has it open.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let db = open_when_free(path).map_err(|e| {
+            StoreError(format!(
+                "cannot open the state store {}: {e} (each Sluice process needs its own --data-dir; \
+                 use the nats-kv backend to share state between processes)",
+                path.display()
+            ))
+        })?;
+        let db = Arc::new(db);
+        let (writer, queue) = mpsc::channel();
+        let worker_db = db.clone();
+        std::thread::Builder::new()
+            .name("sluice-redb".into())
+            .spawn(move || write_loop(&worker_db, &queue))
+            .map_err(|e| StoreError(format!("cannot start the store writer: {e}")))?;
+        Ok(RedbStore { db, writer })
+    }
+
+    pub async fn get(&self, handler: &str, space: Space, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let db = self.db.clone();
+        let (table, key) = (table_name(handler, space), key.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(StoreError::new)?;
+            let def = TableDefinition::<&str, &[u8]>::new(&table);
+            let table = match txn.open_table(def) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(StoreError::new(e)),
+            };
+            let value = table.get(key.as_str()).map_err(StoreError::new)?;
+            Ok(value.and_then(|v| split(v.value())))
+        })
+        .await
+        .map_err(StoreError::new)?
+    }
+
+    pub async fn swap(
+        &self,
+        handler: &str,
+        space: Space,
+        key: &str,
+        expected: Option<u64>,
+        value: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let swap = Swap { table: table_name(handler, space), key: key.to_owned(), expected, value, reply };
+        self.writer.send(swap).map_err(|_| StoreError("the store writer has stopped".into()))?;
+        answer.await.map_err(|_| StoreError("the store writer has stopped".into()))?
+    }
+}
+
+/// Opens the database, waiting up to a second for a lock held by a store of this same
+/// process that is shutting down (its writer thread lets go once its last user is gone).
+fn open_when_free(path: &Path) -> Result<Database, redb::DatabaseError> {
+    let mut tries = 0;
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 10 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn write_loop(db: &Database, queue: &mpsc::Receiver<Swap>) {
+    // Versions only grow, across restarts too (they start from the clock), so a
+    // compare-and-swap never mistakes a re-created key for the one it read.
+    let next_version = AtomicU64::new(now_ms().saturating_mul(1000));
+    let mut last_sweep = Instant::now();
+    loop {
+        let first = match queue.recv_timeout(SWEEP_EVERY) {
+            Ok(swap) => swap,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                sweep(db);
+                last_sweep = Instant::now();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(swap) => batch.push(swap),
+                Err(_) => break,
+            }
+        }
+        match apply(db, &batch, &next_version) {
+            Ok(results) => {
+                for (swap, result) in batch.into_iter().zip(results) {
+                    let _ = swap.reply.send(Ok(result));
+                }
+            }
+            Err(e) => {
+                for swap in batch {
+                    let _ = swap.reply.send(Err(e.clone()));
+                }
+            }
+        }
+        if last_sweep.elapsed() > SWEEP_EVERY {
+            sweep(db);
+            last_sweep = Instant::now();
+        }
+    }
+}
+
+/// Applies a batch in one durable transaction; each swap sees the ones before it.
+fn apply(db: &Database, batch: &[Swap], next_version: &AtomicU64) -> Result<Vec<bool>, StoreError> {
+    let txn = db.begin_write().map_err(StoreError::new)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for swap in batch {
+        let def = TableDefinition::<&str, &[u8]>::new(&swap.table);
+        let mut table = txn.open_table(def).map_err(StoreError::new)?;
+        let current = table.get(swap.key.as_str()).map_err(StoreError::new)?.and_then(|v| split(v.value()));
+        if current.map(|v| v.version) != swap.expected {
+            results.push(false);
+            continue;
+        }
+        match &swap.value {
+            None => {
+                table.remove(swap.key.as_str()).map_err(StoreError::new)?;
+            }
+            Some(value) => {
+                let version = next_version.fetch_add(1, Ordering::Relaxed);
+                let mut bytes = Vec::with_capacity(8 + value.len());
+                bytes.extend_from_slice(&version.to_le_bytes());
+                bytes.extend_from_slice(value);
+                table.insert(swap.key.as_str(), bytes.as_slice()).map_err(StoreError::new)?;
+            }
+        }
+        results.push(true);
+    }
+    txn.commit().map_err(StoreError::new)?;
+    Ok(results)
+}
+
+/// Deletes expired dedup records (the guest's kv has no expiry).
+fn sweep(db: &Database) {
+    let result = (|| -> Result<usize, StoreError> {
+        let txn = db.begin_write().map_err(StoreError::new)?;
+        let names: Vec<String> = txn
+            .list_tables()
+            .map_err(StoreError::new)?
+            .map(|t| t.name().to_owned())
+            .filter(|n| n.starts_with("dedup/") || n.starts_with("guest-dedup/"))
+            .collect();
+        let now = now_ms();
+        let mut removed = 0;
+        for name in names {
+            let mut table = txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)).map_err(StoreError::new)?;
+            let expired = table
+                .retain(|_, bytes| split(bytes).and_then(|v| Record::decode(&v.value)).is_some_and(|r| r.live(now)));
+            expired.map_err(StoreError::new)?;
+            removed += 1;
+        }
+        txn.commit().map_err(StoreError::new)?;
+        Ok(removed)
+    })();
+    if let Err(e) = result {
+        tracing::warn!("sweeping expired dedup records: {e}");
+    }
+}
