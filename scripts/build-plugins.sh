@@ -20,10 +20,22 @@ cargo build --quiet --profile plugin --target wasm32-wasip2 \
   --target-dir "$root/target/plugins" "${args[@]}"
 
 mkdir -p plugins/dist
+publish() { # built-file dest-file: copy only when the content changed
+  if ! cmp -s "$1" "$2"; then
+    cp "$1" "$2.tmp" && mv "$2.tmp" "$2"
+  fi
+}
 for p in "${plugins[@]}"; do
-  built="target/plugins/wasm32-wasip2/plugin/${p//-/_}.wasm"
-  dest="plugins/dist/$p.wasm"
-  if ! cmp -s "$built" "$dest"; then
-    cp "$built" "$dest.tmp" && mv "$dest.tmp" "$dest"
+  publish "target/plugins/wasm32-wasip2/plugin/${p//-/_}.wasm" "plugins/dist/$p.wasm"
+done
+
+# A plugin with a `v2` feature gets a second build, NAME-v2.wasm (two versions of one
+# handler, for the hot-reload tests).
+for p in "${plugins[@]}"; do
+  if grep -q '^v2 = ' "plugins/$p/Cargo.toml"; then
+    # Its own target dir: toggling features in one would rebuild both variants every time.
+    cargo build --quiet --profile plugin --target wasm32-wasip2 \
+      --target-dir "$root/target/plugins-v2" -p "$p" --features v2
+    publish "target/plugins-v2/wasm32-wasip2/plugin/${p//-/_}.wasm" "plugins/dist/$p-v2.wasm"
   fi
 done

@@ -3,6 +3,8 @@
 //! epoch ticker, and compiling a manifest's component into a ready-to-instantiate
 //! [`HandlerPre`](crate::bindings::HandlerPre).
 
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -22,18 +24,21 @@ use crate::manifest::{ByteSize, Manifest, ManifestError};
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Runtime-wide bounds, fixed when the engine is created.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// The largest `limits.memory` a manifest may ask for (the pooling allocator reserves
     /// address space for this much per memory).
     pub max_memory: u64,
     /// Instances alive at once across all handlers (the pool's size).
     pub max_instances: u32,
+    /// Where compiled components are kept, by digest, so that a restart or a reload of an
+    /// unchanged component skips compilation. `None`: always compile.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { max_memory: 1 << 30, max_instances: 1000 }
+        EngineOptions { max_memory: 1 << 30, max_instances: 1000, cache_dir: None }
     }
 }
 
@@ -53,6 +58,9 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     pub fn new(options: EngineOptions) -> anyhow::Result<Arc<Self>> {
+        if let Some(dir) = &options.cache_dir {
+            create_private_dir(dir).with_context(|| format!("cannot create the compile cache {}", dir.display()))?;
+        }
         let max_memory = usize::try_from(options.max_memory)?;
         let n = options.max_instances;
         let mut pool = PoolingAllocationConfig::default();
@@ -83,7 +91,12 @@ impl Engine {
     /// Compiles the manifest's component and checks it against the world: it must export
     /// `handle` with the right type and import nothing the host does not provide. Errors point
     /// at the manifest's `component = ...` line and say what is wrong.
-    pub fn load(&self, manifest: &Manifest, bytes: &[u8]) -> Result<HandlerPre<HostState>, ManifestError> {
+    pub fn load(
+        &self,
+        manifest: &Manifest,
+        bytes: &[u8],
+        digest: &str,
+    ) -> Result<HandlerPre<HostState>, ManifestError> {
         let at_component = |message: String| manifest.error_at(manifest.spans.component.clone(), message);
         if manifest.limits.memory > self.options.max_memory {
             let span = manifest.spans.memory.clone().unwrap_or(manifest.spans.component.clone());
@@ -97,7 +110,8 @@ impl Engine {
             ));
         }
         check_is_component(bytes).map_err(at_component)?;
-        let component = Component::from_binary(&self.engine, bytes)
+        let component = self
+            .compile(bytes, digest)
             .map_err(|e| at_component(format!("cannot compile component: {}", chain(&e))))?;
         let pre = self
             .linker
@@ -107,6 +121,67 @@ impl Engine {
             at_component(format!("component does not implement world sluice:handler/handler@0.1.0: {}", chain(&e)))
         })
     }
+}
+
+impl Engine {
+    /// Compiles `bytes`, or loads the result of an earlier compilation from the cache.
+    fn compile(&self, bytes: &[u8], digest: &str) -> wasmtime::Result<Component> {
+        let Some(dir) = &self.options.cache_dir else {
+            return Component::from_binary(&self.engine, bytes);
+        };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        let file = dir.join(format!("{}-{:016x}.cwasm", digest.trim_start_matches("sha256:"), hasher.finish()));
+        if file.is_file() {
+            match load_cached(&self.engine, &file) {
+                Ok(component) => {
+                    tracing::debug!(file = %file.display(), "compiled component loaded from the cache");
+                    return Ok(component);
+                }
+                Err(e) => tracing::warn!(file = %file.display(), "ignoring an unusable cache entry: {}", chain(&e)),
+            }
+        }
+        let compiled = self.engine.precompile_component(bytes)?;
+        // Written to a fresh temporary file and renamed, so no reader (another thread, another
+        // process) ever sees half a file, and concurrent writers do not mix their bytes.
+        let written = tempfile::NamedTempFile::new_in(dir).and_then(|mut tmp| {
+            std::io::Write::write_all(&mut tmp, &compiled)?;
+            tmp.persist(&file).map_err(|e| e.error)
+        });
+        if let Err(e) = written {
+            tracing::warn!(file = %file.display(), "cannot write the compile cache: {e}");
+        }
+        load_compiled(&self.engine, &compiled)
+    }
+}
+
+/// Loads a component this process has just compiled.
+#[allow(unsafe_code)]
+fn load_compiled(engine: &wasmtime::Engine, compiled: &[u8]) -> wasmtime::Result<Component> {
+    // SAFETY: `compiled` was produced a moment ago by `Engine::precompile_component` of this
+    // very engine; it is exactly the input `deserialize` is meant for.
+    unsafe { Component::deserialize(engine, compiled) }
+}
+
+/// Loads a compiled component from the cache directory.
+#[allow(unsafe_code)]
+fn load_cached(engine: &wasmtime::Engine, file: &Path) -> wasmtime::Result<Component> {
+    // SAFETY: the file is in the cache directory, which Sluice creates with mode 0700 and
+    // only ever fills with `precompile_component` output of an engine with the same
+    // compatibility hash (part of the file name), written under a temporary name and renamed.
+    // wasmtime still checks the header and the engine configuration on load. Anyone who can
+    // write into that directory can run native code as the Sluice user: keep it private.
+    unsafe { Component::deserialize_file(engine, file) }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// A clear error for files that are not components at all.
@@ -156,5 +231,40 @@ impl Drop for EpochTicker {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal valid component (no imports, no exports): enough to exercise the cache.
+    const EMPTY_COMPONENT: &[u8] = &[0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+
+    #[test]
+    fn the_compile_cache_is_filled_reused_and_survives_a_corrupt_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("compiled");
+        let options = EngineOptions { max_instances: 4, cache_dir: Some(cache.clone()), ..EngineOptions::default() };
+        let engine = Engine::new(options).unwrap();
+        engine.compile(EMPTY_COMPONENT, "sha256:abc").unwrap();
+        let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(entries.len(), 1, "one entry per digest: {entries:?}");
+        assert!(entries[0].file_name().unwrap().to_string_lossy().starts_with("abc-"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o700);
+        }
+
+        // Reused: a second compile of the same digest leaves the entry as it is.
+        let before = std::fs::metadata(&entries[0]).unwrap().modified().unwrap();
+        engine.compile(EMPTY_COMPONENT, "sha256:abc").unwrap();
+        assert_eq!(std::fs::metadata(&entries[0]).unwrap().modified().unwrap(), before);
+
+        // A damaged entry is ignored and replaced.
+        std::fs::write(&entries[0], b"garbage").unwrap();
+        engine.compile(EMPTY_COMPONENT, "sha256:abc").unwrap();
+        assert_ne!(std::fs::read(&entries[0]).unwrap(), b"garbage");
     }
 }

@@ -47,17 +47,39 @@ impl std::fmt::Debug for Handler {
     }
 }
 
+/// `sha256:<hex>` of a component: its version.
+pub fn digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// The bytes of the manifest's component, or an error located at `component = ...`.
+pub fn read_component(manifest: &Manifest) -> Result<Vec<u8>, ManifestError> {
+    std::fs::read(&manifest.component).map_err(|e| {
+        manifest.error_at(
+            manifest.spans.component.clone(),
+            format!("cannot read component {}: {e}", manifest.component.display()),
+        )
+    })
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        // The last message of this version has finished.
+        tracing::debug!(handler = &*self.spec.name, digest = self.short_digest(), "handler version released");
+    }
+}
+
 impl Handler {
     /// Reads, checks and compiles the component of `manifest`.
     pub fn load(engine: &Engine, manifest: Manifest) -> Result<Self, ManifestError> {
-        let bytes = std::fs::read(&manifest.component).map_err(|e| {
-            manifest.error_at(
-                manifest.spans.component.clone(),
-                format!("cannot read component {}: {e}", manifest.component.display()),
-            )
-        })?;
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
-        let pre = engine.load(&manifest, &bytes)?;
+        let bytes = read_component(&manifest)?;
+        Self::from_bytes(engine, manifest, &bytes)
+    }
+
+    /// Checks and compiles `bytes`, the component of `manifest`.
+    pub fn from_bytes(engine: &Engine, manifest: Manifest, bytes: &[u8]) -> Result<Self, ManifestError> {
+        let digest = digest(bytes);
+        let pre = engine.load(&manifest, bytes, &digest)?;
         let component = pre.instance_pre().component();
         let imports_state = component
             .component_type()

@@ -22,7 +22,9 @@
 //! | [`outputs`] | sending a successful call's outputs (stream acks awaited) |
 //! | [`store`] | handler state (dedup records, guest dedup and kv) on memory, redb or NATS KV |
 //! | [`dlq`] | dead-letter headers, publishing, the dead-letter stream |
-//! | [`runtime`] | load, bind, serve, graceful shutdown |
+//! | [`runtime`] | load, bind, serve, swap versions, graceful shutdown |
+//! | [`reload`] | the file watcher that triggers hot reloads |
+//! | [`status`] | what is served, in which version, and the last reload errors |
 //! | [`nats_server`] | a child `nats-server` (embedded default, tests) |
 //! | [`cli`] | the `sluice` command line |
 
@@ -37,11 +39,13 @@ pub mod idempotency;
 pub mod manifest;
 pub mod nats_server;
 pub mod outputs;
+pub mod reload;
 pub mod retry;
 pub mod runtime;
 pub mod source;
+pub mod status;
 pub mod store;
 pub mod subject;
 
 pub use engine::EngineOptions;
-pub use runtime::{LoadError, Running, Runtime, RuntimeOptions};
+pub use runtime::{LoadError, ReloadReport, Reloader, Running, Runtime, RuntimeOptions, round_trip};

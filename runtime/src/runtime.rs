@@ -1,24 +1,26 @@
 //! A set of handlers on one engine, bound to NATS: load (validate and compile everything),
 //! bind (subscribe), run until told to stop, then shut down gracefully.
 
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_nats::Client;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
 
 use crate::dlq;
 use crate::engine::{Engine, EngineOptions};
-use crate::handler::Handler;
-use crate::manifest::Source;
-use crate::manifest::{self, ManifestError};
+use crate::handler::{self, Handler, read_component};
+use crate::manifest::{self, Manifest, ManifestError, Source};
 use crate::outputs::OutputSender;
 use crate::source::{self, Context, Fault};
+use crate::status::Status;
 use crate::store::{self, Backend, Scope};
 
+#[derive(Debug)]
 enum Binding {
     Core(async_nats::Subscriber),
     JetStream(Box<async_nats::jetstream::consumer::PullConsumer>),
@@ -69,6 +71,8 @@ pub struct Runtime {
     engine: Arc<Engine>,
     handlers: Vec<Arc<Handler>>,
     options: RuntimeOptions,
+    /// The manifest files and folders, for reloads.
+    paths: Vec<PathBuf>,
 }
 
 impl Runtime {
@@ -79,7 +83,7 @@ impl Runtime {
         if manifests.is_empty() {
             return Err(LoadError::Empty(paths.to_vec()));
         }
-        let engine = Engine::new(options.engine)?;
+        let engine = Engine::new(options.engine.clone())?;
         let mut handlers = Vec::new();
         let mut errors = Vec::new();
         for manifest in manifests {
@@ -91,65 +95,63 @@ impl Runtime {
         if !errors.is_empty() {
             return Err(LoadError::Invalid(errors));
         }
-        Ok(Runtime { engine, handlers, options })
+        Ok(Runtime { engine, handlers, options, paths: paths.to_vec() })
     }
 
     pub fn handlers(&self) -> &[Arc<Handler>] {
         &self.handlers
     }
 
-    /// Subscribes every handler. When this returns, the subscriptions are registered with
-    /// the server (a message published afterwards reaches a handler).
+    /// Binds every handler (subscriptions, consumers, stores) and serves. When this returns,
+    /// the subscriptions are registered with the server (a message published afterwards
+    /// reaches a handler). Any failure fails the whole bind: no handler runs half-configured.
     pub async fn bind(self, client: Client) -> anyhow::Result<Running> {
-        let (stop, stopped) = watch::channel(false);
         let sender = Arc::new(OutputSender::new(client.clone()));
-        // Everything is set up before anything is served, so a bad stream or consumer fails
-        // the whole bind and no handler runs half-configured.
-        let mut stores = Stores::new(&self.options, sender.jetstream().clone());
-        let mut bound = Vec::new();
-        for handler in &self.handlers {
-            let scope = match handler.needs_state() {
-                true => Some(stores.scope_for(handler).await?),
-                false => None,
-            };
-            let ctx = Context {
-                scope,
-                fault: self.options.fault,
-                engine: self.engine.clone(),
-                handler: handler.clone(),
-                sender: sender.clone(),
-            };
-            if let Some(target) = &handler.spec.dead_letter {
-                dlq::ensure_stream(sender.jetstream(), target).await?;
-            }
-            let binding = match &handler.spec.source {
-                Source::Core { .. } => Binding::Core(source::core::subscribe(&client, &ctx).await?),
-                Source::JetStream(_) => {
-                    Binding::JetStream(Box::new(source::jetstream::bind(sender.jetstream(), &ctx).await?))
-                }
-            };
-            bound.push((ctx, binding));
+        let supervisor = Arc::new(Supervisor {
+            stores: Mutex::new(Stores::new(&self.options, sender.jetstream().clone())),
+            engine: self.engine,
+            client: client.clone(),
+            sender,
+            options: self.options,
+            paths: self.paths,
+            served: Mutex::new(BTreeMap::new()),
+            reloading: Mutex::new(()),
+            status: Arc::new(Status::default()),
+        });
+        let mut prepared = Vec::new();
+        for handler in self.handlers {
+            prepared.push(supervisor.prepare(handler).await?);
         }
-        client.flush().await.map_err(|e| anyhow::anyhow!("cannot reach NATS: {e}"))?;
-        let mut tasks = JoinSet::new();
-        for (ctx, binding) in bound {
-            let spec = &ctx.handler.spec;
-            tracing::info!(handler = &*spec.name, source = %spec.source, digest = ctx.handler.short_digest(), "serving");
-            match binding {
-                Binding::Core(sub) => tasks.spawn(source::core::serve(ctx, sub, stopped.clone())),
-                Binding::JetStream(consumer) => tasks.spawn(source::jetstream::serve(ctx, *consumer, stopped.clone())),
-            };
+        round_trip(&client).await?;
+        let mut served = supervisor.served.lock().await;
+        for p in prepared {
+            let s = supervisor.spawn(p);
+            served.insert(s.name(), s);
         }
-        Ok(Running { stop, tasks, client })
+        drop(served);
+        Ok(Running { supervisor, watcher: None })
+    }
+}
+
+/// Returns once the server has processed everything this client sent before (its
+/// subscriptions included). `Client::flush` only empties the socket buffer; this is a real
+/// round trip: a message to our own inbox, which the server handles after everything earlier
+/// on the connection.
+pub async fn round_trip(client: &Client) -> anyhow::Result<()> {
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await.map_err(|e| anyhow::anyhow!("cannot reach NATS: {e}"))?;
+    client.publish(inbox, bytes::Bytes::new()).await.map_err(|e| anyhow::anyhow!("cannot reach NATS: {e}"))?;
+    match tokio::time::timeout(std::time::Duration::from_secs(10), futures::StreamExt::next(&mut echo)).await {
+        Ok(Some(_)) => Ok(()),
+        _ => anyhow::bail!("NATS did not answer a round trip within 10s"),
     }
 }
 
 /// Handlers bound to NATS and serving.
 #[derive(Debug)]
 pub struct Running {
-    stop: watch::Sender<bool>,
-    tasks: JoinSet<()>,
-    client: Client,
+    supervisor: Arc<Supervisor>,
+    watcher: Option<crate::reload::Watcher>,
 }
 
 impl Running {
@@ -159,30 +161,342 @@ impl Running {
         self.shutdown().await
     }
 
+    /// A handle that reloads the manifests (what a file change, SIGHUP or the admin call do).
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.supervisor.clone())
+    }
+
+    /// Watches the manifest paths and the components they name, and reloads on change.
+    pub fn watch(&mut self) -> anyhow::Result<()> {
+        self.watcher = Some(crate::reload::Watcher::start(self.reloader())?);
+        Ok(())
+    }
+
+    /// What is being served, and the last reload errors.
+    pub fn status(&self) -> Arc<Status> {
+        self.supervisor.status.clone()
+    }
+
     /// Stops at once, as a crash would: calls in flight are abandoned, nothing more is acked
     /// or marked. For tests of crash recovery; a real process uses [`shutdown`](Self::shutdown).
     #[doc(hidden)]
-    pub async fn abort(mut self) {
-        self.tasks.shutdown().await;
+    pub async fn abort(self) {
+        drop(self.watcher);
+        let served = std::mem::take(&mut *self.supervisor.served.lock().await);
+        for s in served.into_values() {
+            s.task.abort();
+            let _ = s.task.await;
+        }
     }
 
     /// Stops taking messages, finishes those already received and in flight, sends their
     /// outputs, and flushes the connection.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!("shutting down: draining subscriptions and in-flight messages");
-        let _ = self.stop.send(true);
-        while let Some(joined) = self.tasks.join_next().await {
-            if let Err(e) = joined {
+        drop(self.watcher);
+        // No reload may start or be half-way while handlers stop.
+        let _reloading = self.supervisor.reloading.lock().await;
+        let served = std::mem::take(&mut *self.supervisor.served.lock().await);
+        for s in served.values() {
+            let _ = s.stop.send(true);
+        }
+        for s in served.into_values() {
+            if let Err(e) = s.task.await {
                 tracing::error!("a handler task failed: {e}");
             }
         }
-        self.client.flush().await.map_err(|e| anyhow::anyhow!("cannot flush outputs to NATS: {e}"))?;
+        self.supervisor.client.flush().await.map_err(|e| anyhow::anyhow!("cannot flush outputs to NATS: {e}"))?;
         Ok(())
     }
 }
 
+/// Triggers reloads of a running runtime.
+#[derive(Debug, Clone)]
+pub struct Reloader(Arc<Supervisor>);
+
+impl Reloader {
+    /// Re-reads every manifest and component; see [`ReloadReport`].
+    pub async fn reload(&self) -> ReloadReport {
+        self.0.reload().await
+    }
+
+    /// The folders to watch and the files in them that matter (manifests, components).
+    pub async fn watched(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        self.0.watched().await
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    pub started: Vec<String>,
+    pub updated: Vec<String>,
+    pub stopped: Vec<String>,
+    /// Manifests or components that could not be used; what they described keeps running
+    /// in its previous version.
+    pub errors: Vec<ManifestError>,
+}
+
+/// A handler being served: its version, the channel that hands new messages their version,
+/// and the serving task.
+struct Served {
+    handler: Arc<Handler>,
+    /// The manifest text this version was built from, to tell an edit from a touch.
+    manifest_text: String,
+    ctx: watch::Sender<Context>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Served {
+    fn name(&self) -> String {
+        self.handler.spec.name.to_string()
+    }
+}
+
+/// A handler set up (store, streams, subscription or consumer) but not yet serving.
+struct Prepared {
+    ctx: Context,
+    binding: Binding,
+    manifest_text: String,
+}
+
+#[derive(Debug)]
+struct Supervisor {
+    engine: Arc<Engine>,
+    client: Client,
+    sender: Arc<OutputSender>,
+    options: RuntimeOptions,
+    paths: Vec<PathBuf>,
+    stores: Mutex<Stores>,
+    served: Mutex<BTreeMap<String, Served>>,
+    /// Held for the whole of a reload: reloads run one at a time.
+    reloading: Mutex<()>,
+    status: Arc<Status>,
+}
+
+impl fmt::Debug for Served {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Served").field("handler", &self.handler.spec.name).finish_non_exhaustive()
+    }
+}
+
+impl Supervisor {
+    async fn context(&self, handler: Arc<Handler>) -> anyhow::Result<Context> {
+        let scope = match handler.needs_state() {
+            true => Some(self.stores.lock().await.scope_for(&handler).await?),
+            false => None,
+        };
+        Ok(Context {
+            scope,
+            fault: self.options.fault,
+            engine: self.engine.clone(),
+            handler,
+            sender: self.sender.clone(),
+        })
+    }
+
+    /// Everything but serving: state store, dead-letter stream, subscription or consumer.
+    async fn prepare(&self, handler: Arc<Handler>) -> anyhow::Result<Prepared> {
+        let manifest_text = std::fs::read_to_string(&handler.spec.manifest_path).unwrap_or_default();
+        let ctx = self.context(handler).await?;
+        let binding = self.bind_source(&ctx).await?;
+        // The subscription is registered with the server before anyone is told it serves.
+        round_trip(&self.client).await?;
+        Ok(Prepared { ctx, binding, manifest_text })
+    }
+
+    async fn bind_source(&self, ctx: &Context) -> anyhow::Result<Binding> {
+        let spec = &ctx.handler.spec;
+        if let Some(target) = &spec.dead_letter {
+            dlq::ensure_stream(self.sender.jetstream(), target).await?;
+        }
+        Ok(match &spec.source {
+            Source::Core { .. } => Binding::Core(source::core::subscribe(&self.client, ctx).await?),
+            Source::JetStream(_) => {
+                Binding::JetStream(Box::new(source::jetstream::bind(self.sender.jetstream(), ctx).await?))
+            }
+        })
+    }
+
+    fn spawn(&self, prepared: Prepared) -> Served {
+        let Prepared { ctx, binding, manifest_text } = prepared;
+        let handler = ctx.handler.clone();
+        let spec = &handler.spec;
+        tracing::info!(handler = &*spec.name, source = %spec.source, digest = handler.short_digest(), "serving");
+        self.status.serving(&handler);
+        let (ctx_tx, ctx_rx) = watch::channel(ctx);
+        let (stop, stopped) = watch::channel(false);
+        let task = match binding {
+            Binding::Core(sub) => tokio::spawn(source::core::serve(ctx_rx, sub, stopped)),
+            Binding::JetStream(consumer) => tokio::spawn(source::jetstream::serve(ctx_rx, *consumer, stopped)),
+        };
+        Served { handler, manifest_text, ctx: ctx_tx, stop, task }
+    }
+
+    async fn reload(&self) -> ReloadReport {
+        let _one_at_a_time = self.reloading.lock().await;
+        let mut report = ReloadReport::default();
+        let files = manifest::manifest_files(&self.paths, &mut report.errors);
+        // Files that could not be read or parsed: what they described keeps running.
+        let mut failed: HashSet<PathBuf> = HashSet::new();
+        let mut wanted: Vec<(Manifest, Vec<u8>)> = Vec::new();
+        for file in files {
+            let loaded = manifest::load(&file).and_then(|m| {
+                if let Some((first, _)) = wanted.iter().find(|(w, _)| w.name == m.name) {
+                    let what = format!(
+                        "duplicate handler name {:?}: {} already declares it",
+                        m.name,
+                        first.file.path.display()
+                    );
+                    return Err(m.error_at(m.spans.name.clone(), what));
+                }
+                let bytes = read_component(&m)?;
+                Ok((m, bytes))
+            });
+            match loaded {
+                Ok(w) => wanted.push(w),
+                Err(e) => {
+                    failed.insert(file);
+                    report.errors.push(e);
+                }
+            }
+        }
+
+        let names: HashSet<String> = wanted.iter().map(|(m, _)| m.name.clone()).collect();
+        for (manifest, bytes) in wanted {
+            let name = manifest.name.clone();
+            let unchanged = self.served.lock().await.get(&name).is_some_and(|s| {
+                s.manifest_text == manifest.file.text
+                    && s.handler.spec.manifest_path == manifest.file.path
+                    && s.handler.spec.digest == handler::digest(&bytes)
+            });
+            if unchanged {
+                continue;
+            }
+            let path = manifest.file.path.clone();
+            // Compiling takes a while: off the executor.
+            let engine = self.engine.clone();
+            let loaded = tokio::task::spawn_blocking(move || Handler::from_bytes(&engine, manifest, &bytes)).await;
+            let handler = match loaded {
+                Ok(Ok(h)) => Arc::new(h),
+                Ok(Err(e)) => {
+                    failed.insert(path);
+                    report.errors.push(e);
+                    continue;
+                }
+                Err(e) => {
+                    failed.insert(path.clone());
+                    report.errors.push(ManifestError::without_location(&path, format!("compiling failed: {e}")));
+                    continue;
+                }
+            };
+            match self.install(handler).await {
+                Ok(Installed::Started) => report.started.push(name),
+                Ok(Installed::Updated) => report.updated.push(name),
+                Err(e) => {
+                    failed.insert(path.clone());
+                    report.errors.push(ManifestError::without_location(&path, format!("{e:#}")));
+                }
+            }
+        }
+
+        // Handlers whose manifest is gone (and not merely broken) drain and stop.
+        let gone: Vec<String> = {
+            let served = self.served.lock().await;
+            served
+                .iter()
+                .filter(|(name, s)| !names.contains(*name) && !failed.contains(&s.handler.spec.manifest_path))
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        for name in gone {
+            if let Some(s) = self.served.lock().await.remove(&name) {
+                tracing::info!(handler = %name, "manifest removed: draining and stopping");
+                let _ = s.stop.send(true);
+                let _ = s.task.await;
+                self.status.stopped(&name);
+                report.stopped.push(name);
+            }
+        }
+        self.status.reloaded(&report);
+        for e in &report.errors {
+            tracing::error!("reload: the previous version keeps serving:\n{e}");
+        }
+        if !(report.started.is_empty() && report.updated.is_empty() && report.stopped.is_empty()) {
+            tracing::info!(started = ?report.started, updated = ?report.updated, stopped = ?report.stopped, "reloaded");
+        }
+        report
+    }
+
+    /// Puts a new version in service. Same source and concurrency: new messages get the new
+    /// version at once and in-flight ones finish on the old. Otherwise the new binding is
+    /// made first, then the old one drains and stops.
+    async fn install(&self, handler: Arc<Handler>) -> anyhow::Result<Installed> {
+        let name = handler.spec.name.to_string();
+        let current = self.served.lock().await.get(&name).map(|s| s.handler.clone());
+        let Some(old) = current else {
+            let prepared = self.prepare(handler).await?;
+            let served = self.spawn(prepared);
+            self.served.lock().await.insert(name, served);
+            return Ok(Installed::Started);
+        };
+        let rebind = old.spec.source != handler.spec.source
+            || old.spec.limits.max_concurrency != handler.spec.limits.max_concurrency;
+        let manifest_text = std::fs::read_to_string(&handler.spec.manifest_path).unwrap_or_default();
+        if rebind {
+            let prepared = self.prepare(handler.clone()).await?;
+            let fresh = self.spawn(prepared);
+            let previous = self.served.lock().await.insert(name.clone(), fresh);
+            if let Some(previous) = previous {
+                tracing::info!(handler = %name, digest = handler.short_digest(), "source changed: re-bound; the old binding drains");
+                let _ = previous.stop.send(true);
+                let _ = previous.task.await;
+            }
+        } else {
+            let ctx = self.context(handler.clone()).await?;
+            let mut served = self.served.lock().await;
+            if let Some(s) = served.get_mut(&name) {
+                s.ctx.send_replace(ctx);
+                s.handler = handler.clone();
+                s.manifest_text = manifest_text;
+            }
+            self.status.serving(&handler);
+            tracing::info!(handler = %name, from = old.short_digest(), to = handler.short_digest(), "swapped to a new version");
+        }
+        Ok(Installed::Updated)
+    }
+
+    async fn watched(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let mut files: Vec<PathBuf> = Vec::new();
+        for p in &self.paths {
+            if p.is_dir() {
+                dirs.push(p.clone());
+            } else {
+                files.push(p.clone());
+                dirs.push(p.parent().map(Path::to_path_buf).unwrap_or_default());
+            }
+        }
+        for s in self.served.lock().await.values() {
+            let component = s.handler.spec.component_path.clone();
+            dirs.push(component.parent().map(Path::to_path_buf).unwrap_or_default());
+            files.push(component);
+        }
+        dirs.sort();
+        dirs.dedup();
+        (dirs, files)
+    }
+}
+
+enum Installed {
+    Started,
+    Updated,
+}
+
 /// The stores of a runtime: one redb database (opened on first need), a memory store and
 /// KV buckets per handler.
+#[derive(Debug)]
 struct Stores {
     data_dir: Option<PathBuf>,
     redb: Option<store::RedbStore>,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use sluice_tests::{Sluice, client, collect_quiet, header, manifest, nats, request, text};
+use sluice_tests::{Sluice, client, collect_quiet, header, manifest, nats, request, sync, text};
 
 #[tokio::test]
 async fn echo_replies_to_a_request() {
@@ -41,7 +41,7 @@ async fn order_validator_publishes_valid_orders_and_rejects_invalid_ones() {
     .await;
     let nc = client(&server).await;
     let mut validated = nc.subscribe("orders.validated").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     let order = r#"{"id":"o-1","customer":"c-7","currency":"EUR",
         "items":[{"sku":"A1","quantity":2,"unit_price_cents":1250},{"sku":"B2","quantity":1,"unit_price_cents":99}]}"#;

@@ -7,7 +7,9 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use sluice::RuntimeOptions;
 use sluice::source::Fault;
-use sluice_tests::{Sluice, client, collect_quiet, js_publish, manifest, nats, request, stream, stream_messages, text};
+use sluice_tests::{
+    Sluice, client, collect_quiet, js_publish, manifest, nats, request, stream, stream_messages, sync, text,
+};
 
 /// A core handler on `work` that may publish to `out.*`, with the given extra sections.
 fn worker(name: &str, extra: &str) -> String {
@@ -31,7 +33,7 @@ async fn the_same_message_three_times_runs_once_and_yields_one_output() {
         Sluice::start(&server, &[("w.toml", worker("w", "[idempotency]\nkey = \"header:Nats-Msg-Id\""))]).await;
     let nc = client(&server).await;
     let mut out = nc.subscribe("out.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     for _ in 0..3 {
         publish_with_id(&nc, "work", "order-1", "publish:out.one").await;
@@ -55,7 +57,7 @@ async fn copies_stored_in_a_stream_run_once_with_a_json_key() {
     let sluice = Sluice::start(&server, &[("w.toml", text)]).await;
     let nc = client(&server).await;
     let mut out = nc.subscribe("out.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     // No Nats-Msg-Id: the stream stores all three copies; Sluice runs the handler once.
     for _ in 0..3 {
@@ -129,7 +131,7 @@ async fn two_processes_sharing_a_nats_kv_store_run_concurrent_duplicates_once() 
     let b = Sluice::start(&server, &[("w.toml", worker("w", &extra("b")))]).await;
     let nc = client(&server).await;
     let mut out = nc.subscribe("out.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     // Each key twice, back to back; the queue group spreads the copies over both processes,
     // and the handler is slow enough that both copies are in flight together.
@@ -162,7 +164,7 @@ async fn the_redb_store_remembers_across_a_restart() {
     let text = worker("w", "[idempotency]\nkey = \"header:Nats-Msg-Id\"\n\n[store]\nbackend = \"redb\"");
     let nc = client(&server).await;
     let mut out = nc.subscribe("out.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     let first = Sluice::start_with(&server, &[("w.toml", text.clone())], tempfile::tempdir().unwrap(), options())
         .await
@@ -187,7 +189,7 @@ async fn after_the_ttl_a_key_is_processed_again() {
     let sluice = Sluice::start(&server, &[("w.toml", text)]).await;
     let nc = client(&server).await;
     let mut out = nc.subscribe("out.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     publish_with_id(&nc, "work", "k", "publish:out.1").await;
     publish_with_id(&nc, "work", "k", "publish:out.2").await;
@@ -234,7 +236,7 @@ async fn a_message_without_a_key_is_dead_lettered_when_the_manifest_says_so() {
     let sluice = Sluice::start(&server, &[("w.toml", text)]).await;
     let nc = client(&server).await;
     let mut out = nc.subscribe("out.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     nc.publish("work", "publish:out.x".into()).await.unwrap(); // not JSON
     nc.publish("work", r#"{"cmd": "publish:out.y"}"#.into()).await.unwrap(); // JSON without /id

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use async_nats::jetstream;
 use async_nats::jetstream::message::StreamMessage;
 use futures::StreamExt;
-use sluice_tests::{Sluice, client, js_publish, manifest, nats, stream, stream_messages};
+use sluice_tests::{Sluice, client, js_publish, manifest, nats, stream, stream_messages, sync};
 
 /// A misbehave handler on stream WORK, dead-lettering to DLQ (created by Sluice).
 fn work_manifest(retry: &str) -> String {
@@ -59,7 +59,7 @@ async fn a_message_failing_k_times_succeeds_on_attempt_k_plus_1_after_the_backof
     .await;
     let nc = client(&server).await;
     let mut results = nc.subscribe("results.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     let started = tokio::time::Instant::now();
     js_publish(&js, "work.1", "fail-until:2:results.1").await;
@@ -221,7 +221,7 @@ async fn runtimes_bound_to_one_durable_consumer_share_its_messages() {
     let b = Sluice::start(&server, &[("w.toml", tagged("b"))]).await;
     let nc = client(&server).await;
     let mut results = nc.subscribe("results.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     const N: usize = 200;
     for i in 0..N {
@@ -295,7 +295,7 @@ async fn dlq_replay_into_a_fixed_handler_empties_the_dead_letter_stream() {
     let v2 = Sluice::start(&server, &[("w.toml", work_manifest("max_attempts = 2"))]).await;
     let nc = client(&server).await;
     let mut results = nc.subscribe("results.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
     let sender = sluice::outputs::OutputSender::new(nc.clone());
     let dry = ReplayOptions { dry_run: true, ..ReplayOptions::default() };
     assert_eq!(admin::replay(&sender, "DLQ", &dry, |_, _| {}).await.unwrap().replayed.len(), N);

@@ -9,4 +9,5 @@ mod golden;
 mod idempotency;
 mod jetstream;
 mod queue_group;
+mod reload;
 mod sandbox;

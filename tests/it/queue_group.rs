@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use sluice_tests::{Sluice, client, header, manifest, nats};
+use sluice_tests::{Sluice, client, header, manifest, nats, sync};
 
 #[tokio::test]
 async fn two_runtimes_share_a_queue_group_and_handle_each_message_once() {
@@ -14,13 +14,13 @@ async fn two_runtimes_share_a_queue_group_and_handle_each_message_once() {
     let b = Sluice::start(&server, &[("echo.toml", manifest("echo", "echo", "echo", "[config]\ntag = \"b\""))]).await;
     let nc = client(&server).await;
     let mut replies = nc.subscribe("replies.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     const N: usize = 300;
     for i in 0..N {
         nc.publish_with_reply("echo", format!("replies.{i}"), i.to_string().into()).await.unwrap();
     }
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     let mut per_message: HashMap<String, usize> = HashMap::new();
     let mut per_runtime: HashMap<String, usize> = HashMap::new();

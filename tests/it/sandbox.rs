@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use sluice_tests::{Sluice, client, collect_quiet, header, manifest, nats, request, text};
+use sluice_tests::{Sluice, client, collect_quiet, header, manifest, nats, request, sync, text};
 
 const LIMITS: &str = r#"
 [limits]
@@ -106,7 +106,7 @@ async fn publishing_outside_the_allowlist_is_refused() {
     let nc = client(&server).await;
     let mut forbidden = nc.subscribe("forbidden.>").await.unwrap();
     let mut allowed = nc.subscribe("allowed.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     let reply = request(&nc, "misbehave", "publish:forbidden.secrets").await;
     let answer = text(&reply);
@@ -130,7 +130,7 @@ async fn outputs_of_a_failed_call_are_not_sent() {
     let nc = client(&server).await;
 
     let mut allowed = nc.subscribe("allowed.>").await.unwrap();
-    nc.flush().await.unwrap();
+    sync(&nc).await;
 
     // The handler queues a publication, then fails: the publication is dropped.
     let reply = expect_failure(&nc, "publish-then-reject:allowed.x", "rejected").await;

@@ -92,8 +92,10 @@ impl Sluice {
         server: &NatsServer,
         manifests: &[(&str, String)],
         dir: tempfile::TempDir,
-        options: RuntimeOptions,
+        mut options: RuntimeOptions,
     ) -> anyhow::Result<Sluice> {
+        // One compile cache for every test: each component is compiled once per suite.
+        options.engine.cache_dir.get_or_insert_with(|| repo_root().join("target/test-compile-cache"));
         let manifest_dir = dir.path().join("manifests");
         std::fs::create_dir_all(&manifest_dir)?;
         for (file, text) in manifests {
@@ -110,6 +112,26 @@ impl Sluice {
         if let Some(running) = self.running.take() {
             running.abort().await;
         }
+    }
+
+    /// The folder the manifests were written to (the runtime reloads from it).
+    pub fn manifest_dir(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    /// Starts watching the manifests and components for changes.
+    pub fn watch(&mut self) {
+        self.running.as_mut().unwrap().watch().unwrap();
+    }
+
+    /// Triggers reloads, as SIGHUP does.
+    pub fn reloader(&self) -> sluice::Reloader {
+        self.running.as_ref().unwrap().reloader()
+    }
+
+    /// What is served.
+    pub fn status(&self) -> std::sync::Arc<sluice::status::Status> {
+        self.running.as_ref().unwrap().status()
     }
 
     /// Shuts down gracefully (drain, finish in-flight messages).
@@ -199,4 +221,10 @@ pub async fn stream_messages(
         }
     }
     all
+}
+
+/// Waits until the server has processed everything `client` sent (subscriptions included):
+/// `Client::flush` alone does not.
+pub async fn sync(client: &Client) {
+    sluice::round_trip(client).await.unwrap();
 }

@@ -64,15 +64,14 @@ pub struct RunArgs {
     /// NATS server URL. Default: nats://127.0.0.1:4222, or an embedded server if none answers.
     #[arg(long, env = "SLUICE_NATS_URL")]
     pub nats: Option<String>,
-    /// Where local state lives (the redb store). Default: $XDG_STATE_HOME/sluice, or
-    /// ~/.local/state/sluice.
-    #[arg(long, env = "SLUICE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// Do not watch the manifests and components for changes (SIGHUP still reloads).
+    #[arg(long)]
+    pub no_watch: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
 
-impl RunArgs {
+impl EngineArgs {
     fn data_dir(&self) -> PathBuf {
         if let Some(dir) = &self.data_dir {
             return dir.clone();
@@ -101,11 +100,22 @@ pub struct EngineArgs {
     /// Instances alive at once across all handlers.
     #[arg(long, default_value_t = 1000)]
     pub max_instances: u32,
+    /// Where local state lives: the redb store and the compiled-component cache. Default:
+    /// $XDG_STATE_HOME/sluice, or ~/.local/state/sluice.
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Compile every component, without reading or filling the cache.
+    #[arg(long)]
+    pub no_compile_cache: bool,
 }
 
 impl EngineArgs {
     fn options(&self) -> EngineOptions {
-        EngineOptions { max_memory: self.max_memory.0, max_instances: self.max_instances }
+        EngineOptions {
+            max_memory: self.max_memory.0,
+            max_instances: self.max_instances,
+            cache_dir: (!self.no_compile_cache).then(|| self.data_dir().join("compiled")),
+        }
     }
 }
 
@@ -196,12 +206,16 @@ fn load_error_text(e: &LoadError) -> String {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let options = RuntimeOptions { engine: args.engine.options(), data_dir: Some(args.data_dir()), fault: None };
+    let options = RuntimeOptions { engine: args.engine.options(), data_dir: Some(args.engine.data_dir()), fault: None };
     let runtime = Runtime::load(&args.paths, options).map_err(|e| anyhow::anyhow!("{}", load_error_text(&e)))?;
     // Keep the embedded server (if any) alive until Sluice has shut down.
     let (client, _embedded) = connect_or_embed(args.nats.as_deref()).await?;
-    let running = runtime.bind(client).await?;
-    tracing::info!("ready; stop with Ctrl-C or SIGTERM");
+    let mut running = runtime.bind(client).await?;
+    if !args.no_watch {
+        running.watch()?;
+    }
+    let _sighup = reload_on_sighup(running.reloader());
+    tracing::info!("ready; stop with Ctrl-C or SIGTERM, reload with SIGHUP");
     running.run_until(shutdown_signal()).await
 }
 
@@ -238,6 +252,39 @@ pub async fn connect(url: &str) -> anyhow::Result<Client> {
         .connect(url)
         .await
         .with_context(|| format!("cannot connect to NATS at {url}"))
+}
+
+/// Reloads on every SIGHUP, until the returned task is dropped with the runtime.
+fn reload_on_sighup(reloader: crate::Reloader) -> Option<AbortOnDrop> {
+    #[cfg(unix)]
+    {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP: {e}");
+                return None;
+            }
+        };
+        Some(AbortOnDrop(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading");
+                reloader.reload().await;
+            }
+        })))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reloader;
+        None
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn shutdown_signal() {

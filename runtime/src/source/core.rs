@@ -32,9 +32,15 @@ pub async fn subscribe(client: &Client, ctx: &Context) -> anyhow::Result<Subscri
 
 /// Serves `subscription` until `stop` turns true, then drains it: messages already
 /// delivered to this process are processed, in-flight calls finish, then it returns.
-pub async fn serve(ctx: Context, mut subscription: Subscriber, mut stop: watch::Receiver<bool>) {
-    let name = ctx.handler.spec.name.clone();
-    let permits = Arc::new(Semaphore::new(ctx.handler.spec.limits.max_concurrency as usize));
+///
+/// Each message is handled by the version in `versions` when it arrives (a hot reload swaps
+/// it); a retry uses the version current at that attempt.
+pub async fn serve(versions: watch::Receiver<Context>, mut subscription: Subscriber, mut stop: watch::Receiver<bool>) {
+    let (name, concurrency) = {
+        let ctx = versions.borrow();
+        (ctx.handler.spec.name.clone(), ctx.handler.spec.limits.max_concurrency as usize)
+    };
+    let permits = Arc::new(Semaphore::new(concurrency));
     let mut in_flight = JoinSet::new();
     let mut draining = false;
     loop {
@@ -54,7 +60,7 @@ pub async fn serve(ctx: Context, mut subscription: Subscriber, mut stop: watch::
                 // stop reading, and the queue group hands messages to other processes.
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
                 let span = tracing::info_span!("message", handler = &*name, subject = %msg.subject);
-                let task = process(ctx.clone(), msg, permits.clone(), permit, stop.clone());
+                let task = process(versions.clone(), msg, permits.clone(), permit, stop.clone());
                 in_flight.spawn(task.instrument(span));
                 while in_flight.try_join_next().is_some() {}
             }
@@ -66,19 +72,20 @@ pub async fn serve(ctx: Context, mut subscription: Subscriber, mut stop: watch::
 
 /// Every attempt of one message, until it succeeds or is given up on.
 async fn process(
-    ctx: Context,
+    versions: watch::Receiver<Context>,
     msg: async_nats::Message,
     permits: Arc<Semaphore>,
     mut permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
 ) {
-    let max_attempts = ctx.handler.spec.retry.max_attempts;
     let wit = super::to_wit(&msg);
     let original =
         Original { subject: msg.subject.as_str(), headers: msg.headers.as_ref(), payload: &msg.payload, stream: None };
     let mut history: Option<History> = None;
     let mut attempt = 1;
     loop {
+        let ctx = versions.borrow().clone();
+        let max_attempts = ctx.handler.spec.retry.max_attempts;
         let delivered = Delivered { original, wit: &wit, attempt };
         let (settle, seen) = super::handle_delivery(&ctx, delivered, history.take()).await;
         history = seen;

@@ -113,8 +113,11 @@ pub async fn bind(js: &jetstream::Context, ctx: &Context) -> anyhow::Result<Pull
 /// Pulls and processes messages until `stop` turns true; then stops pulling and lets the
 /// calls in flight finish (and ack). Messages pulled but not started are not acked and come
 /// back after the ack wait.
-pub async fn serve(ctx: Context, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
-    let spec = ctx.handler.spec.clone();
+///
+/// Each message is handled by the version in `versions` when it is pulled (a hot reload swaps
+/// it); redeliveries naturally get the version current then.
+pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
+    let spec = versions.borrow().handler.spec.clone();
     let concurrency = spec.limits.max_concurrency as usize;
     let permits = Arc::new(Semaphore::new(concurrency));
     let histories: Histories = Arc::default();
@@ -147,7 +150,8 @@ pub async fn serve(ctx: Context, consumer: PullConsumer, mut stop: watch::Receiv
             }
             Some(Ok(msg)) => {
                 let span = tracing::info_span!("message", handler = &*spec.name, subject = %msg.subject);
-                in_flight.spawn(process(ctx.clone(), msg, histories.clone(), permit).instrument(span));
+                let ctx = versions.borrow().clone();
+                in_flight.spawn(process(ctx, msg, histories.clone(), permit).instrument(span));
                 while in_flight.try_join_next().is_some() {}
             }
         }
