@@ -26,8 +26,11 @@
 //! | [`reload`] | the file watcher that triggers hot reloads |
 //! | [`status`] | what is served, in which version, and the last reload errors |
 //! | [`nats_server`] | a child `nats-server` (embedded default, tests) |
+//! | [`metrics`] | Prometheus metrics, per runtime |
+//! | [`admin`] | the admin HTTP listener: metrics, health, readiness, handlers, reload |
 //! | [`cli`] | the `sluice` command line |
 
+pub mod admin;
 pub mod bindings;
 pub mod cli;
 pub mod dispatch;
@@ -37,6 +40,7 @@ pub mod handler;
 pub mod host;
 pub mod idempotency;
 pub mod manifest;
+pub mod metrics;
 pub mod nats_server;
 pub mod outputs;
 pub mod reload;

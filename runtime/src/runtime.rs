@@ -15,6 +15,7 @@ use crate::dlq;
 use crate::engine::{Engine, EngineOptions};
 use crate::handler::{self, Handler, read_component};
 use crate::manifest::{self, Manifest, ManifestError, Source};
+use crate::metrics::Metrics;
 use crate::outputs::OutputSender;
 use crate::source::{self, Context, Fault};
 use crate::status::Status;
@@ -73,6 +74,8 @@ pub struct Runtime {
     options: RuntimeOptions,
     /// The manifest files and folders, for reloads.
     paths: Vec<PathBuf>,
+    metrics: Arc<Metrics>,
+    status: Arc<Status>,
 }
 
 impl Runtime {
@@ -95,11 +98,22 @@ impl Runtime {
         if !errors.is_empty() {
             return Err(LoadError::Invalid(errors));
         }
-        Ok(Runtime { engine, handlers, options, paths: paths.to_vec() })
+        let metrics = Arc::new(Metrics::default());
+        Ok(Runtime { engine, handlers, options, paths: paths.to_vec(), metrics, status: Arc::default() })
     }
 
     pub fn handlers(&self) -> &[Arc<Handler>] {
         &self.handlers
+    }
+
+    /// The runtime's metrics (available before it is bound, for an early admin listener).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The runtime's status registry.
+    pub fn status(&self) -> Arc<Status> {
+        self.status.clone()
     }
 
     /// Binds every handler (subscriptions, consumers, stores) and serves. When this returns,
@@ -116,7 +130,8 @@ impl Runtime {
             paths: self.paths,
             served: Mutex::new(BTreeMap::new()),
             reloading: Mutex::new(()),
-            status: Arc::new(Status::default()),
+            status: self.status,
+            metrics: self.metrics,
         });
         let mut prepared = Vec::new();
         for handler in self.handlers {
@@ -175,6 +190,11 @@ impl Running {
     /// What is being served, and the last reload errors.
     pub fn status(&self) -> Arc<Status> {
         self.supervisor.status.clone()
+    }
+
+    /// The NATS connection the runtime uses.
+    pub fn client(&self) -> Client {
+        self.supervisor.client.clone()
     }
 
     /// Stops at once, as a crash would: calls in flight are abandoned, nothing more is acked
@@ -273,6 +293,7 @@ struct Supervisor {
     /// Held for the whole of a reload: reloads run one at a time.
     reloading: Mutex<()>,
     status: Arc<Status>,
+    metrics: Arc<Metrics>,
 }
 
 impl fmt::Debug for Served {
@@ -287,12 +308,14 @@ impl Supervisor {
             true => Some(self.stores.lock().await.scope_for(&handler).await?),
             false => None,
         };
+        let metrics = self.metrics.handler(&handler.spec.name);
         Ok(Context {
             scope,
             fault: self.options.fault,
             engine: self.engine.clone(),
             handler,
             sender: self.sender.clone(),
+            metrics,
         })
     }
 
@@ -325,6 +348,7 @@ impl Supervisor {
         let spec = &handler.spec;
         tracing::info!(handler = &*spec.name, source = %spec.source, digest = handler.short_digest(), "serving");
         self.status.serving(&handler);
+        self.metrics.version(&spec.name, &spec.digest, true);
         let (ctx_tx, ctx_rx) = watch::channel(ctx);
         let (stop, stopped) = watch::channel(false);
         let task = match binding {
@@ -416,6 +440,7 @@ impl Supervisor {
                 let _ = s.stop.send(true);
                 let _ = s.task.await;
                 self.status.stopped(&name);
+                self.metrics.version(&name, &s.handler.spec.digest, false);
                 report.stopped.push(name);
             }
         }
@@ -452,6 +477,9 @@ impl Supervisor {
                 tracing::info!(handler = %name, digest = handler.short_digest(), "source changed: re-bound; the old binding drains");
                 let _ = previous.stop.send(true);
                 let _ = previous.task.await;
+                if previous.handler.spec.digest != handler.spec.digest {
+                    self.metrics.version(&name, &previous.handler.spec.digest, false);
+                }
             }
         } else {
             let ctx = self.context(handler.clone()).await?;
@@ -462,6 +490,8 @@ impl Supervisor {
                 s.manifest_text = manifest_text;
             }
             self.status.serving(&handler);
+            self.metrics.version(&name, &old.spec.digest, false);
+            self.metrics.version(&name, &handler.spec.digest, true);
             tracing::info!(handler = %name, from = old.short_digest(), to = handler.short_digest(), "swapped to a new version");
         }
         Ok(Installed::Updated)

@@ -12,7 +12,7 @@ use crate::handler::Handler;
 use crate::runtime::ReloadReport;
 
 /// One handler, as served now.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct HandlerStatus {
     pub name: String,
     /// `sha256:<hex>` of the component: the version.

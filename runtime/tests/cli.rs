@@ -66,8 +66,12 @@ impl Drop for Killed {
 fn run_serves_a_request_to_echo_with_the_embedded_server() {
     build_plugins();
     // No --nats: Sluice uses 127.0.0.1:4222 if a server answers there, or starts its own.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let data = tempfile::tempdir().unwrap();
     let mut child = sluice()
-        .args(["run", "manifests/"])
+        .args(["run", "manifests/", "--admin", &admin.to_string()])
+        .arg("--data-dir")
+        .arg(data.path())
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
@@ -101,6 +105,13 @@ fn run_serves_a_request_to_echo_with_the_embedded_server() {
     let out = sluice().args(["request", "--nats", &url, "echo", "hello from the CLI"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the CLI\n");
+
+    // The admin listener answers, and `sluice status` reads it.
+    let out = sluice().args(["status", "--admin", &format!("http://{admin}")]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.lines().any(|l| l.starts_with("echo ") && l.split_whitespace().rev().nth(5) == Some("1")), "{table}");
+    assert!(table.contains("order-validator"), "{table}");
 
     // SIGTERM stops it gracefully.
     let status = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();

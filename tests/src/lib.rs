@@ -129,6 +129,11 @@ impl Sluice {
         self.running.as_ref().unwrap().reloader()
     }
 
+    /// The running runtime.
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
     /// What is served.
     pub fn status(&self) -> std::sync::Arc<sluice::status::Status> {
         self.running.as_ref().unwrap().status()
@@ -227,4 +232,17 @@ pub async fn stream_messages(
 /// `Client::flush` alone does not.
 pub async fn sync(client: &Client) {
     sluice::round_trip(client).await.unwrap();
+}
+
+/// GET `url`: the status code and the body.
+pub async fn http_get(url: &str) -> (u16, String) {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut response = agent.get(&url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap_or_default())
+    })
+    .await
+    .unwrap()
 }

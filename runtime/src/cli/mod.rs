@@ -5,6 +5,7 @@ mod dlq;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,6 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::EngineOptions;
 use crate::manifest::{ByteSize, HumanDuration};
+use crate::metrics::Metrics;
 use crate::nats_server::NatsServer;
 use crate::runtime::{LoadError, Runtime, RuntimeOptions};
 
@@ -54,6 +56,15 @@ pub enum Command {
     /// Inspect and replay a dead-letter stream.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// A table of the handlers a running Sluice serves (from its admin listener).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The admin listener of the Sluice to ask.
+    #[arg(long, env = "SLUICE_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+    pub admin: String,
 }
 
 #[derive(Debug, Args)]
@@ -67,6 +78,10 @@ pub struct RunArgs {
     /// Do not watch the manifests and components for changes (SIGHUP still reloads).
     #[arg(long)]
     pub no_watch: bool,
+    /// Serve /metrics, /healthz, /readyz, /handlers and POST /reload on this address (for
+    /// example 127.0.0.1:9090). Off unless given; prefer a loopback address.
+    #[arg(long, env = "SLUICE_ADMIN")]
+    pub admin: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -164,6 +179,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Publish(args) => publish(args).await,
         Command::Request(args) => return request(args).await,
         Command::Dlq(command) => dlq::run(command).await,
+        Command::Status(args) => status(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -208,9 +224,25 @@ fn load_error_text(e: &LoadError) -> String {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let options = RuntimeOptions { engine: args.engine.options(), data_dir: Some(args.engine.data_dir()), fault: None };
     let runtime = Runtime::load(&args.paths, options).map_err(|e| anyhow::anyhow!("{}", load_error_text(&e)))?;
+    let admin = match args.admin {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the admin routes"))?;
+            let state = crate::admin::AdminState::new(runtime.metrics(), runtime.status());
+            let task = crate::admin::serve(listener, state.clone());
+            tracing::info!("admin listener on http://{addr} (/metrics, /healthz, /readyz, /handlers, POST /reload)");
+            Some((state, AbortOnDrop(task)))
+        }
+        None => None,
+    };
     // Keep the embedded server (if any) alive until Sluice has shut down.
-    let (client, _embedded) = connect_or_embed(args.nats.as_deref()).await?;
+    let metrics = runtime.metrics();
+    let (client, _embedded) = connect_or_embed(args.nats.as_deref(), Some(&metrics)).await?;
     let mut running = runtime.bind(client).await?;
+    if let Some((state, _)) = &admin {
+        state.bound(running.client(), running.reloader());
+    }
     if !args.no_watch {
         running.watch()?;
     }
@@ -221,13 +253,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// Connects to `url`; with no URL, to the default one, starting an embedded server when
 /// nothing answers there.
-async fn connect_or_embed(url: Option<&str>) -> anyhow::Result<(Client, Option<NatsServer>)> {
+async fn connect_or_embed(
+    url: Option<&str>,
+    metrics: Option<&Arc<Metrics>>,
+) -> anyhow::Result<(Client, Option<NatsServer>)> {
     if let Some(url) = url {
-        let client = connect(url).await?;
+        let client = connect_observed(url, metrics).await?;
         tracing::info!("connected to NATS url={url}");
         return Ok((client, None));
     }
-    if let Ok(client) = connect(DEFAULT_NATS_URL).await {
+    if let Ok(client) = connect_observed(DEFAULT_NATS_URL, metrics).await {
         tracing::info!("connected to NATS url={DEFAULT_NATS_URL}");
         return Ok((client, None));
     }
@@ -239,19 +274,42 @@ async fn connect_or_embed(url: Option<&str>) -> anyhow::Result<(Client, Option<N
         data = %server.dir().display(),
         "no NATS server answered on {DEFAULT_NATS_URL}; started an embedded nats-server with JetStream (stopped when Sluice exits)"
     );
-    let client = connect(&server.url()).await?;
+    let client = connect_observed(&server.url(), metrics).await?;
     tracing::info!("connected to NATS url={}", server.url());
     Ok((client, Some(server)))
 }
 
 /// Connects with Sluice's options: a name, a short initial timeout, endless reconnects.
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
-    ConnectOptions::new()
-        .name("sluice")
-        .connection_timeout(Duration::from_secs(2))
-        .connect(url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))
+    connect_observed(url, None).await
+}
+
+/// Like [`connect`], counting the connection's state and reconnects in `metrics`.
+pub async fn connect_observed(url: &str, metrics: Option<&Arc<Metrics>>) -> anyhow::Result<Client> {
+    let mut options = ConnectOptions::new().name("sluice").connection_timeout(Duration::from_secs(2));
+    if let Some(metrics) = metrics.cloned() {
+        let seen_connect = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        options = options.event_callback(move |event| {
+            let (metrics, seen_connect) = (metrics.clone(), seen_connect.clone());
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        metrics.nats_connected.set(1.0);
+                        if seen_connect.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            metrics.nats_reconnects.increment(1);
+                        }
+                        tracing::info!("NATS connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        metrics.nats_connected.set(0.0);
+                        tracing::warn!("NATS disconnected; reconnecting");
+                    }
+                    other => tracing::debug!("NATS event: {other}"),
+                }
+            }
+        });
+    }
+    options.connect(url).await.with_context(|| format!("cannot connect to NATS at {url}"))
 }
 
 /// Reloads on every SIGHUP, until the returned task is dropped with the runtime.
@@ -306,6 +364,51 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let url = format!("{}/handlers", args.admin.trim_end_matches('/'));
+    let report: crate::admin::HandlersReport = tokio::task::spawn_blocking(move || {
+        let mut response = ureq::get(&url).call().with_context(|| format!("cannot reach {url}"))?;
+        let body = response.body_mut().read_to_string().with_context(|| format!("cannot read the answer of {url}"))?;
+        serde_json::from_str::<crate::admin::HandlersReport>(&body)
+            .with_context(|| format!("unexpected answer from {url}"))
+    })
+    .await??;
+    println!(
+        "{:<20}  {:<14}  {:<32}  {:>9}  {:>9}  {:>7}  {:>7}  {:>7}  {:>4}",
+        "HANDLER", "VERSION", "SOURCE", "RECEIVED", "SUCCEEDED", "RETRIED", "DEAD", "DUPS", "BUSY"
+    );
+    for h in &report.handlers {
+        let s = &h.status;
+        let c = &h.counters;
+        let version = s.digest.trim_start_matches("sha256:").chars().take(12).collect::<String>();
+        println!(
+            "{:<20}  {:<14}  {:<32}  {:>9}  {:>9}  {:>7}  {:>7}  {:>7}  {:>4}",
+            s.name,
+            version,
+            s.source,
+            c.received,
+            c.succeeded,
+            c.retried,
+            c.dead_lettered,
+            c.skipped_duplicates,
+            c.in_flight
+        );
+        if let Some(e) = &s.last_reload_error {
+            println!("  last reload failed; still serving the version above:\n{}", indent(e));
+        }
+    }
+    for (file, e) in &report.reload_errors {
+        if !report.handlers.iter().any(|h| &h.status.manifest == file) {
+            println!("{file}: not loaded:\n{}", indent(e));
+        }
+    }
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
 }
 
 fn header_map(pairs: &[(String, String)]) -> anyhow::Result<HeaderMap> {

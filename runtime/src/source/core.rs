@@ -59,7 +59,7 @@ pub async fn serve(versions: watch::Receiver<Context>, mut subscription: Subscri
                 // Waiting for a permit here is the backpressure: at the concurrency limit we
                 // stop reading, and the queue group hands messages to other processes.
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                let span = tracing::info_span!("message", handler = &*name, subject = %msg.subject);
+                let span = super::span(&name, &msg);
                 let task = process(versions.clone(), msg, permits.clone(), permit, stop.clone());
                 in_flight.spawn(task.instrument(span));
                 while in_flight.try_join_next().is_some() {}
@@ -83,14 +83,18 @@ async fn process(
         Original { subject: msg.subject.as_str(), headers: msg.headers.as_ref(), payload: &msg.payload, stream: None };
     let mut history: Option<History> = None;
     let mut attempt = 1;
+    let received = std::time::Instant::now();
+    versions.borrow().metrics.received();
     loop {
         let ctx = versions.borrow().clone();
         let max_attempts = ctx.handler.spec.retry.max_attempts;
+        tracing::Span::current().record("attempt", attempt);
         let delivered = Delivered { original, wit: &wit, attempt };
         let (settle, seen) = super::handle_delivery(&ctx, delivered, history.take()).await;
         history = seen;
+        super::count(&ctx, &settle, received);
         match settle {
-            Settle::Done | Settle::Halt => return,
+            Settle::Done | Settle::Skipped | Settle::Halt => return,
             Settle::Retry(delay) => {
                 drop(permit);
                 // On shutdown, the last attempt runs at once rather than being lost.

@@ -149,7 +149,7 @@ pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, m
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Some(Ok(msg)) => {
-                let span = tracing::info_span!("message", handler = &*spec.name, subject = %msg.subject);
+                let span = super::span(&spec.name, &msg.message);
                 let ctx = versions.borrow().clone();
                 in_flight.spawn(process(ctx, msg, histories.clone(), permit).instrument(span));
                 while in_flight.try_join_next().is_some() {}
@@ -171,6 +171,9 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
         }
     };
     let attempt = u32::try_from(delivered).unwrap_or(u32::MAX);
+    let received = std::time::Instant::now();
+    ctx.metrics.received();
+    tracing::Span::current().record("attempt", attempt);
     let original = Original {
         subject: msg.subject.as_str(),
         headers: msg.headers.as_ref(),
@@ -196,7 +199,11 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
                 last_failure_at: std::time::SystemTime::now(),
             },
         };
-        give_up(&ctx, &msg, verdict, &original, &histories, seq).await;
+        let settle = Settle::GiveUp(verdict);
+        super::count(&ctx, &settle, received);
+        if let Settle::GiveUp(verdict) = settle {
+            give_up(&ctx, &msg, verdict, &original, &histories, seq).await;
+        }
         return;
     }
 
@@ -204,8 +211,9 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
     let delivered = Delivered { original, wit: &wit, attempt };
     let work = super::handle_delivery(&ctx, delivered, take_history());
     let (settle, history) = with_progress_acks(&msg, ack_wait(&spec.source), work).await;
+    super::count(&ctx, &settle, received);
     match settle {
-        Settle::Done => {
+        Settle::Done | Settle::Skipped => {
             if let Err(e) = msg.ack().await {
                 tracing::warn!("cannot ack (it will be redelivered): {e}");
             }

@@ -17,6 +17,7 @@ use crate::engine::Engine;
 use crate::handler::Handler;
 use crate::host::Outputs;
 use crate::idempotency::{self, OnMissing};
+use crate::metrics::HandlerMetrics;
 use crate::outputs::OutputSender;
 use crate::retry::Decision;
 use crate::store::{Begin, Scope, StoreError};
@@ -31,6 +32,27 @@ pub struct Context {
     pub scope: Option<Scope>,
     /// Fault injection for tests; `None` in production.
     pub fault: Option<Fault>,
+    /// The handler's counters and histograms.
+    pub metrics: Arc<HandlerMetrics>,
+}
+
+/// The span of one message: handler, subject, the trace id of an incoming `traceparent`,
+/// and (recorded as they are known) the attempt and the outcome.
+pub fn span(handler: &str, msg: &async_nats::Message) -> tracing::Span {
+    let trace_id = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .and_then(|v| v.as_str().split('-').nth(1).map(str::to_owned))
+        .unwrap_or_default();
+    tracing::info_span!(
+        "message",
+        handler,
+        subject = %msg.subject,
+        trace_id,
+        attempt = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    )
 }
 
 /// The WIT view of a NATS message.
@@ -56,8 +78,10 @@ fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
 /// How a delivery ended, for the source to act on.
 #[derive(Debug)]
 pub enum Settle {
-    /// Handled, or a duplicate of a handled message: ack.
+    /// Handled: ack.
     Done,
+    /// A duplicate of a handled message: ack without running.
+    Skipped,
     /// Run it again after this delay (the failure is in the returned history).
     Retry(Duration),
     /// Dead-letter it.
@@ -87,6 +111,7 @@ pub struct Delivered<'a> {
 pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<History>) -> (Settle, Option<History>) {
     let spec = &ctx.handler.spec;
     let fail = |failure: Failure, history: Option<History>| {
+        ctx.metrics.failed(failure.kind);
         let decision = decide(ctx, &failure, d.attempt);
         let history = History::record(history, failure);
         match decision {
@@ -96,6 +121,7 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
     };
     // Failures that are final whatever the retry policy says.
     let final_failure = |kind: FailureKind, reason: String, history: Option<History>| {
+        ctx.metrics.failed(kind);
         let history = History::record(history, Failure { kind, reason, retry_after: None });
         tracing::warn!(kind = %kind, reason = %history.last.reason, "giving up on the message");
         (Settle::GiveUp(history.verdict(kind, d.attempt)), Some(history))
@@ -129,7 +155,7 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
                             return final_failure(FailureKind::IdempotencyConflict, reason, history);
                         }
                         tracing::debug!(key = %k, "duplicate of a handled message; skipped");
-                        return (Settle::Done, history);
+                        return (Settle::Skipped, history);
                     }
                     Ok(_) => key = Some((k, fingerprint)),
                 }
@@ -143,11 +169,13 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
         idempotency_key: key.as_ref().map(|(k, _)| k.clone()),
         stream_sequence: d.original.stream.map(|(_, seq)| seq),
     };
-    let result = match dispatch(&ctx.engine, &ctx.handler, ctx.scope.clone(), d.wit, &delivery).await {
+    ctx.metrics.call_started();
+    let started = std::time::Instant::now();
+    let outcome = dispatch(&ctx.engine, &ctx.handler, ctx.scope.clone(), d.wit, &delivery).await;
+    ctx.metrics.call_ended(started.elapsed());
+    let result = match outcome {
         Outcome::Success(mut outputs) => {
-            if let Some((k, _)) = &key {
-                stamp(&mut outputs, k);
-            }
+            annotate(&mut outputs, key.as_ref().map(|(k, _)| k.as_str()), d.original.headers);
             ctx.sender.send(outputs).await.map_err(|reason| Failure {
                 kind: FailureKind::OutputFailed,
                 reason,
@@ -196,13 +224,48 @@ async fn acquire(scope: &Scope, key: &str, lease: Duration) -> Result<Begin, Sto
 }
 
 /// Stamps each publication `Nats-Msg-Id = <key>/<index>` (unless the handler set one), so a
-/// stream downstream drops a re-send after a crash or a redelivery.
-fn stamp(outputs: &mut Outputs, key: &str) {
+/// stream downstream drops a re-send after a crash or a redelivery; and carries the
+/// message's W3C trace context (`traceparent`, `tracestate`) to every output it causes.
+fn annotate(outputs: &mut Outputs, key: Option<&str>, incoming: Option<&HeaderMap>) {
+    let trace: Vec<(&str, &async_nats::HeaderValue)> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|name| incoming.and_then(|h| h.get(name)).map(|v| (name, v)))
+        .collect();
     for (i, out) in outputs.published.iter_mut().enumerate() {
-        if out.headers.get("Nats-Msg-Id").is_none() {
+        if let Some(key) = key
+            && out.headers.get("Nats-Msg-Id").is_none()
+        {
             out.headers.insert("Nats-Msg-Id", format!("{key}/{i}"));
         }
     }
+    for out in outputs.published.iter_mut().chain(outputs.reply.as_mut()) {
+        for (name, value) in &trace {
+            if out.headers.get(*name).is_none() {
+                out.headers.insert(*name, (*value).clone());
+            }
+        }
+    }
+}
+
+/// Counts how a delivery settled, and how long it took since its receipt.
+pub fn count(ctx: &Context, settle: &Settle, received: std::time::Instant) {
+    let m = &ctx.metrics;
+    match settle {
+        Settle::Done => m.succeeded(),
+        Settle::Skipped => m.skipped(),
+        Settle::Retry(_) => m.retried(),
+        Settle::GiveUp(verdict) => m.dead_lettered(verdict.kind),
+        Settle::Halt => {}
+    }
+    let outcome = match settle {
+        Settle::Done => "succeeded",
+        Settle::Skipped => "skipped-duplicate",
+        Settle::Retry(_) => "retry",
+        Settle::GiveUp(_) => "given-up",
+        Settle::Halt => "halted",
+    };
+    tracing::Span::current().record("outcome", outcome);
+    m.settled(received.elapsed());
 }
 
 /// The failures of one message seen by this process.

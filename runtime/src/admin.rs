@@ -1,0 +1,136 @@
+//! The admin HTTP listener (off unless asked for, with `sluice run --admin ADDR`):
+//!
+//! | route | answers |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
+//! | `GET /healthz` | 200 while the process is alive |
+//! | `GET /readyz` | 200 once every handler is loaded and bound and NATS is connected; 503 (with the reason) otherwise |
+//! | `GET /handlers` | JSON: each handler's version, source, counters and last reload error, and the reload errors of files that serve nothing |
+//! | `POST /reload` | reloads the manifests (as SIGHUP does) and answers with what changed |
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use async_nats::Client;
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::metrics::{CountsSnapshot, Metrics};
+use crate::runtime::Reloader;
+use crate::status::{HandlerStatus, Status};
+
+/// What the admin routes read. The NATS client and the reloader arrive once the runtime is
+/// bound; until then `/readyz` says not ready.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    metrics: Arc<Metrics>,
+    status: Arc<Status>,
+    bound: Arc<RwLock<Option<(Client, Reloader)>>>,
+}
+
+impl AdminState {
+    pub fn new(metrics: Arc<Metrics>, status: Arc<Status>) -> Self {
+        AdminState { metrics, status, bound: Arc::default() }
+    }
+
+    /// Every handler is bound: readiness now depends on the NATS connection.
+    pub fn bound(&self, client: Client, reloader: Reloader) {
+        if let Ok(mut b) = self.bound.write() {
+            *b = Some((client, reloader));
+        }
+    }
+
+    fn client_and_reloader(&self) -> Option<(Client, Reloader)> {
+        self.bound.read().ok().and_then(|b| b.clone())
+    }
+}
+
+/// Serves the admin routes on `listener` until the task is dropped or aborted.
+pub fn serve(listener: TcpListener, state: AdminState) -> tokio::task::JoinHandle<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/handlers", get(handlers))
+        .route("/reload", post(reload))
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("admin listener stopped: {e}");
+        }
+    })
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    match state.client_and_reloader() {
+        None => (StatusCode::SERVICE_UNAVAILABLE, "not ready: handlers are not bound yet\n".to_owned()),
+        Some((client, _)) => match client.connection_state() {
+            async_nats::connection::State::Connected => (StatusCode::OK, "ready\n".to_owned()),
+            other => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: NATS connection is {other}\n")),
+        },
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    let connected = state
+        .client_and_reloader()
+        .is_some_and(|(c, _)| c.connection_state() == async_nats::connection::State::Connected);
+    state.metrics.nats_connected.set(if connected { 1.0 } else { 0.0 });
+    ([("content-type", "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+/// `/handlers`: one entry per handler served, plus reload errors of other files.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct HandlersReport {
+    pub handlers: Vec<HandlerReport>,
+    /// Reload errors by manifest file (a new manifest that never loaded shows only here).
+    pub reload_errors: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct HandlerReport {
+    #[serde(flatten)]
+    pub status: HandlerStatus,
+    pub counters: CountsSnapshot,
+}
+
+async fn handlers(State(state): State<AdminState>) -> Json<HandlersReport> {
+    let handlers = state
+        .status
+        .handlers()
+        .into_iter()
+        .map(|status| {
+            let counters = state.metrics.handler(&status.name).snapshot();
+            HandlerReport { status, counters }
+        })
+        .collect();
+    Json(HandlersReport { handlers, reload_errors: state.status.reload_errors() })
+}
+
+#[derive(Debug, Serialize)]
+struct ReloadAnswer {
+    started: Vec<String>,
+    updated: Vec<String>,
+    stopped: Vec<String>,
+    errors: Vec<String>,
+}
+
+async fn reload(State(state): State<AdminState>) -> impl IntoResponse {
+    let Some((_, reloader)) = state.client_and_reloader() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(None));
+    };
+    let r = reloader.reload().await;
+    let answer = ReloadAnswer {
+        started: r.started,
+        updated: r.updated,
+        stopped: r.stopped,
+        errors: r.errors.iter().map(ToString::to_string).collect(),
+    };
+    (StatusCode::OK, Json(Some(answer)))
+}

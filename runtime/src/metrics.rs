@@ -1,0 +1,258 @@
+//! Prometheus metrics, one registry per runtime (not the process-global recorder, so that
+//! several runtimes in one process — tests, embedders — keep their numbers apart).
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `sluice_messages_received_total` | counter | handler | deliveries taken from NATS (a redelivery counts again) |
+//! | `sluice_messages_succeeded_total` | counter | handler | messages handled: outputs stored, source acked |
+//! | `sluice_messages_retried_total` | counter | handler | failed attempts that will be retried |
+//! | `sluice_messages_dead_lettered_total` | counter | handler, kind | messages given up on and parked, by verdict kind |
+//! | `sluice_messages_skipped_duplicate_total` | counter | handler | duplicates of handled keys, acked without running |
+//! | `sluice_failures_total` | counter | handler, kind | failed attempts, by failure kind (trap, timeout, ...) |
+//! | `sluice_handler_duration_seconds` | histogram | handler | one call of the handler, instantiation included |
+//! | `sluice_message_latency_seconds` | histogram | handler | from receipt to the message's settlement (ack, retry scheduled, dead letter) |
+//! | `sluice_in_flight` | gauge | handler | calls running now |
+//! | `sluice_handler_info` | gauge (1) | handler, digest | the version being served |
+//! | `sluice_nats_connected` | gauge | | 1 while the NATS connection is up |
+//! | `sluice_nats_reconnects_total` | counter | | reconnections since start |
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use serde::Serialize;
+
+use crate::dispatch::FailureKind;
+
+const META: Metadata<'static> = Metadata::new("sluice", metrics::Level::INFO, Some(module_path!()));
+
+/// Histogram buckets in seconds: 100 µs to 30 s.
+const BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// The metrics of one runtime.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    handlers: Mutex<HashMap<String, Arc<HandlerMetrics>>>,
+    pub nats_connected: Gauge,
+    pub nats_reconnects: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let builder = PrometheusBuilder::new();
+        let builder =
+            builder.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS).unwrap_or_else(|_| {
+                // Only an empty bucket list fails; ours is not empty.
+                PrometheusBuilder::new()
+            });
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        describe(&recorder);
+        let nats_connected = recorder.register_gauge(&Key::from_name("sluice_nats_connected"), &META);
+        let nats_reconnects = recorder.register_counter(&Key::from_name("sluice_nats_reconnects_total"), &META);
+        Metrics { recorder, handle, handlers: Mutex::default(), nats_connected, nats_reconnects }
+    }
+}
+
+fn describe(r: &PrometheusRecorder) {
+    let d = |name: &'static str, unit: Option<Unit>, text: &'static str| (name, unit, text);
+    let counters = [
+        d("sluice_messages_received_total", None, "Deliveries taken from NATS (a redelivery counts again)."),
+        d("sluice_messages_succeeded_total", None, "Messages handled: outputs stored, source acked."),
+        d("sluice_messages_retried_total", None, "Failed attempts that will be retried."),
+        d("sluice_messages_dead_lettered_total", None, "Messages given up on and parked, by verdict kind."),
+        d("sluice_messages_skipped_duplicate_total", None, "Duplicates of handled keys, acked without running."),
+        d("sluice_failures_total", None, "Failed attempts, by failure kind."),
+        d("sluice_nats_reconnects_total", None, "NATS reconnections since start."),
+    ];
+    for (name, _, text) in counters {
+        r.describe_counter(name.into(), None, text.into());
+    }
+    r.describe_histogram(
+        "sluice_handler_duration_seconds".into(),
+        Some(Unit::Seconds),
+        "One call of the handler, instantiation included.".into(),
+    );
+    r.describe_histogram(
+        "sluice_message_latency_seconds".into(),
+        Some(Unit::Seconds),
+        "From receipt of a delivery to its settlement (ack, retry scheduled, or dead letter).".into(),
+    );
+    r.describe_gauge("sluice_in_flight".into(), None, "Handler calls running now.".into());
+    r.describe_gauge("sluice_handler_info".into(), None, "The version (component digest) being served.".into());
+    r.describe_gauge("sluice_nats_connected".into(), None, "1 while the NATS connection is up.".into());
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// The metrics of `handler` (the same ones across versions of the handler).
+    pub fn handler(&self, handler: &str) -> Arc<HandlerMetrics> {
+        let Ok(mut handlers) = self.handlers.lock() else {
+            return Arc::new(HandlerMetrics::new(&self.recorder, handler));
+        };
+        handlers
+            .entry(handler.to_owned())
+            .or_insert_with(|| Arc::new(HandlerMetrics::new(&self.recorder, handler)))
+            .clone()
+    }
+
+    /// Marks `digest` as the version `handler` serves (and an older one as no longer).
+    pub fn version(&self, handler: &str, digest: &str, serving: bool) {
+        let key = Key::from_parts("sluice_handler_info", labels(&[("handler", handler), ("digest", digest)]));
+        self.recorder.register_gauge(&key, &META).set(if serving { 1.0 } else { 0.0 });
+    }
+}
+
+fn labels(pairs: &[(&'static str, &str)]) -> Vec<Label> {
+    pairs.iter().map(|(k, v)| Label::new(*k, SharedString::from(v.to_string()))).collect()
+}
+
+/// One handler's metrics: Prometheus handles, and plain counters for the JSON status.
+pub struct HandlerMetrics {
+    received: Counter,
+    succeeded: Counter,
+    retried: Counter,
+    skipped: Counter,
+    duration: Histogram,
+    latency: Histogram,
+    in_flight: Gauge,
+    failures: HashMap<FailureKind, Counter>,
+    dead_lettered: HashMap<FailureKind, Counter>,
+    counts: Counts,
+}
+
+impl std::fmt::Debug for HandlerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerMetrics").field("counts", &self.counts.snapshot()).finish()
+    }
+}
+
+/// The counters, readable.
+#[derive(Debug, Default)]
+struct Counts {
+    received: AtomicU64,
+    succeeded: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    skipped: AtomicU64,
+    failed: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// A snapshot of a handler's counters, for `/handlers`.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CountsSnapshot {
+    pub received: u64,
+    pub succeeded: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub skipped_duplicates: u64,
+    pub failed_attempts: u64,
+    pub in_flight: u64,
+}
+
+impl Counts {
+    fn snapshot(&self) -> CountsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CountsSnapshot {
+            received: g(&self.received),
+            succeeded: g(&self.succeeded),
+            retried: g(&self.retried),
+            dead_lettered: g(&self.dead_lettered),
+            skipped_duplicates: g(&self.skipped),
+            failed_attempts: g(&self.failed),
+            in_flight: g(&self.in_flight),
+        }
+    }
+}
+
+impl HandlerMetrics {
+    fn new(r: &PrometheusRecorder, handler: &str) -> Self {
+        let h = |name: &'static str| Key::from_parts(name, labels(&[("handler", handler)]));
+        let by_kind = |name: &'static str| {
+            FailureKind::ALL
+                .into_iter()
+                .map(|k| {
+                    (
+                        k,
+                        r.register_counter(
+                            &Key::from_parts(name, labels(&[("handler", handler), ("kind", k.as_str())])),
+                            &META,
+                        ),
+                    )
+                })
+                .collect()
+        };
+        HandlerMetrics {
+            received: r.register_counter(&h("sluice_messages_received_total"), &META),
+            succeeded: r.register_counter(&h("sluice_messages_succeeded_total"), &META),
+            retried: r.register_counter(&h("sluice_messages_retried_total"), &META),
+            skipped: r.register_counter(&h("sluice_messages_skipped_duplicate_total"), &META),
+            duration: r.register_histogram(&h("sluice_handler_duration_seconds"), &META),
+            latency: r.register_histogram(&h("sluice_message_latency_seconds"), &META),
+            in_flight: r.register_gauge(&h("sluice_in_flight"), &META),
+            failures: by_kind("sluice_failures_total"),
+            dead_lettered: by_kind("sluice_messages_dead_lettered_total"),
+            counts: Counts::default(),
+        }
+    }
+
+    pub fn received(&self) {
+        self.received.increment(1);
+        self.counts.received.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn succeeded(&self) {
+        self.succeeded.increment(1);
+        self.counts.succeeded.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn retried(&self) {
+        self.retried.increment(1);
+        self.counts.retried.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn skipped(&self) {
+        self.skipped.increment(1);
+        self.counts.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn failed(&self, kind: FailureKind) {
+        if let Some(c) = self.failures.get(&kind) {
+            c.increment(1);
+        }
+        self.counts.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dead_lettered(&self, kind: FailureKind) {
+        if let Some(c) = self.dead_lettered.get(&kind) {
+            c.increment(1);
+        }
+        self.counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn call_started(&self) {
+        self.in_flight.increment(1.0);
+        self.counts.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn call_ended(&self, took: Duration) {
+        self.in_flight.decrement(1.0);
+        self.counts.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.duration.record(took.as_secs_f64());
+    }
+    pub fn settled(&self, since_receipt: Duration) {
+        self.latency.record(since_receipt.as_secs_f64());
+    }
+    pub fn snapshot(&self) -> CountsSnapshot {
+        self.counts.snapshot()
+    }
+}
