@@ -52,6 +52,10 @@ pub enum FailureKind {
     RetriesExhausted,
     /// The handler's state store could not be reached.
     StoreError,
+    /// The call queued more outputs, or more output bytes, than `limits` allow.
+    OutputLimit,
+    /// The incoming payload is larger than `limits.max_payload`.
+    PayloadTooLarge,
     /// The message has no idempotency key and the manifest says to dead-letter such.
     MissingIdempotencyKey,
     /// The key was handled before with a different payload.
@@ -70,13 +74,15 @@ impl FailureKind {
             FailureKind::OutputFailed => "output-failed",
             FailureKind::RetriesExhausted => "retries-exhausted",
             FailureKind::StoreError => "store-error",
+            FailureKind::OutputLimit => "output-limit",
+            FailureKind::PayloadTooLarge => "payload-too-large",
             FailureKind::MissingIdempotencyKey => "missing-idempotency-key",
             FailureKind::IdempotencyConflict => "idempotency-conflict",
         }
     }
 
     /// Every kind, for parsing and documentation.
-    pub const ALL: [FailureKind; 11] = [
+    pub const ALL: [FailureKind; 13] = [
         FailureKind::Rejected,
         FailureKind::RetryRequested,
         FailureKind::Trap,
@@ -86,6 +92,8 @@ impl FailureKind {
         FailureKind::OutputFailed,
         FailureKind::RetriesExhausted,
         FailureKind::StoreError,
+        FailureKind::OutputLimit,
+        FailureKind::PayloadTooLarge,
         FailureKind::MissingIdempotencyKey,
         FailureKind::IdempotencyConflict,
     ];
@@ -150,6 +158,10 @@ pub async fn dispatch(
         Err(_) => Err((false, wasmtime::Error::new(DeadlineExceeded))),
     };
 
+    if let Some(reason) = store.data_mut().outputs.over_limit.take() {
+        // Whatever the handler made of the refusal, the call broke a limit.
+        return Outcome::Failed(Failure { kind: FailureKind::OutputLimit, reason, retry_after: None });
+    }
     match result {
         Ok(Ok(())) => Outcome::Success(std::mem::take(&mut store.data_mut().outputs)),
         Ok(Err(WitFailure::Reject(reason))) => {

@@ -146,3 +146,75 @@ async fn outputs_of_a_failed_call_are_not_sent() {
     assert_eq!(sent.len(), 1);
     sluice.stop().await;
 }
+
+#[tokio::test]
+async fn runaway_recursion_is_a_trap() {
+    let server = nats();
+    let sluice = start(&server).await;
+    let nc = client(&server).await;
+    let reply = expect_failure(&nc, "recurse", "trap").await;
+    let reason = header(&reply, "Sluice-Failure-Reason").unwrap();
+    assert!(reason.contains("stack"), "the reason says what happened: {reason}");
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn outputs_over_the_limits_fail_the_call_with_output_limit() {
+    let server = nats();
+    let extra =
+        format!("{LIMITS}\n").replace("[limits]\n", "[limits]\nmax_outputs = 10\nmax_output_bytes = \"64KiB\"\n");
+    let sluice = Sluice::start(&server, &[("m.toml", manifest("misbehave", "misbehave", "misbehave", &extra))]).await;
+    let nc = client(&server).await;
+    let mut allowed = nc.subscribe("allowed.>").await.unwrap();
+    sync(&nc).await;
+
+    // Thousands of publications: the 11th is refused, and the call fails even though the
+    // handler shrugged the refusals off and returned Ok.
+    let reply = expect_failure(&nc, "publish-many:5000", "output-limit").await;
+    assert!(header(&reply, "Sluice-Failure-Reason").unwrap().contains("more than 10 outputs"));
+    // One huge payload: refused the same way.
+    let reply = expect_failure(&nc, "publish-big:1000000", "output-limit").await;
+    assert!(header(&reply, "Sluice-Failure-Reason").unwrap().contains("max_output_bytes"));
+    // Within the limits all is well, and only that was sent.
+    assert_eq!(text(&request(&nc, "misbehave", "publish-many:10").await), "accepted 10");
+    let sent = collect_quiet(&mut allowed, Duration::from_millis(300), Duration::from_secs(5)).await;
+    assert_eq!(sent.len(), 10);
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_cannot_reach_files_sockets_or_the_environment() {
+    let server = nats();
+    let sluice = start(&server).await;
+    let nc = client(&server).await;
+    let answer = text(&request(&nc, "misbehave", "escape").await);
+    assert!(answer.contains("fs=denied"), "{answer}");
+    assert!(answer.contains("net=denied"), "{answer}");
+    assert!(answer.contains("env=0"), "{answer}");
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_logs_is_cut_at_the_budget_and_the_call_goes_on() {
+    let server = nats();
+    let extra = "[limits]\ntimeout = \"8s\"\nmax_log_bytes = \"16KiB\"\n\n[retry]\nmax_attempts = 1";
+    let sluice = Sluice::start(&server, &[("m.toml", manifest("misbehave", "misbehave", "misbehave", extra))]).await;
+    let nc = client(&server).await;
+    // 4 MB of stderr: 16 KiB reach the log, the rest is dropped, the call completes.
+    assert_eq!(text(&request(&nc, "misbehave", "log-flood:4000000").await), "logged");
+    assert_eq!(text(&request(&nc, "misbehave", "ok").await), "ok");
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_payload_over_max_payload_is_refused_without_running_the_handler() {
+    let server = nats();
+    let extra = LIMITS.replace("[limits]\n", "[limits]\nmax_payload = \"1KiB\"\n");
+    let sluice = Sluice::start(&server, &[("m.toml", manifest("misbehave", "misbehave", "misbehave", &extra))]).await;
+    let nc = client(&server).await;
+    let big = format!("ok{}", " ".repeat(2048));
+    let reply = request(&nc, "misbehave", &big).await;
+    assert_eq!(header(&reply, "Sluice-Failure-Kind").as_deref(), Some("payload-too-large"));
+    assert_eq!(text(&request(&nc, "misbehave", "ok").await), "ok");
+    sluice.stop().await;
+}

@@ -17,6 +17,11 @@
 //! | `kv-set:KEY:VALUE`            | sets KEY in the handler's kv, answers `set`                 |
 //! | `kv-get:KEY`                  | answers the value of KEY, or `none`                         |
 //! | `mark:KEY`                    | `dedup.check-and-mark(KEY, 1h)`: answers `first` or `seen`  |
+//! | `recurse`                     | recurses until the stack overflows                          |
+//! | `publish-big:N`               | publishes one N-byte message to `allowed.big`, answers what the host said |
+//! | `publish-many:N`              | publishes N messages to `allowed.many`, answers how many were accepted |
+//! | `escape`                      | tries a file, a socket and the environment; answers what happened |
+//! | `log-flood:N`                 | writes N bytes of log lines to stderr, then answers `logged` |
 //! | `retry`                       | fails with `Error::Retry`                                   |
 //! | `reject`                      | fails with `Error::Reject`                                  |
 //!
@@ -90,6 +95,43 @@ fn handle(msg: Message) -> Result {
             let first = sluice_guest::dedup::check_and_mark(arg, std::time::Duration::from_secs(3600))?;
             answer(&msg, if first { "first" } else { "seen" })?;
         }
+        "recurse" => {
+            let depth = recurse(std::hint::black_box(0));
+            answer(&msg, &depth.to_string())?;
+        }
+        "publish-big" => {
+            let n: usize = arg.parse().map_err(|_| Error::reject("bad publish-big"))?;
+            let result = match sluice_guest::publish("allowed.big", vec![b'x'; n]) {
+                Ok(()) => "published".to_owned(),
+                Err(e) => format!("refused: {e}"),
+            };
+            answer(&msg, &result)?;
+        }
+        "publish-many" => {
+            let n: usize = arg.parse().map_err(|_| Error::reject("bad publish-many"))?;
+            let accepted = (0..n).filter(|i| sluice_guest::publish("allowed.many", i.to_string()).is_ok()).count();
+            answer(&msg, &format!("accepted {accepted}"))?;
+        }
+        "escape" => {
+            let fs = match std::fs::read_to_string("/etc/passwd") {
+                Ok(_) => "read".to_owned(),
+                Err(e) => format!("denied ({e})"),
+            };
+            let net = match std::net::TcpStream::connect("127.0.0.1:4222") {
+                Ok(_) => "connected".to_owned(),
+                Err(e) => format!("denied ({e})"),
+            };
+            let env = std::env::vars().count();
+            answer(&msg, &format!("fs={fs}; net={net}; env={env}"))?;
+        }
+        "log-flood" => {
+            let n: usize = arg.parse().map_err(|_| Error::reject("bad log-flood"))?;
+            let line = "x".repeat(1023);
+            for _ in 0..n / 1024 {
+                eprintln!("{line}");
+            }
+            answer(&msg, "logged")?;
+        }
         "config-gate" => {
             if sluice_guest::config("broken").as_deref() == Some("true") {
                 return Err(Error::reject("handler is broken"));
@@ -114,6 +156,13 @@ fn publish(subject: &str, text: &str) -> std::result::Result<(), sluice_guest::P
         headers.insert("Sluice-Tag", tag);
     }
     sluice_guest::publish_with_headers(subject, &headers, text)
+}
+
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let mut frame = [0u8; 256];
+    frame[0] = std::hint::black_box(depth as u8);
+    recurse(std::hint::black_box(depth + 1)) + u64::from(frame[0])
 }
 
 fn trap() -> ! {

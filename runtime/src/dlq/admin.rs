@@ -153,7 +153,7 @@ pub async fn replay(
                 headers: replay_headers(&entry.headers, stream, entry.sequence),
                 payload: entry.payload,
             };
-            if let Err(e) = sender.send(Outputs { published: vec![output], reply: None }).await {
+            if let Err(e) = sender.send(Outputs { published: vec![output], ..Outputs::default() }).await {
                 report.failed = Some((entry.sequence, e));
                 break;
             }

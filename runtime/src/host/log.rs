@@ -6,6 +6,15 @@ use crate::bindings::sluice::handler::types::Level;
 
 impl Host for HostState {
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        let taken = self.log_budget.take(message.len());
+        if taken == 0 {
+            return Ok(());
+        }
+        let mut end = taken;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let message = &message[..end];
         let handler = &*self.spec.name;
         match level {
             Level::Trace => tracing::trace!(target: "sluice::guest", handler, "{message}"),

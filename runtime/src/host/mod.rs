@@ -14,7 +14,7 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use outbox::{Output, Outputs};
-pub use stdio::GuestOutput;
+pub use stdio::{GuestOutput, LogBudget};
 
 use crate::bindings;
 use crate::handler::HandlerSpec;
@@ -32,6 +32,8 @@ pub struct HostState {
     /// The handler's store, for the guest's dedup marks and kv.
     pub(crate) scope: Option<Scope>,
     pub(crate) outputs: Outputs,
+    /// What the call may still log.
+    pub(crate) log_budget: LogBudget,
 }
 
 impl std::fmt::Debug for HostState {
@@ -45,9 +47,10 @@ impl HostState {
         // Guests get no filesystem (no preopens), no environment, no arguments and no
         // network (every socket address is denied, and TCP, UDP and name lookup are off).
         // Their stdout and stderr become log lines tagged with the handler name.
+        let log_budget = LogBudget::new(spec.limits.max_log_bytes);
         let mut wasi = WasiCtx::builder();
-        wasi.stdout(GuestOutput::new(spec.name.clone(), "stdout"))
-            .stderr(GuestOutput::new(spec.name.clone(), "stderr"))
+        wasi.stdout(GuestOutput::new(spec.name.clone(), "stdout", log_budget.clone()))
+            .stderr(GuestOutput::new(spec.name.clone(), "stderr", log_budget.clone()))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);
@@ -59,6 +62,7 @@ impl HostState {
             reply_to,
             scope,
             outputs: Outputs::default(),
+            log_budget,
         }
     }
 }
@@ -106,5 +110,19 @@ impl ResourceLimiter for GuestLimits {
 
     fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         self.inner.table_growing(current, desired, maximum)
+    }
+}
+
+impl Drop for HostState {
+    fn drop(&mut self) {
+        let dropped = self.log_budget.dropped();
+        if dropped > 0 {
+            tracing::warn!(
+                target: "sluice::guest",
+                handler = &*self.spec.name,
+                "{dropped} bytes of guest logs dropped: over limits.max_log_bytes ({}) for one message",
+                self.spec.limits.max_log_bytes
+            );
+        }
     }
 }

@@ -23,6 +23,37 @@ pub struct Output {
 pub struct Outputs {
     pub published: Vec<Output>,
     pub reply: Option<Output>,
+    /// Bytes queued so far (payloads and headers).
+    pub bytes: u64,
+    /// Set when the call went past `max_outputs` or `max_output_bytes`: the call fails with
+    /// `output-limit` whatever it returns.
+    pub over_limit: Option<String>,
+}
+
+impl Outputs {
+    /// Accounts for one more output, or says which limit it breaks.
+    fn admit(
+        &mut self,
+        limits: &crate::manifest::Limits,
+        headers: &[(String, String)],
+        payload: &[u8],
+        counts: bool,
+    ) -> Result<(), String> {
+        let size = payload.len() as u64 + headers.iter().map(|(n, v)| (n.len() + v.len() + 4) as u64).sum::<u64>();
+        let error = if counts && self.published.len() as u64 >= u64::from(limits.max_outputs) {
+            Some(format!("more than {} outputs (limits.max_outputs)", limits.max_outputs))
+        } else if self.bytes + size > limits.max_output_bytes {
+            Some(format!("outputs over {} bytes (limits.max_output_bytes)", limits.max_output_bytes))
+        } else {
+            None
+        };
+        if let Some(e) = error {
+            self.over_limit.get_or_insert_with(|| e.clone());
+            return Err(e);
+        }
+        self.bytes += size;
+        Ok(())
+    }
 }
 
 impl Host for HostState {
@@ -42,6 +73,9 @@ impl Host for HostState {
                 self.spec.publish.iter().map(|p| format!("{:?}", p.as_str())).collect::<Vec<_>>().join(", ")
             )));
         }
+        if let Err(e) = self.outputs.admit(&self.spec.limits, &headers, &payload, true) {
+            return Ok(Err(e));
+        }
         let headers = match header_map(headers) {
             Ok(h) => h,
             Err(e) => return Ok(Err(e)),
@@ -56,6 +90,9 @@ impl Host for HostState {
         };
         if self.outputs.reply.is_some() {
             return Ok(Err("a reply was already queued for this message".to_owned()));
+        }
+        if let Err(e) = self.outputs.admit(&self.spec.limits, &headers, &payload, false) {
+            return Ok(Err(e));
         }
         let headers = match header_map(headers) {
             Ok(h) => h,

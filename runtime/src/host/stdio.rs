@@ -9,8 +9,30 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
-/// Bytes of stdout or stderr one call may log; the rest is counted and dropped.
-pub const LOG_BUDGET: usize = 64 * 1024;
+/// What one call may still log (stdout, stderr and the log interface together).
+#[derive(Debug, Clone)]
+pub struct LogBudget(Arc<Mutex<(u64, u64)>>);
+
+impl LogBudget {
+    pub fn new(bytes: u64) -> Self {
+        LogBudget(Arc::new(Mutex::new((bytes, 0))))
+    }
+
+    /// How many of `len` bytes may be logged; the rest is counted as dropped.
+    pub fn take(&self, len: usize) -> usize {
+        let Ok(mut b) = self.0.lock() else { return 0 };
+        let (left, dropped) = &mut *b;
+        let taken = (len as u64).min(*left);
+        *left -= taken;
+        *dropped += len as u64 - taken;
+        usize::try_from(taken).unwrap_or(0)
+    }
+
+    /// Bytes dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.0.lock().map_or(0, |b| b.1)
+    }
+}
 
 /// One guest output stream (stdout or stderr) of one call.
 #[derive(Clone)]
@@ -26,27 +48,18 @@ struct LineLog {
     handler: Arc<str>,
     stream: &'static str,
     partial: Vec<u8>,
-    budget: usize,
-    dropped: usize,
+    budget: LogBudget,
 }
 
 impl GuestOutput {
-    pub fn new(handler: Arc<str>, stream: &'static str) -> Self {
-        GuestOutput(Arc::new(Mutex::new(LineLog {
-            handler,
-            stream,
-            partial: Vec::new(),
-            budget: LOG_BUDGET,
-            dropped: 0,
-        })))
+    pub fn new(handler: Arc<str>, stream: &'static str, budget: LogBudget) -> Self {
+        GuestOutput(Arc::new(Mutex::new(LineLog { handler, stream, partial: Vec::new(), budget })))
     }
 }
 
 impl LineLog {
     fn write(&mut self, mut buf: &[u8]) {
-        let taken = buf.len().min(self.budget);
-        self.dropped += buf.len() - taken;
-        self.budget -= taken;
+        let taken = self.budget.take(buf.len());
         buf = &buf[..taken];
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             self.partial.extend_from_slice(&buf[..nl]);
@@ -68,16 +81,6 @@ impl Drop for LineLog {
     fn drop(&mut self) {
         if !self.partial.is_empty() {
             self.emit();
-        }
-        if self.dropped > 0 {
-            tracing::warn!(
-                target: "sluice::guest",
-                handler = &*self.handler,
-                stream = self.stream,
-                "{} bytes of guest {} dropped: over the {LOG_BUDGET}-byte budget per message",
-                self.dropped,
-                self.stream
-            );
         }
     }
 }

@@ -105,7 +105,19 @@ pub struct Limits {
     pub memory: u64,
     pub timeout: Duration,
     pub max_concurrency: u32,
+    pub max_outputs: u32,
+    pub max_output_bytes: u64,
+    /// `None`: whatever the NATS server lets through.
+    pub max_payload: Option<u64>,
+    pub max_log_bytes: u64,
 }
+
+/// Publications one call may queue when the manifest does not say.
+pub const DEFAULT_MAX_OUTPUTS: u32 = 100;
+/// Total output bytes of one call when the manifest does not say.
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 4 << 20;
+/// Log bytes one call may write when the manifest does not say.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 << 10;
 
 /// Byte ranges of values that later checks (engine, registry) may have to point at.
 #[derive(Debug, Clone, Default)]
@@ -170,6 +182,22 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         memory: raw.limits.memory.as_ref().map_or(DEFAULT_MEMORY, |m| m.get_ref().0),
         timeout: raw.limits.timeout.map_or(DEFAULT_TIMEOUT, |t| t.0),
         max_concurrency: raw.limits.max_concurrency.map_or(DEFAULT_MAX_CONCURRENCY, |c| c.0),
+        max_outputs: match raw.limits.max_outputs {
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(v @ 0..=100_000) => v,
+                _ => {
+                    return Err(ManifestError::at(
+                        &file,
+                        n.span(),
+                        format!("max_outputs = {} is out of range; expected 0 to 100000", n.get_ref()),
+                    ));
+                }
+            },
+            None => DEFAULT_MAX_OUTPUTS,
+        },
+        max_output_bytes: raw.limits.max_output_bytes.map_or(DEFAULT_MAX_OUTPUT_BYTES, |b| b.0),
+        max_payload: raw.limits.max_payload.map(|b| b.0),
+        max_log_bytes: raw.limits.max_log_bytes.map_or(DEFAULT_MAX_LOG_BYTES, |b| b.0),
     };
     let source_span = raw.source.span();
     let source = resolve_source(&file, source_span, raw.source.into_inner(), &name, &limits)?;

@@ -162,6 +162,15 @@ pub struct LimitsSection {
     pub timeout: Option<HumanDuration>,
     /// `max_concurrency = 64`: messages of this handler processed at once.
     pub max_concurrency: Option<Concurrency>,
+    /// `max_outputs = 100`: publications one call may queue.
+    pub max_outputs: Option<Spanned<i64>>,
+    /// `max_output_bytes = "1MiB"`: total size (payloads and headers) of one call's outputs.
+    pub max_output_bytes: Option<ByteSize>,
+    /// `max_payload = "1MiB"`: the largest incoming payload handed to the handler.
+    pub max_payload: Option<ByteSize>,
+    /// `max_log_bytes = "64KiB"`: log and stdout/stderr bytes one call may write; the rest
+    /// is dropped (and counted in a warning).
+    pub max_log_bytes: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

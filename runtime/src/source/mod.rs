@@ -127,6 +127,13 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
         (Settle::GiveUp(history.verdict(kind, d.attempt)), Some(history))
     };
 
+    if let Some(max) = spec.limits.max_payload
+        && d.original.payload.len() as u64 > max
+    {
+        let reason = format!("payload of {} bytes is over limits.max_payload ({max} bytes)", d.original.payload.len());
+        return final_failure(FailureKind::PayloadTooLarge, reason, history);
+    }
+
     // The gate: derive the key, and take the lease on it unless it was handled already.
     let mut key = None;
     if let (Some(idem), Some(scope)) = (&spec.idempotency, &ctx.scope) {
