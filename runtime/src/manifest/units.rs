@@ -7,6 +7,11 @@ use std::time::Duration;
 
 use serde::de::{self, Deserialize, Deserializer};
 
+/// The longest duration a manifest may write. Longer ones make no sense for any key, and
+/// the runtime adds and multiplies them (deadlines, leases, ack waits in nanoseconds), which
+/// must not overflow: the fuzzer found that an unbounded `timeout` panicked every message.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// A duration written as a string: `timeout = "2s"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
@@ -18,6 +23,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
             Ok(d) if d.is_zero() => Err(de::Error::custom(format!(
                 "duration {text:?} is zero; expected a positive duration like \"500ms\" or \"2s\""
             ))),
+            Ok(d) if d > MAX_DURATION => {
+                Err(de::Error::custom(format!("duration {text:?} is too long; at most 10 years (\"3650d\") is accepted")))
+            }
             Ok(d) => Ok(HumanDuration(d)),
             Err(e) => Err(de::Error::custom(format!(
                 "invalid duration {text:?} ({e}); expected a number and a unit, like \"500ms\", \"2s\", \"1m\" or \"24h\""
@@ -88,6 +96,8 @@ mod tests {
         assert!(parse("d = \"0s\"").unwrap_err().contains("is zero"));
         assert!(parse("d = \"2 parsecs\"").unwrap_err().contains("expected a number and a unit"));
         assert!(parse("d = 2").is_err());
+        assert!(parse("d = \"9999999999999999999s\"").unwrap_err().contains("too long"));
+        assert!(parse("d = \"3650d\"").is_ok());
     }
 
     #[test]
