@@ -23,9 +23,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
             Ok(d) if d.is_zero() => Err(de::Error::custom(format!(
                 "duration {text:?} is zero; expected a positive duration like \"500ms\" or \"2s\""
             ))),
-            Ok(d) if d > MAX_DURATION => {
-                Err(de::Error::custom(format!("duration {text:?} is too long; at most 10 years (\"3650d\") is accepted")))
-            }
+            Ok(d) if d > MAX_DURATION => Err(de::Error::custom(format!(
+                "duration {text:?} is too long; at most 10 years (\"3650d\") is accepted"
+            ))),
             Ok(d) => Ok(HumanDuration(d)),
             Err(e) => Err(de::Error::custom(format!(
                 "invalid duration {text:?} ({e}); expected a number and a unit, like \"500ms\", \"2s\", \"1m\" or \"24h\""
