@@ -26,6 +26,13 @@ fn check_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn check_value(value: &[u8]) -> Result<(), String> {
+    if value.len() > MAX_VALUE {
+        return Err(format!("values are at most {MAX_VALUE} bytes"));
+    }
+    Ok(())
+}
+
 impl dedup::Host for HostState {
     async fn check_and_mark(&mut self, key: String, ttl_ms: u64) -> wasmtime::Result<Result<bool, String>> {
         let scope = self.scope();
@@ -65,9 +72,7 @@ impl kv::Host for HostState {
         Ok(async move {
             check_key(&key)?;
             let scope = scope?;
-            if value.len() > MAX_VALUE {
-                return Err(format!("values are at most {MAX_VALUE} bytes"));
-            }
+            check_value(&value)?;
             scope.kv_put(&key, Some(value)).await.map_err(|e| e.to_string())
         }
         .await)
@@ -93,9 +98,7 @@ impl kv::Host for HostState {
         Ok(async move {
             check_key(&key)?;
             let scope = scope?;
-            if value.len() > MAX_VALUE {
-                return Err(format!("values are at most {MAX_VALUE} bytes"));
-            }
+            check_value(&value)?;
             scope.kv_cas(&key, expected.as_deref(), value).await.map_err(|e| e.to_string())
         }
         .await)
