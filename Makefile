@@ -20,6 +20,12 @@ plugins: tools
 build: tools plugins
 	$(CARGO) build --release -p sluice
 
+# Native NATS baselines against Sluice, in one run of a few minutes (bench/README.md).
+# Writes BENCHMARKS.md and bench/results.json.
+bench: tools plugins
+	$(CARGO) build --release -p sluice
+	$(CARGO) run --release -p sluice-bench
+
 lint: tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -1,0 +1,726 @@
+//! Every measurement of a run, each with its warm-up. See bench/README.md for why each one is
+//! measured the way it is.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull, stream};
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::latency::{self, LatencyRun};
+use crate::nats::{self, Counter, Server};
+use crate::process::Proc;
+use crate::report::{self, Results, Startup, Throughput};
+
+/// Every message is this big (the payload; NATS adds the subject and protocol framing).
+pub const MESSAGE_BYTES: usize = 128;
+
+/// The most messages sent to Sluice's core subscription at once. async-nats buffers 64 Ki
+/// messages per subscription (Sluice uses the default) and drops the excess as a slow
+/// consumer, so a burst or a window must stay below that.
+const CORE_WINDOW: u64 = 60_000;
+
+/// The consumer settings Sluice uses by default (README, manifest reference), for the native
+/// JetStream baseline.
+const MAX_ACK_PENDING: i64 = 1000;
+
+/// Offered loads of the latency runs, as fractions of Sluice's maximum request rate.
+const LATENCY_LOADS: [f64; 2] = [0.2, 0.6];
+
+/// A benchmark run: the server, the binaries, the scratch folder.
+#[derive(Debug)]
+pub struct Bench {
+    server: Server,
+    root: PathBuf,
+    sluice: PathBuf,
+    exe: PathBuf,
+    work: tempfile::TempDir,
+    logs: PathBuf,
+    secs: f64,
+    started: Instant,
+}
+
+impl Bench {
+    pub fn new(root: PathBuf, sluice: PathBuf, secs: f64) -> anyhow::Result<Self> {
+        if !sluice.is_file() {
+            bail!(
+                "{} not found: build it with `cargo build --release -p sluice` (or run `make bench`)",
+                sluice.display()
+            );
+        }
+        for plugin in ["noop", "echo", "order-validator"] {
+            let wasm = root.join(format!("plugins/dist/{plugin}.wasm"));
+            if !wasm.is_file() {
+                bail!("{} not found: run scripts/build-plugins.sh (or `make bench`)", wasm.display());
+            }
+        }
+        let logs = root.join("target/bench-logs");
+        std::fs::create_dir_all(&logs)?;
+        let server = Server::start().context("cannot start nats-server")?;
+        Ok(Bench {
+            server,
+            exe: std::env::current_exe()?,
+            sluice,
+            work: tempfile::Builder::new().prefix("sluice-bench-").tempdir()?,
+            logs,
+            secs,
+            started: Instant::now(),
+            root,
+        })
+    }
+
+    fn say(&self, what: &str) {
+        eprintln!("[{:6.1}s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    pub async fn run_all(self) -> anyhow::Result<Results> {
+        let url = self.server.url();
+        self.say(&format!("nats-server {} at {url}; logs in {}", self.server.version().await?, self.logs.display()));
+        let machine = report::machine(&self.root, &self.server).await?;
+        if machine.busy_before_run > 0.2 {
+            self.say(&format!(
+                "warning: {:.0}% of the CPU was busy before the run started; every figure will be lower than on an idle machine",
+                machine.busy_before_run * 100.0
+            ));
+        }
+
+        // Start-up first, with no traffic: 1 and 20 noop handlers, cold and warm. The cold
+        // 1-handler runs also give the idle SIGTERM-to-exit time that the core noop
+        // measurement subtracts.
+        self.say("start-up and idle memory: 1 handler");
+        let one = self.manifests("startup-1", &[self.noop_core_manifest("bench-noop")])?;
+        let mut startup = self.startup("startup_1_handler", &one, 1, 3).await?;
+        let exit_overhead = startup.first().map_or(0.0, |s| s.exit_s);
+        self.say("start-up and idle memory: 20 handlers");
+        let twenty: Vec<String> = self
+            .variants("noop", 20)?
+            .iter()
+            .enumerate()
+            .map(|(i, wasm)| {
+                manifest_with(&format!("bench-idle-{i:02}"), wasm, &format!("subject = \"bench.idle.{i}\""), "")
+            })
+            .collect();
+        let twenty = self.manifests("startup-20", &twenty)?;
+        startup.extend(self.startup("startup_20_handlers", &twenty, 20, 3).await?);
+
+        let mut throughput = Vec::new();
+        self.say("native core subscriber");
+        throughput.push(self.native_core().await?);
+        self.say("native JetStream pull consumer");
+        throughput.push(self.native_jetstream().await?);
+        self.say("Sluice core, noop");
+        throughput.push(self.sluice_core_noop(exit_overhead).await?);
+        self.say("Sluice JetStream, noop");
+        throughput.push(self.sluice_jetstream("noop", "BENCH_SLUICE_NOOP", "bench.sluice.js.noop").await?);
+        self.say("Sluice core, order-validator");
+        throughput.push(self.sluice_core_orders().await?);
+        self.say("Sluice JetStream, order-validator");
+        throughput
+            .push(self.sluice_jetstream("order-validator", "BENCH_SLUICE_ORDERS", "bench.sluice.js.orders").await?);
+        self.say("request/reply: native echo and Sluice echo, throughput and latency");
+        let (native_echo, sluice_echo, latency) = self.echo().await?;
+        throughput.push(native_echo);
+        throughput.push(sluice_echo);
+
+        let slow = self.server.slow_consumers().await?;
+        let wall = self.started.elapsed().as_secs_f64();
+        let busy_after = report::cpu_busy(Duration::from_secs(2)).await;
+        self.say("done");
+        Ok(report::results(machine, busy_after, MESSAGE_BYTES, self.secs, wall, slow, throughput, latency, startup))
+    }
+
+    // ---- manifests and processes ----
+
+    fn wasm(&self, plugin: &str) -> PathBuf {
+        self.root.join(format!("plugins/dist/{plugin}.wasm"))
+    }
+
+    /// A manifest: handler `name` running `plugin`, with `source` lines and extra sections.
+    fn manifest_text(&self, name: &str, plugin: &str, source: &str, extra: &str) -> String {
+        manifest_with(name, &self.wasm(plugin), source, extra)
+    }
+
+    fn noop_core_manifest(&self, name: &str) -> String {
+        self.manifest_text(name, "noop", "subject = \"bench.sluice.noop\"", "")
+    }
+
+    /// Writes manifests into a fresh folder of the scratch space.
+    fn manifests(&self, folder: &str, texts: &[String]) -> anyhow::Result<PathBuf> {
+        let dir = self.work.path().join(folder);
+        std::fs::create_dir_all(&dir)?;
+        for (i, text) in texts.iter().enumerate() {
+            std::fs::write(dir.join(format!("h{i:02}.toml")), text)?;
+        }
+        Ok(dir)
+    }
+
+    /// Starts `sluice run DIR --nats URL` (logging at the default `info` level), with its
+    /// state (compile cache, stores) in the run's scratch folder rather than the user's.
+    fn spawn_sluice(&self, dir: &Path, log: &str) -> anyhow::Result<Proc> {
+        self.spawn_sluice_with(dir, log, &self.work.path().join("data"))
+    }
+
+    /// Like [`spawn_sluice`](Self::spawn_sluice), with state in `data` (`SLUICE_DATA_DIR`,
+    /// ignored by versions without one).
+    fn spawn_sluice_with(&self, dir: &Path, log: &str, data: &Path) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(&self.sluice);
+        cmd.arg("run")
+            .arg(dir)
+            .args(["--nats", &self.server.url()])
+            .env("RUST_LOG", "info")
+            .env("SLUICE_DATA_DIR", data)
+            .env_remove("SLUICE_NATS_URL");
+        Proc::spawn(log, cmd, &self.logs.join(format!("{log}.log")))
+    }
+
+    async fn start_sluice(&self, dir: &Path, log: &str) -> anyhow::Result<Proc> {
+        let mut proc = self.spawn_sluice(dir, log)?;
+        proc.wait_line(is_ready, Duration::from_secs(60)).await?;
+        Ok(proc)
+    }
+
+    /// Starts this binary as one of the native baselines and waits for its `ready`.
+    async fn start_native(&self, role: &str, args: &[&str]) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg(role).args(["--url", &self.server.url()]).args(args);
+        let mut proc = Proc::spawn(role, cmd, &self.logs.join(format!("{role}.log")))?;
+        proc.wait_line(|l| l == "ready", Duration::from_secs(20)).await?;
+        Ok(proc)
+    }
+
+    // ---- start-up ----
+
+    /// Start-up of `runs` processes, each with an empty data folder (so an empty compile
+    /// cache: every component compiled), then, if that filled a compiled-component cache,
+    /// `runs` more reusing the last one's folder (warm cache).
+    async fn startup(&self, id: &str, dir: &Path, handlers: usize, runs: usize) -> anyhow::Result<Vec<Startup>> {
+        let mut cold = Vec::new();
+        let mut data = PathBuf::new();
+        for run in 0..runs {
+            data = self.work.path().join(format!("data-{id}-{run}"));
+            cold.push(self.start_once(dir, &data, &format!("{id}-cold-{run}")).await?);
+        }
+        let mut measured = vec![report::startup(&format!("{id}_cold"), handlers, "cold", cold)];
+        if has_compiled_cache(&data) {
+            let mut warm = Vec::new();
+            for run in 0..runs {
+                warm.push(self.start_once(dir, &data, &format!("{id}-warm-{run}")).await?);
+            }
+            measured.push(report::startup(&format!("{id}_warm"), handlers, "warm", warm));
+        }
+        Ok(measured)
+    }
+
+    /// One start: spawn to `ready`, VmRSS a second later, SIGTERM to exit.
+    async fn start_once(&self, dir: &Path, data: &Path, log: &str) -> anyhow::Result<(f64, u64, f64)> {
+        let mut proc = self.spawn_sluice_with(dir, log, data)?;
+        let (at, _) = proc.wait_line(is_ready, Duration::from_secs(120)).await?;
+        let ready = (at - proc.spawned_at).as_secs_f64();
+        // Let it settle (epoch ticker, connection) before reading its memory.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss = proc.rss_kib()?;
+        let term = Instant::now();
+        proc.terminate()?;
+        let (gone, status) = proc.wait_exit(Duration::from_secs(30)).await?;
+        if !status.success() {
+            bail!("sluice exited with {status} after SIGTERM");
+        }
+        Ok((ready, rss, (gone - term).as_secs_f64()))
+    }
+
+    /// `count` copies of a plugin that differ only by a custom section, so that each has its
+    /// own digest (and its own compilation and cache entry), like distinct handlers would.
+    fn variants(&self, plugin: &str, count: usize) -> anyhow::Result<Vec<PathBuf>> {
+        let wasm = std::fs::read(self.wasm(plugin))?;
+        let dir = self.work.path().join("variants");
+        std::fs::create_dir_all(&dir)?;
+        (0..count)
+            .map(|i| {
+                let path = dir.join(format!("{plugin}-{i:02}.wasm"));
+                let name = b"sluice-bench-variant";
+                let content = format!("{i:02}");
+                let size = 1 + name.len() + content.len();
+                let mut bytes = wasm.clone();
+                // A custom section (id 0): size, name length, name, content; all below 128,
+                // so each LEB128 length is one byte.
+                bytes.extend_from_slice(&[0, size as u8, name.len() as u8]);
+                bytes.extend_from_slice(name);
+                bytes.extend_from_slice(content.as_bytes());
+                std::fs::write(&path, bytes)?;
+                Ok(path)
+            })
+            .collect()
+    }
+
+    // ---- throughput: native ----
+
+    async fn native_core(&self) -> anyhow::Result<Throughput> {
+        let subject = "bench.native.core";
+        let mut child = self.start_native("native-count", &["--subject", subject]).await?;
+        let client = nats::connect(&self.server.url(), "bench-publisher").await?;
+        let warm = 200_000;
+        let d = native_count_round(&mut child, &client, subject, warm, 60.0).await?;
+        let n = calibrate(warm as f64 / d.as_secs_f64(), self.secs, 200_000, 5_000_000);
+        let ticks = child.cpu_ticks()?;
+        let d = native_count_round(&mut child, &client, subject, n, 120.0).await?;
+        let cpu = child.cpu_ticks()? - ticks;
+        Ok(Throughput::new("native_core", "native core subscriber, counts (async-nats, no handler)", "core", "-", n, d)
+            .how(warm, "burst: publish N as fast as possible, time until the subscriber has counted N")
+            .cpu(cpu))
+    }
+
+    async fn native_jetstream(&self) -> anyhow::Result<Throughput> {
+        let (name, subject, durable) = ("BENCH_NATIVE", "bench.native.js", "native");
+        let js = jetstream::new(nats::connect(&self.server.url(), "bench-js").await?);
+        let stream = nats::create_stream(&js, name, subject).await?;
+        stream
+            .create_consumer(pull::Config {
+                durable_name: Some(durable.to_owned()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: MAX_ACK_PENDING,
+                max_deliver: -1,
+                ..Default::default()
+            })
+            .await
+            .context("cannot create the native consumer")?;
+        let run = JsRun {
+            js: &js,
+            stream: &stream,
+            consumer: durable,
+            subject,
+            counter: None,
+            who: JsConsumer::Native { stream: name },
+        };
+        let m = self.js_measure(&run, (20_000, 20_000, 1_000_000), &blob).await?;
+        let _ = js.delete_stream(name).await;
+        let mut t = Throughput::new(
+            "native_jetstream",
+            "native JetStream durable pull consumer, acks each (async-nats, no handler)",
+            "jetstream",
+            "-",
+            m.messages,
+            m.took,
+        )
+        .how(m.warmup, JS_METHOD)
+        .cpu(m.cpu_ticks);
+        t.redelivered = Some(m.redelivered);
+        Ok(t)
+    }
+
+    /// Times a JetStream consumer on messages stored before it starts. First a calibration
+    /// run (pre-load `warm`, start the consumer, time until drained, stop it) sizes the
+    /// measurement; then `warm + n` are pre-loaded with nothing consuming, a fresh consumer
+    /// process starts, and the time runs from when its ack floor passes the first `warm`
+    /// (its warm-up) until the consumer has nothing pending and nothing awaiting an ack.
+    async fn js_measure(
+        &self,
+        run: &JsRun<'_>,
+        (warm, min, max): (u64, u64, u64),
+        payload: &impl Fn(u64) -> Bytes,
+    ) -> anyhow::Result<JsMeasured> {
+        let (stream, consumer) = (run.stream, run.consumer);
+        // The stream is new: the calibration messages are sequences 1..=warm.
+        nats::preload(run.js, run.subject, warm, payload).await?;
+        let proc = self.start_js_consumer(run, "calibration").await?;
+        let t0 = Instant::now();
+        let (t1, _) = nats::wait_drained(stream, consumer, Duration::from_secs(180)).await?;
+        self.stop(proc).await?;
+        let n = calibrate(warm as f64 / (t1 - t0).as_secs_f64(), self.secs, min, max);
+
+        let total = warm + n;
+        nats::preload(run.js, run.subject, total, payload).await?;
+        let info = nats::consumer_info(stream, consumer).await?;
+        if info.num_pending != total {
+            bail!("consumer {consumer} has {} pending after pre-loading {total}", info.num_pending);
+        }
+        let done = run.counter.map(|c| c.expect(total)).transpose()?;
+        let proc = self.start_js_consumer(run, "measured").await?;
+        let warmed_up = warm + warm;
+        let limit = Instant::now() + Duration::from_secs(180);
+        let mut start: Option<(Instant, u64)> = None;
+        let (end, ticks, info) = loop {
+            let info = nats::consumer_info(stream, consumer).await?;
+            let now = Instant::now();
+            if start.is_none() && info.ack_floor.stream_sequence >= warmed_up {
+                start = Some((now, proc.cpu_ticks()?));
+            }
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                break (now, proc.cpu_ticks()?, info);
+            }
+            if now > limit {
+                bail!(
+                    "consumer {consumer} not drained after 180 s: {} pending, {} awaiting an ack",
+                    info.num_pending,
+                    info.num_ack_pending
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let (start, start_ticks) = start.unwrap_or((end, ticks));
+        if let (Some(done), Some(counter)) = (done, run.counter) {
+            nats::wait_count(done, counter, total, Duration::from_secs(10)).await?;
+        }
+        self.stop(proc).await?;
+        Ok(JsMeasured {
+            warmup: warm,
+            messages: n,
+            took: end - start,
+            cpu_ticks: ticks - start_ticks,
+            redelivered: info.num_redelivered as u64,
+        })
+    }
+
+    async fn start_js_consumer(&self, run: &JsRun<'_>, phase: &str) -> anyhow::Result<Proc> {
+        match &run.who {
+            JsConsumer::Native { stream } => {
+                self.start_native("native-pull", &["--stream", stream, "--consumer", run.consumer]).await
+            }
+            JsConsumer::Sluice { dir } => self.start_sluice(dir, &format!("sluice-{}-{phase}", run.consumer)).await,
+        }
+    }
+
+    /// SIGTERM, and wait for the exit.
+    async fn stop(&self, mut proc: Proc) -> anyhow::Result<()> {
+        proc.terminate()?;
+        proc.wait_exit(Duration::from_secs(60)).await?;
+        Ok(())
+    }
+
+    // ---- throughput: Sluice ----
+
+    /// Core noop: the handler has no output, so completion is observed through Sluice's
+    /// graceful shutdown, which handles every message already delivered before it exits.
+    async fn sluice_core_noop(&self, exit_overhead: f64) -> anyhow::Result<Throughput> {
+        let subject = "bench.sluice.noop";
+        let dir = self.manifests("core-noop", &[self.noop_core_manifest("bench-noop")])?;
+        let mut proc = self.start_sluice(&dir, "sluice-core-noop").await?;
+        let client = nats::connect(&self.server.url(), "bench-publisher").await?;
+
+        // Warm-up: a burst, then wait until Sluice has used no CPU for 100 ms. That also
+        // gives a rough rate, to size the measured burst.
+        let warm = 5_000;
+        let t0 = Instant::now();
+        nats::publish_burst(&client, subject, None, warm, &blob).await?;
+        let last_busy = proc.wait_idle(Duration::from_millis(100), Duration::from_secs(60)).await?;
+        let rough = warm as f64 / (last_busy - t0).as_secs_f64();
+        let n = calibrate(rough, self.secs, 5_000, CORE_WINDOW);
+
+        let slow_before = self.server.slow_consumers().await?;
+        let (out_before, _) = self.server.connection("sluice").await?;
+        let t0 = Instant::now();
+        nats::publish_burst(&client, subject, None, n, &blob).await?;
+        // Every message written to Sluice's socket, nothing held back by the server...
+        let limit = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (out, pending) = self.server.connection("sluice").await?;
+            if out - out_before >= n && pending == 0 {
+                break;
+            }
+            if Instant::now() > limit {
+                bail!("the server did not deliver {n} messages to sluice within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // ...and read by its client (what is still in the socket buffers takes a few ms).
+        let ticks = proc.cpu_ticks()?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let still_busy = proc.cpu_ticks()? != ticks;
+        let term = Instant::now();
+        proc.terminate()?;
+        let (gone, status) = proc.wait_exit(Duration::from_secs(120)).await?;
+        if !status.success() {
+            bail!("sluice exited with {status} after SIGTERM");
+        }
+        let slow_after = self.server.slow_consumers().await?;
+        if slow_after != slow_before {
+            bail!("nats-server saw a slow consumer during the core noop run: messages were lost");
+        }
+        let elapsed = (gone - t0).as_secs_f64() - exit_overhead;
+        let mut t = Throughput::new(
+            "sluice_core_noop",
+            "Sluice, core subject, noop handler",
+            "core",
+            "noop",
+            n,
+            Duration::from_secs_f64(elapsed.max(1e-6)),
+        )
+        .how(warm, DRAIN_METHOD);
+        t.notes.push(format!(
+            "SIGTERM sent {:.0} ms after the first publish; idle exit time subtracted: {:.1} ms",
+            (term - t0).as_secs_f64() * 1000.0,
+            exit_overhead * 1000.0
+        ));
+        if !still_busy {
+            t.notes.push("sluice was already idle when SIGTERM was sent: the rate is a lower bound".into());
+        }
+        Ok(t)
+    }
+
+    async fn sluice_core_orders(&self) -> anyhow::Result<Throughput> {
+        let subject = "bench.sluice.orders";
+        let dir = self.manifests(
+            "core-orders",
+            &[self.manifest_text("bench-orders", "order-validator", &format!("subject = \"{subject}\""), ORDERS_EXTRA)],
+        )?;
+        let proc = self.start_sluice(&dir, "sluice-core-orders").await?;
+        let (n, d, warm, cpu) =
+            self.counted(&proc, subject, "orders.validated", false, (5_000, 5_000, 1_000_000), &order).await?;
+        Ok(Throughput::new(
+            "sluice_core_order_validator",
+            "Sluice, core subject, order-validator (JSON parse + publish)",
+            "core",
+            "order-validator",
+            n,
+            d,
+        )
+        .how(warm, COUNTED_METHOD)
+        .cpu(cpu))
+    }
+
+    /// A JetStream handler (Sluice creates its consumer when it starts), measured as
+    /// [`js_measure`](Self::js_measure) says.
+    async fn sluice_jetstream(&self, plugin: &'static str, name: &str, subject: &str) -> anyhow::Result<Throughput> {
+        let js = jetstream::new(nats::connect(&self.server.url(), "bench-js").await?);
+        let stream = nats::create_stream(&js, name, subject).await?;
+        let handler = format!("bench-{plugin}-js");
+        let orders = plugin == "order-validator";
+        let dir = self.manifests(
+            &format!("js-{plugin}"),
+            &[self.manifest_text(
+                &handler,
+                plugin,
+                &format!("stream = \"{name}\""),
+                if orders { ORDERS_EXTRA } else { "" },
+            )],
+        )?;
+        let observer = nats::connect(&self.server.url(), "bench-observer").await?;
+        let counter = if orders { Some(Counter::start(&observer, "orders.validated").await?) } else { None };
+        let run = JsRun {
+            js: &js,
+            stream: &stream,
+            consumer: &handler,
+            subject,
+            counter: counter.as_ref(),
+            who: JsConsumer::Sluice { dir },
+        };
+        let payload = if orders { order } else { blob };
+        let m = self.js_measure(&run, (5_000, 5_000, 500_000), &payload).await?;
+        let _ = js.delete_stream(name).await;
+        let (id, label) = if orders {
+            ("sluice_jetstream_order_validator", "Sluice, JetStream, order-validator (JSON parse + publish)")
+        } else {
+            ("sluice_jetstream_noop", "Sluice, JetStream, noop handler")
+        };
+        let mut t = Throughput::new(id, label, "jetstream", plugin, m.messages, m.took)
+            .how(m.warmup, JS_METHOD)
+            .cpu(m.cpu_ticks);
+        t.redelivered = Some(m.redelivered);
+        Ok(t)
+    }
+
+    /// Request/reply: native echo and Sluice's echo handler, maximum rate (replies counted),
+    /// then latency at fixed fractions of Sluice's maximum, for both.
+    async fn echo(&self) -> anyhow::Result<(Throughput, Throughput, Vec<LatencyRun>)> {
+        let native_subject = "bench.native.echo";
+        let sluice_subject = "bench.sluice.echo";
+        let native_proc = self.start_native("native-echo", &["--subject", native_subject]).await?;
+        let dir = self.manifests(
+            "core-echo",
+            &[self.manifest_text("bench-echo", "echo", &format!("subject = \"{sluice_subject}\""), "")],
+        )?;
+        let sluice_proc = self.start_sluice(&dir, "sluice-core-echo").await?;
+
+        let (n, d, warm, cpu) = self
+            .counted(&native_proc, native_subject, "bench.echo.replies", true, (20_000, 20_000, 2_000_000), &blob)
+            .await?;
+        let native = Throughput::new(
+            "native_echo",
+            "native core request/reply responder (async-nats, replies with the payload)",
+            "core",
+            "-",
+            n,
+            d,
+        )
+        .how(warm, COUNTED_METHOD)
+        .cpu(cpu);
+        let (n, d, warm, cpu) = self
+            .counted(&sluice_proc, sluice_subject, "bench.echo.replies", true, (5_000, 5_000, 1_000_000), &blob)
+            .await?;
+        let sluice = Throughput::new(
+            "sluice_core_echo",
+            "Sluice, core request/reply, echo handler (replies with the payload)",
+            "core",
+            "echo",
+            n,
+            d,
+        )
+        .how(warm, COUNTED_METHOD)
+        .cpu(cpu);
+
+        let mut runs = Vec::new();
+        let max = sluice.per_sec;
+        for load in LATENCY_LOADS {
+            let rate = max * load;
+            // Enough samples for a meaningful p99.9, within a few seconds.
+            let measure = Duration::from_secs_f64((20_000.0 / rate).clamp(3.0, 8.0));
+            for (who, subject) in [("native", native_subject), ("sluice", sluice_subject)] {
+                self.say(&format!(
+                    "latency: {who} at {:.0}% ({rate:.0} req/s) for {:.0} s",
+                    load * 100.0,
+                    measure.as_secs_f64()
+                ));
+                let spec =
+                    latency::Spec { who, load, rate, warmup: Duration::from_secs(1), measure, size: MESSAGE_BYTES };
+                runs.push(latency::run(&self.server.url(), subject, &spec).await?);
+            }
+        }
+        Ok((native, sluice, runs))
+    }
+
+    /// Sends to `subject` and counts what arrives on `counted` (replies when `request`,
+    /// otherwise a handler's outputs) while `proc` consumes: a warm-up of `warm` messages,
+    /// then about `secs` worth, between `min` and `max`. Returns the messages, the time, the
+    /// warm-up and the consumer's CPU ticks.
+    async fn counted(
+        &self,
+        proc: &Proc,
+        subject: &str,
+        counted: &str,
+        request: bool,
+        (warm, min, max): (u64, u64, u64),
+        payload: &impl Fn(u64) -> Bytes,
+    ) -> anyhow::Result<(u64, Duration, u64, u64)> {
+        let observer = nats::connect(&self.server.url(), "bench-observer").await?;
+        let counter = Counter::start(&observer, counted).await?;
+        let client = nats::connect(&self.server.url(), "bench-publisher").await?;
+        let reply = request.then_some(counted);
+        let round = |n: u64| {
+            let (counter, client) = (&counter, &client);
+            async move {
+                let done = counter.expect(n)?;
+                let t0 = Instant::now();
+                nats::publish_windowed(client, subject, reply, n, CORE_WINDOW, counter, payload).await?;
+                let t1 = nats::wait_count(done, counter, n, Duration::from_secs(120)).await?;
+                anyhow::Ok(t1 - t0)
+            }
+        };
+        let d = round(warm).await?;
+        let n = calibrate(warm as f64 / d.as_secs_f64(), self.secs, min, max);
+        let ticks = proc.cpu_ticks()?;
+        let d = round(n).await?;
+        Ok((n, d, warm, proc.cpu_ticks()? - ticks))
+    }
+}
+
+const COUNTED_METHOD: &str = "publish N with at most 60,000 unanswered (below the 64 Ki-message \
+    subscription buffer), time until the N-th reply/output is counted";
+
+const DRAIN_METHOD: &str = "burst of N (below the 64 Ki-message subscription buffer), SIGTERM \
+    once the server has delivered all N to sluice, time from the first publish until sluice has \
+    exited (its graceful shutdown handles every delivered message first) minus its idle \
+    SIGTERM-to-exit time";
+
+const JS_METHOD: &str = "pre-load W + N into the stream with nothing consuming, start the consumer \
+    process, time from when its ack floor passes the first W (its warm-up) until the consumer \
+    reports nothing pending and nothing awaiting an ack (W and N sized by a calibration run)";
+
+/// The example manifest's settings (manifests/order-validator.toml).
+const ORDERS_EXTRA: &str = "\n[limits]\nmemory = \"32MiB\"\ntimeout = \"2s\"\nmax_concurrency = 32\n\n\
+    [capabilities]\npublish = [\"orders.validated\"]\n\n[config]\ncurrency = \"EUR\"\n";
+
+/// A manifest: handler `name` running the component `wasm`, with `source` lines and extra
+/// sections.
+fn manifest_with(name: &str, wasm: &Path, source: &str, extra: &str) -> String {
+    let component = serde_json::to_string(&wasm.display().to_string()).unwrap_or_default();
+    format!("[handler]\nname = \"{name}\"\ncomponent = {component}\n\n[source]\n{source}\n{extra}")
+}
+
+/// Whether a data folder holds compiled components (`*.cwasm`, or anything under
+/// `compiled/`): the compiled-component cache exists in this version of Sluice.
+fn has_compiled_cache(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        if path.is_dir() {
+            has_compiled_cache(&path)
+        } else {
+            path.extension().is_some_and(|x| x == "cwasm")
+                || path.parent().and_then(Path::file_name).is_some_and(|n| n == "compiled")
+        }
+    })
+}
+
+/// `sluice run` logs `ready; stop with Ctrl-C or SIGTERM` once every handler is subscribed.
+fn is_ready(line: &str) -> bool {
+    line.contains(" ready")
+}
+
+/// Messages for about `secs` at `rate`, within bounds, rounded to a thousand.
+fn calibrate(rate: f64, secs: f64, min: u64, max: u64) -> u64 {
+    let n = (rate * secs) as u64;
+    (n.clamp(min, max) / 1000).max(1) * 1000
+}
+
+/// A 128-byte opaque payload.
+fn blob(seq: u64) -> Bytes {
+    let mut b = BytesMut::with_capacity(MESSAGE_BYTES);
+    b.put_u64_le(seq);
+    b.resize(MESSAGE_BYTES, b'x');
+    b.freeze()
+}
+
+/// A valid 128-byte order for order-validator (plugins/order-validator/src/lib.rs).
+fn order(seq: u64) -> Bytes {
+    let head = format!(r#"{{"id":"o-{seq:010}","customer":"c"#);
+    let tail = r#"","currency":"EUR","items":[{"sku":"A1","quantity":2,"unit_price_cents":1250}]}"#;
+    let pad = MESSAGE_BYTES.saturating_sub(head.len() + tail.len());
+    Bytes::from(format!("{head}{}{tail}", "7".repeat(pad)))
+}
+
+async fn native_count_round(
+    child: &mut Proc,
+    client: &async_nats::Client,
+    subject: &str,
+    n: u64,
+    limit_s: f64,
+) -> anyhow::Result<Duration> {
+    child.send(&format!("expect {n}"))?;
+    child.wait_line(|l| l == "ok", Duration::from_secs(10)).await?;
+    let t0 = Instant::now();
+    nats::publish_burst(client, subject, None, n, &blob).await?;
+    let (t1, _) = child
+        .wait_line(|l| l.starts_with("done"), Duration::from_secs_f64(limit_s))
+        .await
+        .context("the native subscriber did not count every message (slow consumer?)")?;
+    Ok(t1 - t0)
+}
+
+/// Who consumes in a JetStream measurement.
+enum JsConsumer<'a> {
+    /// The native pull consumer, on this stream.
+    Native { stream: &'a str },
+    /// `sluice run` on this manifest folder.
+    Sluice { dir: PathBuf },
+}
+
+/// A JetStream measurement: the stream, the durable consumer, who consumes.
+struct JsRun<'a> {
+    js: &'a jetstream::Context,
+    stream: &'a stream::Stream,
+    consumer: &'a str,
+    subject: &'a str,
+    /// Counts the handler's outputs, when it has some.
+    counter: Option<&'a Counter>,
+    who: JsConsumer<'a>,
+}
+
+struct JsMeasured {
+    warmup: u64,
+    messages: u64,
+    took: Duration,
+    cpu_ticks: u64,
+    redelivered: u64,
+}
