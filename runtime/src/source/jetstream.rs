@@ -207,7 +207,10 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
         return;
     }
 
-    let wit = super::to_wit(&msg.message);
+    let mut wit = super::to_wit(&msg.message);
+    // A stream message's reply subject is JetStream's ack subject, not a requester: a
+    // handler's `reply` there would ack, nak or term its own message.
+    wit.reply_to = None;
     let delivered = Delivered { original, wit: &wit, attempt };
     let work = super::handle_delivery(&ctx, delivered, take_history());
     let (settle, history) = with_progress_acks(&msg, ack_wait(&spec.source), work).await;
