@@ -53,11 +53,7 @@ fn decode(p: &[u8]) -> Option<(u64, u64)> {
 
 /// What to send in one run.
 #[derive(Debug, Clone)]
-pub struct Spec<'a> {
-    /// `native` or `sluice`, for the report.
-    pub who: &'a str,
-    /// The fraction of the maximum `rate` stands for, for the report.
-    pub load: f64,
+pub struct Spec {
     /// Requests per second.
     pub rate: f64,
     /// Sent first, not recorded.
@@ -68,9 +64,24 @@ pub struct Spec<'a> {
     pub size: usize,
 }
 
+/// What one run recorded: requests sent after the warm-up, and the latency of each reply
+/// (nanoseconds) that came back.
+#[derive(Debug, Default)]
+pub struct Samples {
+    pub sent: u64,
+    pub latencies: Vec<u64>,
+}
+
+impl Samples {
+    pub fn extend(&mut self, other: Samples) {
+        self.sent += other.sent;
+        self.latencies.extend(other.latencies);
+    }
+}
+
 /// Sends requests to `subject` as `spec` says and records the latency of each reply.
-pub async fn run(url: &str, subject: &str, spec: &Spec<'_>) -> anyhow::Result<LatencyRun> {
-    let Spec { who, load, rate, warmup, measure, size } = *spec;
+pub async fn sample(url: &str, subject: &str, spec: &Spec) -> anyhow::Result<Samples> {
+    let Spec { rate, warmup, measure, size } = *spec;
     let client = nats::connect(url, "bench-latency").await?;
     let mut replies = client.subscribe(REPLY_SUBJECT).await?;
     client.flush().await?;
@@ -136,9 +147,14 @@ pub async fn run(url: &str, subject: &str, spec: &Spec<'_>) -> anyhow::Result<La
         .map_err(|_| anyhow::anyhow!("the latency sender thread panicked"))?;
     let _ = sent_tx.send(());
     sent.context("sending requests")?;
-    let mut latencies = receiver.await?;
-    latencies.sort_unstable();
+    let latencies = receiver.await?;
+    Ok(Samples { sent: measured_n, latencies })
+}
 
+/// Percentiles of `samples`, for the report.
+pub fn summarize(who: &str, load: f64, rate: f64, seconds: f64, samples: Samples) -> LatencyRun {
+    let Samples { sent, mut latencies } = samples;
+    latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
         if latencies.is_empty() {
             return f64::NAN;
@@ -151,12 +167,12 @@ pub async fn run(url: &str, subject: &str, spec: &Spec<'_>) -> anyhow::Result<La
     } else {
         latencies.iter().sum::<u64>() as f64 / latencies.len() as f64 / 1000.0
     };
-    Ok(LatencyRun {
+    LatencyRun {
         who: who.to_owned(),
         load,
         offered_per_sec: rate,
-        seconds: measure.as_secs_f64(),
-        sent: measured_n,
+        seconds,
+        sent,
         received: latencies.len() as u64,
         p50_us: pct(0.50),
         p90_us: pct(0.90),
@@ -164,5 +180,5 @@ pub async fn run(url: &str, subject: &str, spec: &Spec<'_>) -> anyhow::Result<La
         p999_us: pct(0.999),
         max_us: pct(1.0),
         mean_us: mean,
-    })
+    }
 }

@@ -29,6 +29,9 @@ const MAX_ACK_PENDING: i64 = 1000;
 /// Offered loads of the latency runs, as fractions of Sluice's maximum request rate.
 const LATENCY_LOADS: [f64; 2] = [0.2, 0.6];
 
+/// Each latency measurement is split into this many slices, native and Sluice alternating.
+const LATENCY_TURNS: usize = 4;
+
 /// A benchmark run: the server, the binaries, the scratch folder.
 #[derive(Debug)]
 pub struct Bench {
@@ -565,17 +568,27 @@ impl Bench {
         for load in LATENCY_LOADS {
             let rate = max * load;
             // Enough samples for a meaningful p99.9, within a few seconds.
-            let measure = Duration::from_secs_f64((20_000.0 / rate).clamp(3.0, 8.0));
-            for (who, subject) in [("native", native_subject), ("sluice", sluice_subject)] {
-                self.say(&format!(
-                    "latency: {who} at {:.0}% ({rate:.0} req/s) for {:.0} s",
-                    load * 100.0,
-                    measure.as_secs_f64()
-                ));
-                let spec =
-                    latency::Spec { who, load, rate, warmup: Duration::from_secs(1), measure, size: MESSAGE_BYTES };
-                runs.push(latency::run(&self.server.url(), subject, &spec).await?);
+            let measure = (20_000.0 / rate).clamp(4.0, 8.0);
+            self.say(&format!(
+                "latency at {:.0}% ({rate:.0} req/s): native and sluice alternately, {measure:.0} s each",
+                load * 100.0
+            ));
+            // Native and Sluice take turns, in LATENCY_TURNS slices each, so that a change in
+            // whatever else runs on the machine hits both alike.
+            let spec = latency::Spec {
+                rate,
+                warmup: Duration::from_millis(500),
+                measure: Duration::from_secs_f64(measure / LATENCY_TURNS as f64),
+                size: MESSAGE_BYTES,
+            };
+            let mut native = latency::Samples::default();
+            let mut sluice = latency::Samples::default();
+            for _ in 0..LATENCY_TURNS {
+                native.extend(latency::sample(&self.server.url(), native_subject, &spec).await?);
+                sluice.extend(latency::sample(&self.server.url(), sluice_subject, &spec).await?);
             }
+            runs.push(latency::summarize("native", load, rate, measure, native));
+            runs.push(latency::summarize("sluice", load, rate, measure, sluice));
         }
         Ok((native, sluice, runs))
     }
