@@ -71,6 +71,14 @@ impl Engine {
             .total_tables(n.saturating_mul(4))
             .total_stacks(n)
             .max_memory_size(max_memory);
+        // Resetting a slot for the next message is most of what a fresh instance costs.
+        // Rather than `madvise` away (and fault back in) every page a call touched, keep up
+        // to 1 MiB of each memory and 64 KiB of each table resident and restore only the
+        // dirty pages, which the kernel's PAGEMAP_SCAN finds (Linux 6.7 and later; older
+        // kernels fall back to `madvise`). Measured on the noop handler: 30 µs per call
+        // before, 12 µs after (runtime/examples/dispatch_loop.rs). The cost is resident
+        // memory: at most 1 MiB per warm slot, only for pages guests actually touched.
+        pool.linear_memory_keep_resident(1 << 20).table_keep_resident(64 << 10).pagemap_scan(wasmtime::Enabled::Auto);
 
         let mut config = Config::new();
         config.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));

@@ -31,6 +31,11 @@ pub struct Outputs {
 }
 
 impl Outputs {
+    /// Nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.published.is_empty() && self.reply.is_none()
+    }
+
     /// Accounts for one more output, or says which limit it breaks.
     fn admit(
         &mut self,

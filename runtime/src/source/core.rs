@@ -61,7 +61,8 @@ pub async fn serve(versions: watch::Receiver<Context>, mut subscription: Subscri
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
                 let span = super::span(&name, &msg);
                 let task = process(versions.clone(), msg, permits.clone(), permit, stop.clone());
-                in_flight.spawn(task.instrument(span));
+                // Boxed: the task then holds a pointer, not the whole state machine.
+                in_flight.spawn(Box::pin(task.instrument(span)));
                 while in_flight.try_join_next().is_some() {}
             }
         }
@@ -109,11 +110,11 @@ async fn process(
                 attempt = if last_chance { max_attempts.max(attempt + 1) } else { attempt + 1 };
             }
             Settle::GiveUp(verdict) => {
-                if let Err(e) = super::dead_letter(&ctx, &verdict, &original).await {
+                if let Err(e) = Box::pin(super::dead_letter(&ctx, &verdict, &original)).await {
                     tracing::error!("message lost: {e}");
                 }
                 if let Some(reply) = &msg.reply {
-                    reply_failure(ctx.sender.client(), reply.clone(), &ctx, &verdict, &original).await;
+                    Box::pin(reply_failure(ctx.sender.client(), reply.clone(), &ctx, &verdict, &original)).await;
                 }
                 return;
             }

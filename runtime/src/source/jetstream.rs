@@ -116,6 +116,9 @@ pub async fn bind(js: &jetstream::Context, ctx: &Context) -> anyhow::Result<Pull
 ///
 /// Each message is handled by the version in `versions` when it is pulled (a hot reload swaps
 /// it); redeliveries naturally get the version current then.
+/// How long one pull request stays open on the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
 pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
     let spec = versions.borrow().handler.spec.clone();
     let concurrency = spec.limits.max_concurrency as usize;
@@ -124,7 +127,12 @@ pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, m
     let mut in_flight = JoinSet::new();
     // Pull no more than can run at once: a message waiting in a local buffer would reach
     // its ack wait and be redelivered elsewhere while still queued here.
-    let mut messages = match consumer.stream().max_messages_per_batch(concurrency).messages().await {
+    // Pull requests expire after 5 s rather than async-nats's 30 s: when the client's count
+    // of outstanding messages drifts from the server's (seen about once in ten benchmark
+    // runs), the stream waits for its pull to expire before asking again, so this bounds
+    // such a stall to seconds.
+    let pulls = consumer.stream().max_messages_per_batch(concurrency).expires(PULL_EXPIRES);
+    let mut messages = match pulls.messages().await {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(handler = &*spec.name, "cannot pull from the consumer: {e}");
@@ -151,7 +159,9 @@ pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, m
             Some(Ok(msg)) => {
                 let span = super::span(&spec.name, &msg.message);
                 let ctx = versions.borrow().clone();
-                in_flight.spawn(process(ctx, msg, histories.clone(), permit).instrument(span));
+                // Boxed: the task then holds a pointer, not the whole state machine, which
+                // tokio would otherwise copy as it creates, finishes and reads the task.
+                in_flight.spawn(Box::pin(process(ctx, msg, histories.clone(), permit).instrument(span)));
                 while in_flight.try_join_next().is_some() {}
             }
         }
@@ -202,7 +212,7 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
         let settle = Settle::GiveUp(verdict);
         super::count(&ctx, &settle, received);
         if let Settle::GiveUp(verdict) = settle {
-            give_up(&ctx, &msg, verdict, &original, &histories, seq).await;
+            Box::pin(give_up(&ctx, &msg, verdict, &original, &histories, seq)).await;
         }
         return;
     }
@@ -234,7 +244,7 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
             if let (Some(history), Ok(mut h)) = (history, histories.lock()) {
                 h.insert(seq, history);
             }
-            give_up(&ctx, &msg, verdict, &original, &histories, seq).await;
+            Box::pin(give_up(&ctx, &msg, verdict, &original, &histories, seq)).await;
         }
     }
 }

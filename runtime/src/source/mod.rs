@@ -149,7 +149,7 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
             Ok(k) => {
                 let fingerprint = idem.fingerprint.then(|| idempotency::fingerprint(d.original.payload));
                 let lease = spec.limits.timeout + LEASE_GRACE;
-                match acquire(scope, &k, lease).await {
+                match Box::pin(acquire(scope, &k, lease)).await {
                     Err(e) => {
                         let reason = format!("state store: {e}");
                         return fail(Failure { kind: FailureKind::StoreError, reason, retry_after: None }, history);
@@ -182,12 +182,18 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
     ctx.metrics.call_ended(started.elapsed());
     let result = match outcome {
         Outcome::Success(mut outputs) => {
-            annotate(&mut outputs, key.as_ref().map(|(k, _)| k.as_str()), d.original.headers);
-            ctx.sender.send(outputs).await.map_err(|reason| Failure {
-                kind: FailureKind::OutputFailed,
-                reason,
-                retry_after: None,
-            })
+            if outputs.is_empty() {
+                Ok(())
+            } else {
+                annotate(&mut outputs, key.as_ref().map(|(k, _)| k.as_str()), d.original.headers);
+                // Boxed, like the other rarer or larger steps below: every message's task
+                // holds its future, and a smaller task is cheaper to spawn.
+                Box::pin(ctx.sender.send(outputs)).await.map_err(|reason| Failure {
+                    kind: FailureKind::OutputFailed,
+                    reason,
+                    retry_after: None,
+                })
+            }
         }
         Outcome::Failed(failure) => Err(failure),
     };
@@ -198,8 +204,8 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
     // Order: outputs sent (and stored), then the key marked completed, then the ack.
     if let (Some((k, fingerprint)), Some(scope), Some(idem)) = (key, &ctx.scope, &spec.idempotency) {
         let bookkeeping = match &result {
-            Ok(()) => scope.complete(&k, idem.ttl, fingerprint).await,
-            Err(_) => scope.release(&k).await,
+            Ok(()) => Box::pin(scope.complete(&k, idem.ttl, fingerprint)).await,
+            Err(_) => Box::pin(scope.release(&k)).await,
         };
         if let Err(e) = bookkeeping {
             // The lease lapses by itself; a later duplicate then runs again, and its outputs
