@@ -111,4 +111,14 @@ impl KvStore {
             (None, None) => Ok(true),
         }
     }
+
+    /// Writes (or, with `None`, deletes) `key` whatever its revision.
+    pub async fn put(&self, handler: &str, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        let bucket = self.bucket(handler, space).await?;
+        let key = Self::key(space, key);
+        match value {
+            Some(value) => bucket.put(&key, value.into()).await.map(|_| ()).map_err(StoreError::new),
+            None => bucket.delete(&key).await.map_err(StoreError::new),
+        }
+    }
 }

@@ -104,6 +104,28 @@ impl Store {
             Store::Kv(k) => k.swap(handler, space, key, expected, value).await,
         }
     }
+
+    /// Writes (or, with `None`, removes) `key` whatever its version: one write where the
+    /// backend has one, instead of a read and a compare-and-swap.
+    async fn put(&self, handler: &str, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => {
+                for _ in 0..CAS_ROUNDS {
+                    let current = self.get(handler, space, key).await?;
+                    if current.is_none() && value.is_none() {
+                        return Ok(());
+                    }
+                    let version = current.map(|v| v.version);
+                    if self.swap(handler, space, key, version, value.clone()).await? {
+                        return Ok(());
+                    }
+                }
+                Err(StoreError(format!("key {key:?} is contended")))
+            }
+            Store::Redb(r) => r.put(handler, space, key, value).await,
+            Store::Kv(k) => k.put(handler, space, key, value).await,
+        }
+    }
 }
 
 /// A dedup record, as stored.
@@ -259,17 +281,7 @@ impl Scope {
 
     /// Unconditional write (`None` deletes), as a CAS loop over whatever is there.
     async fn put(&self, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
-        for _ in 0..CAS_ROUNDS {
-            let current = self.store.get(&self.handler, space, key).await?;
-            if current.is_none() && value.is_none() {
-                return Ok(());
-            }
-            let version = current.map(|v| v.version);
-            if self.store.swap(&self.handler, space, key, version, value.clone()).await? {
-                return Ok(());
-            }
-        }
-        Err(StoreError(format!("key {key:?} is contended")))
+        self.store.put(&self.handler, space, key, value).await
     }
 }
 

@@ -30,9 +30,16 @@ pub struct RedbStore {
 struct Swap {
     table: String,
     key: String,
-    expected: Option<u64>,
+    /// The version the key must have (`None`: absent); `Any`: write unconditionally.
+    expected: Expect,
     value: Option<Vec<u8>>,
     reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    Any,
+    Is(Option<u64>),
 }
 
 fn table_name(handler: &str, space: Space) -> String {
@@ -68,22 +75,21 @@ impl RedbStore {
         Ok(RedbStore { db, writer })
     }
 
+    /// Reads `key`. The read runs on the calling thread: a redb read transaction takes no
+    /// lock the writer holds and, on a store whose pages are cached (a dedup store's recent
+    /// keys are), finishes in microseconds, far less than handing it to a blocking thread
+    /// would cost.
     pub async fn get(&self, handler: &str, space: Space, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let db = self.db.clone();
-        let (table, key) = (table_name(handler, space), key.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(StoreError::new)?;
-            let def = TableDefinition::<&str, &[u8]>::new(&table);
-            let table = match txn.open_table(def) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(StoreError::new(e)),
-            };
-            let value = table.get(key.as_str()).map_err(StoreError::new)?;
-            Ok(value.and_then(|v| split(v.value())))
-        })
-        .await
-        .map_err(StoreError::new)?
+        let txn = self.db.begin_read().map_err(StoreError::new)?;
+        let table = table_name(handler, space);
+        let def = TableDefinition::<&str, &[u8]>::new(&table);
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(StoreError::new(e)),
+        };
+        let value = table.get(key).map_err(StoreError::new)?;
+        Ok(value.and_then(|v| split(v.value())))
     }
 
     pub async fn swap(
@@ -92,6 +98,22 @@ impl RedbStore {
         space: Space,
         key: &str,
         expected: Option<u64>,
+        value: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        self.write(handler, space, key, Expect::Is(expected), value).await
+    }
+
+    /// Writes (or, with `None`, removes) `key` whatever its version.
+    pub async fn put(&self, handler: &str, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        self.write(handler, space, key, Expect::Any, value).await.map(|_| ())
+    }
+
+    async fn write(
+        &self,
+        handler: &str,
+        space: Space,
+        key: &str,
+        expected: Expect,
         value: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
         let (reply, answer) = oneshot::channel();
@@ -164,10 +186,12 @@ fn apply(db: &Database, batch: &[Swap], next_version: &AtomicU64) -> Result<Vec<
     for swap in batch {
         let def = TableDefinition::<&str, &[u8]>::new(&swap.table);
         let mut table = txn.open_table(def).map_err(StoreError::new)?;
-        let current = table.get(swap.key.as_str()).map_err(StoreError::new)?.and_then(|v| split(v.value()));
-        if current.map(|v| v.version) != swap.expected {
-            results.push(false);
-            continue;
+        if let Expect::Is(expected) = swap.expected {
+            let current = table.get(swap.key.as_str()).map_err(StoreError::new)?.and_then(|v| split(v.value()));
+            if current.map(|v| v.version) != expected {
+                results.push(false);
+                continue;
+            }
         }
         match &swap.value {
             None => {
