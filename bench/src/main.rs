@@ -42,6 +42,13 @@ struct Cli {
     /// Target duration of each throughput measurement, in seconds.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Run only the measurements whose id contains one of these (comma-separated, e.g.
+    /// `native_jetstream,sluice_jetstream_noop`), print their table and write nothing: for
+    /// profiling and quick comparisons. Ids: startup, native_core, native_jetstream,
+    /// sluice_core_noop, sluice_jetstream_noop, sluice_core_order_validator,
+    /// sluice_jetstream_order_validator, echo (with the latency runs).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Where to write BENCHMARKS.md (default: the checkout); results.json goes to bench/.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -58,7 +65,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.role {
         Some(role) => runtime.block_on(native::run(role)),
-        None => runtime.block_on(orchestrate(cli.sluice, cli.seconds, cli.out)),
+        None => runtime.block_on(orchestrate(cli.sluice, cli.seconds, cli.only, cli.out)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,14 +76,25 @@ fn main() -> ExitCode {
     }
 }
 
-async fn orchestrate(sluice: Option<PathBuf>, seconds: f64, out: Option<PathBuf>) -> anyhow::Result<()> {
+async fn orchestrate(
+    sluice: Option<PathBuf>,
+    seconds: f64,
+    only: Vec<String>,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(PathBuf::from)
         .ok_or_else(|| anyhow::anyhow!("bench/ has no parent folder"))?;
     let sluice = sluice.unwrap_or_else(|| root.join("target/release/sluice"));
-    let bench = scenarios::Bench::new(root.clone(), sluice, seconds)?;
+    let partial = !only.is_empty();
+    let bench = scenarios::Bench::new(root.clone(), sluice, seconds, only)?;
     let results = bench.run_all().await?;
+    if partial {
+        println!("{}", report::markdown(&results));
+        println!("(a partial run with --only: BENCHMARKS.md and results.json left as they were)");
+        return Ok(());
+    }
     let out = out.unwrap_or_else(|| root.clone());
     report::write(&results, &out.join("BENCHMARKS.md"), &root.join("bench/results.json"))?;
     println!("{}", report::markdown(&results));

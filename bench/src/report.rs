@@ -96,6 +96,18 @@ pub struct Startup {
     pub exit_s: f64,
 }
 
+/// One hot reload: from renaming the new component over the old to its first output.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reload {
+    pub round: usize,
+    /// The version swapped in (`v1` or `v2` of plugins/versioned).
+    pub to: &'static str,
+    /// The first time this version is loaded: it is compiled; later rounds find it in the
+    /// compiled-component cache.
+    pub compiled: bool,
+    pub seconds: f64,
+}
+
 /// Summarises runs of (ready seconds, RSS KiB, exit seconds).
 pub fn startup(id: &str, handlers: usize, cache: &'static str, runs: Vec<(f64, u64, f64)>) -> Startup {
     let ready: Vec<f64> = runs.iter().map(|r| r.0).collect();
@@ -194,6 +206,8 @@ pub struct Results {
     pub added_latency: Vec<Added>,
     /// Cold starts, and warm ones when this Sluice has a compiled-component cache.
     pub startup: Vec<Startup>,
+    /// Hot reloads under load: file write to first message on the new version.
+    pub reload: Vec<Reload>,
     pub targets: Vec<Target>,
 }
 
@@ -208,11 +222,15 @@ pub fn results(
     throughput: Vec<Throughput>,
     latency: Vec<LatencyRun>,
     startup: Vec<Startup>,
+    reload: Vec<Reload>,
 ) -> Results {
     let rate = |id: &str| throughput.iter().find(|t| t.id == id).map(|t| t.per_sec);
     let pairs = [
         ("sluice_core_noop", "native_core"),
         ("sluice_jetstream_noop", "native_jetstream"),
+        ("sluice_jetstream_noop_dedup_memory", "native_jetstream"),
+        ("sluice_jetstream_noop_dedup_redb", "native_jetstream"),
+        ("sluice_jetstream_noop_dedup_nats_kv", "native_jetstream"),
         ("sluice_core_order_validator", "native_core"),
         ("sluice_jetstream_order_validator", "native_jetstream"),
         ("sluice_core_echo", "native_echo"),
@@ -252,6 +270,14 @@ pub fn results(
         measured: js,
         shown: js.map_or("-".into(), pct),
         result: js.map_or("fail", |r| pass(r >= 0.70)),
+    });
+    let redb = ratio("sluice_jetstream_noop_dedup_redb");
+    targets.push(Target {
+        target: "JetStream throughput, noop handler with the redb dedup store, vs native pull consumer",
+        goal: ">= 50%",
+        measured: redb,
+        shown: redb.map_or("-".into(), pct),
+        result: redb.map_or("fail", |r| pass(r >= 0.50)),
     });
     let p99 = added.iter().find(|a| (a.load - 0.2).abs() < 1e-9).map(|a| a.p99_us);
     targets.push(Target {
@@ -300,6 +326,7 @@ pub fn results(
         latency,
         added_latency: added,
         startup,
+        reload,
         targets,
     }
 }
@@ -595,6 +622,39 @@ pub fn markdown(r: &Results) -> String {
                 st.ready_s_runs.iter().map(|v| format!("{v:.3}")).collect::<Vec<_>>().join(", ")
             );
         }
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## Hot reload\n\n`sluice run` serving the `versioned` plugin on a core subject while a \
+         sender publishes a message every millisecond; each round renames the other build (`v1` or \
+         `v2`) over the component file and times until the first output tagged with the new \
+         version arrives. This includes the watcher's 300 ms debounce (which waits for a write to \
+         settle), reading and checking the component, compiling it (the first time each version \
+         is seen) or loading it from the compiled-component cache, and the swap.\n"
+    );
+    if r.reload.is_empty() {
+        let _ = writeln!(s, "(not measured in this run)");
+    } else {
+        let _ = writeln!(s, "| round | to | compiled | write to first message |\n|---:|---|---|---:|");
+        for x in &r.reload {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.0} ms |",
+                x.round,
+                x.to,
+                if x.compiled { "yes (first load)" } else { "no (cached)" },
+                x.seconds * 1000.0
+            );
+        }
+        let cached: Vec<f64> = r.reload.iter().filter(|x| !x.compiled).map(|x| x.seconds).collect();
+        let compiled: Vec<f64> = r.reload.iter().filter(|x| x.compiled).map(|x| x.seconds).collect();
+        let _ = writeln!(
+            s,
+            "\nMedian: {:.0} ms when the version is compiled, {:.0} ms when it is cached.",
+            median(&compiled) * 1000.0,
+            median(&cached) * 1000.0
+        );
     }
 
     let _ = writeln!(s, "\n## How each throughput figure is measured\n");

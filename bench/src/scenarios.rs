@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::latency::{self, LatencyRun};
 use crate::nats::{self, Counter, Server};
 use crate::process::Proc;
-use crate::report::{self, Results, Startup, Throughput};
+use crate::report::{self, Reload, Results, Startup, Throughput};
 
 /// Every message is this big (the payload; NATS adds the subject and protocol framing).
 pub const MESSAGE_BYTES: usize = 128;
@@ -42,18 +42,20 @@ pub struct Bench {
     work: tempfile::TempDir,
     logs: PathBuf,
     secs: f64,
+    /// Run only the measurements whose id contains one of these (all when empty).
+    only: Vec<String>,
     started: Instant,
 }
 
 impl Bench {
-    pub fn new(root: PathBuf, sluice: PathBuf, secs: f64) -> anyhow::Result<Self> {
+    pub fn new(root: PathBuf, sluice: PathBuf, secs: f64, only: Vec<String>) -> anyhow::Result<Self> {
         if !sluice.is_file() {
             bail!(
                 "{} not found: build it with `cargo build --release -p sluice` (or run `make bench`)",
                 sluice.display()
             );
         }
-        for plugin in ["noop", "echo", "order-validator"] {
+        for plugin in ["noop", "echo", "order-validator", "versioned", "versioned-v2"] {
             let wasm = root.join(format!("plugins/dist/{plugin}.wasm"));
             if !wasm.is_file() {
                 bail!("{} not found: run scripts/build-plugins.sh (or `make bench`)", wasm.display());
@@ -69,9 +71,15 @@ impl Bench {
             work: tempfile::Builder::new().prefix("sluice-bench-").tempdir()?,
             logs,
             secs,
+            only,
             started: Instant::now(),
             root,
         })
+    }
+
+    /// Whether the measurement `id` is part of this run (`--only`).
+    fn wanted(&self, id: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| id.contains(o.as_str()))
     }
 
     fn say(&self, what: &str) {
@@ -92,46 +100,88 @@ impl Bench {
         // Start-up first, with no traffic: 1 and 20 noop handlers, cold and warm. The cold
         // 1-handler runs also give the idle SIGTERM-to-exit time that the core noop
         // measurement subtracts.
-        self.say("start-up and idle memory: 1 handler");
-        let one = self.manifests("startup-1", &[self.noop_core_manifest("bench-noop")])?;
-        let mut startup = self.startup("startup_1_handler", &one, 1, 3).await?;
-        let exit_overhead = startup.first().map_or(0.0, |s| s.exit_s);
-        self.say("start-up and idle memory: 20 handlers");
-        let twenty: Vec<String> = self
-            .variants("noop", 20)?
-            .iter()
-            .enumerate()
-            .map(|(i, wasm)| {
-                manifest_with(&format!("bench-idle-{i:02}"), wasm, &format!("subject = \"bench.idle.{i}\""), "")
-            })
-            .collect();
-        let twenty = self.manifests("startup-20", &twenty)?;
-        startup.extend(self.startup("startup_20_handlers", &twenty, 20, 3).await?);
+        let mut startup = Vec::new();
+        let mut exit_overhead = 0.0;
+        if self.wanted("startup") || self.wanted("sluice_core_noop") {
+            self.say("start-up and idle memory: 1 handler");
+            let one = self.manifests("startup-1", &[self.noop_core_manifest("bench-noop")])?;
+            startup = self.startup("startup_1_handler", &one, 1, 3).await?;
+            exit_overhead = startup.first().map_or(0.0, |s| s.exit_s);
+        }
+        if self.wanted("startup") {
+            self.say("start-up and idle memory: 20 handlers");
+            let twenty: Vec<String> = self
+                .variants("noop", 20)?
+                .iter()
+                .enumerate()
+                .map(|(i, wasm)| {
+                    manifest_with(&format!("bench-idle-{i:02}"), wasm, &format!("subject = \"bench.idle.{i}\""), "")
+                })
+                .collect();
+            let twenty = self.manifests("startup-20", &twenty)?;
+            startup.extend(self.startup("startup_20_handlers", &twenty, 20, 3).await?);
+        }
+
+        let mut reload = Vec::new();
+        if self.wanted("reload") {
+            self.say("hot reload: file write to first message on the new version");
+            reload = self.reload().await?;
+        }
 
         let mut throughput = Vec::new();
-        self.say("native core subscriber");
-        throughput.push(self.native_core().await?);
-        self.say("native JetStream pull consumer");
-        throughput.push(self.native_jetstream().await?);
-        self.say("Sluice core, noop");
-        throughput.push(self.sluice_core_noop(exit_overhead).await?);
-        self.say("Sluice JetStream, noop");
-        throughput.push(self.sluice_jetstream("noop", "BENCH_SLUICE_NOOP", "bench.sluice.js.noop").await?);
-        self.say("Sluice core, order-validator");
-        throughput.push(self.sluice_core_orders().await?);
-        self.say("Sluice JetStream, order-validator");
-        throughput
-            .push(self.sluice_jetstream("order-validator", "BENCH_SLUICE_ORDERS", "bench.sluice.js.orders").await?);
-        self.say("request/reply: native echo and Sluice echo, throughput and latency");
-        let (native_echo, sluice_echo, latency) = self.echo().await?;
-        throughput.push(native_echo);
-        throughput.push(sluice_echo);
+        if self.wanted("native_core") {
+            self.say("native core subscriber");
+            throughput.push(self.native_core().await?);
+        }
+        if self.wanted("native_jetstream") {
+            self.say("native JetStream pull consumer");
+            throughput.push(self.native_jetstream().await?);
+        }
+        if self.wanted("sluice_core_noop") {
+            self.say("Sluice core, noop");
+            throughput.push(self.sluice_core_noop(exit_overhead).await?);
+        }
+        for case in JS_CASES.iter().filter(|c| c.plugin == "noop") {
+            if self.wanted(case.id) {
+                self.say(case.label);
+                throughput.push(self.sluice_jetstream(case).await?);
+            }
+        }
+        if self.wanted("sluice_core_order_validator") {
+            self.say("Sluice core, order-validator");
+            throughput.push(self.sluice_core_orders().await?);
+        }
+        for case in JS_CASES.iter().filter(|c| c.plugin != "noop") {
+            if self.wanted(case.id) {
+                self.say(case.label);
+                throughput.push(self.sluice_jetstream(case).await?);
+            }
+        }
+        let mut latency = Vec::new();
+        if self.wanted("echo") || self.wanted("latency") {
+            self.say("request/reply: native echo and Sluice echo, throughput and latency");
+            let (native_echo, sluice_echo, runs) = self.echo().await?;
+            throughput.push(native_echo);
+            throughput.push(sluice_echo);
+            latency = runs;
+        }
 
         let slow = self.server.slow_consumers().await?;
         let wall = self.started.elapsed().as_secs_f64();
         let busy_after = report::cpu_busy(Duration::from_secs(2)).await;
         self.say("done");
-        Ok(report::results(machine, busy_after, MESSAGE_BYTES, self.secs, wall, slow, throughput, latency, startup))
+        Ok(report::results(
+            machine,
+            busy_after,
+            MESSAGE_BYTES,
+            self.secs,
+            wall,
+            slow,
+            throughput,
+            latency,
+            startup,
+            reload,
+        ))
     }
 
     // ---- manifests and processes ----
@@ -172,7 +222,7 @@ impl Bench {
         cmd.arg("run")
             .arg(dir)
             .args(["--nats", &self.server.url()])
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("X_LOG").unwrap_or_else(|_| "info".into()))
             .env("SLUICE_DATA_DIR", data)
             .env_remove("SLUICE_NATS_URL");
         Proc::spawn(log, cmd, &self.logs.join(format!("{log}.log")))
@@ -255,6 +305,75 @@ impl Bench {
                 Ok(path)
             })
             .collect()
+    }
+
+    // ---- hot reload ----
+
+    /// Time from replacing a running handler's component file to the first message handled
+    /// by the new version. `sluice run` watches the folder; a sender publishes a message on
+    /// the handler's core subject every millisecond; the `versioned` plugin tags each output
+    /// with its build (`v1` or `v2`). Each round renames the other build over the component
+    /// (how a deploy should write it: whole, in one step) and waits for its first output.
+    /// The first round compiles v2; v1 was compiled at start-up, and later rounds find
+    /// both in the compiled-component cache.
+    async fn reload(&self) -> anyhow::Result<Vec<Reload>> {
+        const ROUNDS: usize = 8;
+        let dir = self.work.path().join("reload");
+        std::fs::create_dir_all(&dir)?;
+        let component = dir.join("versioned.wasm");
+        let builds = [std::fs::read(self.wasm("versioned"))?, std::fs::read(self.wasm("versioned-v2"))?];
+        std::fs::write(&component, &builds[0])?;
+        let subject = "bench.reload.in";
+        let extra = "\n[capabilities]\npublish = [\"versioned.out\"]\n";
+        let manifest = manifest_with("bench-reload", &component, &format!("subject = \"{subject}\""), extra);
+        std::fs::write(dir.join("reload.toml"), manifest)?;
+        let proc = self.start_sluice(&dir, "sluice-reload").await?;
+
+        let client = nats::connect(&self.server.url(), "bench-reload").await?;
+        let mut outputs = client.subscribe("versioned.out").await?;
+        client.flush().await?;
+        let sender_client = client.clone();
+        let sender = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            for seq in 0u64.. {
+                tick.tick().await;
+                if sender_client.publish(subject, Bytes::from(seq.to_le_bytes().to_vec())).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let mut rounds = Vec::new();
+        let result = async {
+            // v1 serves before the first swap.
+            wait_version(&mut outputs, "v1", Duration::from_secs(20)).await?;
+            for round in 0..ROUNDS {
+                let (version, build) = if round % 2 == 0 { ("v2", &builds[1]) } else { ("v1", &builds[0]) };
+                // Staged a second ahead, so that the staging write's own file events are
+                // behind the watcher; the clock starts at the rename.
+                let staged = dir.join(".versioned.wasm.new");
+                std::fs::write(&staged, build)?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let written = Instant::now();
+                std::fs::rename(&staged, &component)?;
+                let seen = wait_version(&mut outputs, version, Duration::from_secs(30)).await?;
+                rounds.push(Reload {
+                    round: round + 1,
+                    to: version,
+                    compiled: round == 0,
+                    seconds: (seen - written).as_secs_f64(),
+                });
+                // Let the old version's last calls drain before the next swap.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        sender.abort();
+        self.stop(proc).await?;
+        result?;
+        Ok(rounds)
     }
 
     // ---- throughput: native ----
@@ -485,19 +604,15 @@ impl Bench {
 
     /// A JetStream handler (Sluice creates its consumer when it starts), measured as
     /// [`js_measure`](Self::js_measure) says.
-    async fn sluice_jetstream(&self, plugin: &'static str, name: &str, subject: &str) -> anyhow::Result<Throughput> {
+    async fn sluice_jetstream(&self, case: &JsCase) -> anyhow::Result<Throughput> {
         let js = jetstream::new(nats::connect(&self.server.url(), "bench-js").await?);
-        let stream = nats::create_stream(&js, name, subject).await?;
-        let handler = format!("bench-{plugin}-js");
-        let orders = plugin == "order-validator";
+        let stream = nats::create_stream(&js, case.stream, case.subject).await?;
+        let handler = format!("bench-{}", case.id.replace('_', "-"));
+        let orders = case.plugin == "order-validator";
+        let extra = if orders { ORDERS_EXTRA } else { case.extra };
         let dir = self.manifests(
-            &format!("js-{plugin}"),
-            &[self.manifest_text(
-                &handler,
-                plugin,
-                &format!("stream = \"{name}\""),
-                if orders { ORDERS_EXTRA } else { "" },
-            )],
+            &format!("js-{}", case.id),
+            &[self.manifest_text(&handler, case.plugin, &format!("stream = \"{}\"", case.stream), extra)],
         )?;
         let observer = nats::connect(&self.server.url(), "bench-observer").await?;
         let counter = if orders { Some(Counter::start(&observer, "orders.validated").await?) } else { None };
@@ -505,19 +620,14 @@ impl Bench {
             js: &js,
             stream: &stream,
             consumer: &handler,
-            subject,
+            subject: case.subject,
             counter: counter.as_ref(),
             who: JsConsumer::Sluice { dir },
         };
         let payload = if orders { order } else { blob };
         let m = self.js_measure(&run, (5_000, 5_000, 500_000), &payload).await?;
-        let _ = js.delete_stream(name).await;
-        let (id, label) = if orders {
-            ("sluice_jetstream_order_validator", "Sluice, JetStream, order-validator (JSON parse + publish)")
-        } else {
-            ("sluice_jetstream_noop", "Sluice, JetStream, noop handler")
-        };
-        let mut t = Throughput::new(id, label, "jetstream", plugin, m.messages, m.took)
+        let _ = js.delete_stream(case.stream).await;
+        let mut t = Throughput::new(case.id, case.label, "jetstream", case.plugin, m.messages, m.took)
             .how(m.warmup, JS_METHOD)
             .cpu(m.cpu_ticks);
         t.redelivered = Some(m.redelivered);
@@ -643,6 +753,83 @@ const JS_METHOD: &str = "pre-load W + N into the stream with nothing consuming, 
 /// The example manifest's settings (manifests/order-validator.toml).
 const ORDERS_EXTRA: &str = "\n[limits]\nmemory = \"32MiB\"\ntimeout = \"2s\"\nmax_concurrency = 32\n\n\
     [capabilities]\npublish = [\"orders.validated\"]\n\n[config]\ncurrency = \"EUR\"\n";
+
+/// Waits for the first output tagged `version`, and says when it arrived.
+async fn wait_version(outputs: &mut async_nats::Subscriber, version: &str, limit: Duration) -> anyhow::Result<Instant> {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, outputs.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("no output from version {version} within {limit:?}"))?
+            .ok_or_else(|| anyhow::anyhow!("the output subscription ended"))?;
+        if msg.headers.as_ref().and_then(|h| h.get("Version")).map(|v| v.as_str()) == Some(version) {
+            return Ok(Instant::now());
+        }
+    }
+}
+
+/// A Sluice JetStream measurement: which handler, on which stream, with which manifest
+/// sections.
+struct JsCase {
+    id: &'static str,
+    label: &'static str,
+    plugin: &'static str,
+    stream: &'static str,
+    subject: &'static str,
+    extra: &'static str,
+}
+
+/// The Sluice JetStream measurements, in the order they run: the noop handler bare, then with
+/// host idempotency on each dedup store (a key per message, so every message is looked up,
+/// leased and marked completed: the full cost of dedup), then order-validator.
+const JS_CASES: &[JsCase] = &[
+    JsCase {
+        id: "sluice_jetstream_noop",
+        label: "Sluice, JetStream, noop handler",
+        plugin: "noop",
+        stream: "BENCH_SLUICE_NOOP",
+        subject: "bench.sluice.js.noop",
+        extra: "",
+    },
+    JsCase {
+        id: "sluice_jetstream_noop_dedup_memory",
+        label: "Sluice, JetStream, noop handler, idempotency on the memory store",
+        plugin: "noop",
+        stream: "BENCH_SLUICE_DEDUP_MEMORY",
+        subject: "bench.sluice.js.dedup.memory",
+        extra: DEDUP_MEMORY,
+    },
+    JsCase {
+        id: "sluice_jetstream_noop_dedup_redb",
+        label: "Sluice, JetStream, noop handler, idempotency on the redb store",
+        plugin: "noop",
+        stream: "BENCH_SLUICE_DEDUP_REDB",
+        subject: "bench.sluice.js.dedup.redb",
+        extra: DEDUP_REDB,
+    },
+    JsCase {
+        id: "sluice_jetstream_noop_dedup_nats_kv",
+        label: "Sluice, JetStream, noop handler, idempotency on the nats-kv store",
+        plugin: "noop",
+        stream: "BENCH_SLUICE_DEDUP_KV",
+        subject: "bench.sluice.js.dedup.kv",
+        extra: DEDUP_NATS_KV,
+    },
+    JsCase {
+        id: "sluice_jetstream_order_validator",
+        label: "Sluice, JetStream, order-validator (JSON parse + publish)",
+        plugin: "order-validator",
+        stream: "BENCH_SLUICE_ORDERS",
+        subject: "bench.sluice.js.orders",
+        extra: "",
+    },
+];
+
+/// Host idempotency keyed by the payload's SHA-256 (every benchmark payload is distinct).
+const DEDUP_MEMORY: &str = "[idempotency]\nkey = \"payload-sha256\"\n\n[store]\nbackend = \"memory\"\n";
+const DEDUP_REDB: &str = "[idempotency]\nkey = \"payload-sha256\"\n\n[store]\nbackend = \"redb\"\n";
+const DEDUP_NATS_KV: &str = "[idempotency]\nkey = \"payload-sha256\"\n\n[store]\nbackend = \"nats-kv\"\n";
 
 /// A manifest: handler `name` running the component `wasm`, with `source` lines and extra
 /// sections.
