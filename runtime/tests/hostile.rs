@@ -1,0 +1,255 @@
+//! The hostile handler suite against the `sluice` binary, as deployed: while the `misbehave`
+//! plugin loops, sleeps, allocates, recurses, traps, panics, floods its outbox and its logs and
+//! tries to escape, over and over, the process's memory stays bounded (it returns to where it
+//! was once the storm passes, and a second storm does not raise it), every hostile call ends
+//! with its own failure kind, and a well-behaved handler running alongside keeps serving (no
+//! 3 s without an answer). Its throughput during the storm, as a ratio of its throughput
+//! before, is printed, not asserted, since these machines are shared.
+//!
+//! A separate process (rather than the in-process fixture of `tests/`) so that its RSS is
+//! Sluice's own and not that of a test binary running other tests at the same time.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice::nats_server::NatsServer;
+
+/// Hostile commands of plugins/misbehave and the failure kind each must end with (`None`:
+/// the call succeeds, having been refused what it tried).
+const STORM: &[(&str, Option<&str>)] = &[
+    ("loop", Some("timeout")),
+    ("alloc", Some("memory-limit")),
+    ("recurse", Some("trap")),
+    ("trap", Some("trap")),
+    ("panic", Some("trap")),
+    ("sleep:5000", Some("timeout")),
+    ("publish-many:5000", Some("output-limit")),
+    ("publish-big:1000000", Some("output-limit")),
+    ("publish:forbidden.secrets", None),
+    ("escape", None),
+    ("log-flood:400000", None),
+];
+
+const MEMORY_LIMIT_MIB: u64 = 32;
+const HOSTILE_CONCURRENCY: u64 = 8;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn build_plugins() {
+    let status = Command::new("bash").arg(repo_root().join("scripts/build-plugins.sh")).status().unwrap();
+    assert!(status.success(), "cannot build the plugins");
+}
+
+fn manifest(name: &str, plugin: &str, subject: &str, extra: &str) -> String {
+    let component = repo_root().join(format!("plugins/dist/{plugin}.wasm"));
+    format!(
+        "[handler]\nname = \"{name}\"\ncomponent = {:?}\n\n[source]\nsubject = \"{subject}\"\n{extra}",
+        component.display().to_string()
+    )
+}
+
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
+    msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned())
+}
+
+async fn request(nc: &async_nats::Client, subject: &str, body: &str) -> async_nats::Message {
+    let asked = nc.request(subject.to_owned(), body.to_owned().into());
+    tokio::time::timeout(Duration::from_secs(30), asked)
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {body:?} on {subject} within 30 s"))
+        .unwrap_or_else(|e| panic!("request {body:?} on {subject}: {e}"))
+}
+
+/// Echo requests one after another for `length`, counting the replies; also checks that no
+/// 3 s pass without one.
+async fn echo_for(nc: &async_nats::Client, length: Duration) -> u64 {
+    let start = Instant::now();
+    let mut last = start;
+    let mut served = 0;
+    while start.elapsed() < length {
+        let reply = request(nc, "echo", "still here").await;
+        assert_eq!(&reply.payload[..], b"still here");
+        let gap = last.elapsed();
+        assert!(gap < Duration::from_secs(3), "the well-behaved handler went {gap:?} without an answer");
+        last = Instant::now();
+        served += 1;
+    }
+    served
+}
+
+/// Sends the storm's commands round-robin, `HOSTILE_CONCURRENCY` at a time, until `stop`, and
+/// checks each outcome. Returns how many hostile calls ended.
+async fn storm(nc: async_nats::Client, stop: Arc<AtomicBool>) -> u64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..HOSTILE_CONCURRENCY {
+        let (nc, stop, done) = (nc.clone(), stop.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut i = w as usize;
+            while !stop.load(Ordering::Relaxed) {
+                let (command, kind) = STORM[i % STORM.len()];
+                let reply = request(&nc, "misbehave", command).await;
+                assert_eq!(
+                    header(&reply, "Sluice-Failure-Kind").as_deref(),
+                    kind,
+                    "{command}: {:?}",
+                    header(&reply, "Sluice-Failure-Reason")
+                );
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    done.load(Ordering::Relaxed)
+}
+
+/// One storm of `length` with echo traffic alongside; returns (echo replies, hostile calls,
+/// peak RSS in KiB sampled every 50 ms).
+async fn storm_with_echo(nc: &async_nats::Client, pid: u32, length: Duration) -> (u64, u64, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let hostile = tokio::spawn(storm(nc.clone(), stop.clone()));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let served = echo_for(nc, length).await;
+    stop.store(true, Ordering::Relaxed);
+    let calls = hostile.await.unwrap();
+    sampler.await.unwrap();
+    (served, calls, peak.load(Ordering::Relaxed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_handlers_leave_memory_bounded_and_a_neighbour_serving() {
+    build_plugins();
+    let server = NatsServer::start(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = format!(
+        "\n[limits]\nmemory = \"{MEMORY_LIMIT_MIB}MiB\"\ntimeout = \"500ms\"\nmax_concurrency = {HOSTILE_CONCURRENCY}\n\
+         max_outputs = 10\nmax_output_bytes = \"64KiB\"\n\n[capabilities]\npublish = [\"allowed.>\"]\n\n\
+         [retry]\nmax_attempts = 1\n\n[store]\nbackend = \"memory\"\n"
+    );
+    std::fs::write(dir.path().join("misbehave.toml"), manifest("misbehave", "misbehave", "misbehave", &limits))
+        .unwrap();
+    std::fs::write(dir.path().join("echo.toml"), manifest("echo", "echo", "echo", "")).unwrap();
+    // Compiled components are kept between runs of this test (debug builds compile slowly).
+    let data = repo_root().join("target/test-hostile-data");
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(dir.path())
+        .args(["--nats", &server.url(), "--no-watch", "--data-dir"])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Killed(child);
+    let pid = child.0.id();
+
+    let nc = async_nats::connect(server.url()).await.unwrap();
+    // Ready when both handlers answer (compiling them may take a while in a debug build).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let echo = nc.request("echo", "ping".into());
+        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(1), echo).await
+            && &reply.payload[..] == b"ping"
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sluice did not start serving within 120 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Warm-up: every command once, so that pool slots, buffers and caches exist before the
+    // baseline is read.
+    for (command, _) in STORM {
+        request(&nc, "misbehave", command).await;
+    }
+    echo_for(&nc, Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let baseline = rss_kib(pid);
+
+    let calm = echo_for(&nc, Duration::from_secs(2)).await;
+    let (stormy, calls_1, peak_1) = storm_with_echo(&nc, pid, Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_1 = rss_kib(pid);
+    let (_, calls_2, peak_2) = storm_with_echo(&nc, pid, Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_2 = rss_kib(pid);
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let ratio = (stormy as f64 / 4.0) / (calm as f64 / 2.0);
+    println!(
+        "RSS: baseline {:.1} MiB; storm 1 peak {:.1} MiB, after {:.1} MiB; storm 2 peak {:.1} MiB, after {:.1} MiB",
+        mib(baseline),
+        mib(peak_1),
+        mib(after_1),
+        mib(peak_2),
+        mib(after_2)
+    );
+    println!(
+        "echo: {:.0}/s alone, {:.0}/s during the storm ({:.0}% of alone); hostile calls ended: {calls_1} + {calls_2}",
+        calm as f64 / 2.0,
+        stormy as f64 / 4.0,
+        ratio * 100.0
+    );
+
+    assert!(calls_1 > STORM.len() as u64 && calls_2 > STORM.len() as u64, "the storm did not get through its commands");
+    // At most every hostile instance at its memory limit at once, plus slack for buffers.
+    let bound = baseline + HOSTILE_CONCURRENCY * MEMORY_LIMIT_MIB * 1024 + 64 * 1024;
+    assert!(peak_1 <= bound && peak_2 <= bound, "RSS went past {:.1} MiB", mib(bound));
+    // Nothing kept: once the storm passes, memory is back near the baseline, and a second
+    // storm ends where the first did.
+    assert!(after_1 <= baseline + 64 * 1024, "storm 1 left {:.1} MiB behind", mib(after_1 - baseline));
+    assert!(
+        after_2 <= after_1 + 32 * 1024,
+        "memory grew from storm to storm: {:.1} -> {:.1} MiB",
+        mib(after_1),
+        mib(after_2)
+    );
+    // Served throughout (echo_for checks the gaps). The ratio is reported, not held to a
+    // figure: 8 calls spinning to their timeout share 2 cores with everything else (about 2%
+    // of the calm rate here, see the README's threat model); only total starvation fails.
+    assert!(stormy > 0, "the well-behaved handler was not served during the storm");
+
+    let mut child = child;
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let exited = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        matches!(child.0.try_wait(), Ok(Some(_)))
+    });
+    assert!(exited, "sluice did not exit on SIGTERM after the storms");
+}
