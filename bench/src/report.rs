@@ -451,7 +451,8 @@ pub fn markdown(r: &Results) -> String {
         "Measured by `make bench` (the harness in [`bench/`](bench/README.md), which explains the \
          method) on {}, at revision `{rev}`. The raw numbers are in \
          [`bench/results.json`](bench/results.json). This file is generated: rerun `make bench` \
-         rather than editing it.\n",
+         rather than editing it. What each change to the dispatch path bought, and where the \
+         time goes, is in [`bench/HISTORY.md`](bench/HISTORY.md).\n",
         m.date
     );
     let _ = writeln!(
