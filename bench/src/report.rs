@@ -255,30 +255,26 @@ pub fn results(
 
     let pass = |ok: bool| if ok { "pass" } else { "fail" };
     let mut targets = Vec::new();
-    let core = ratio("sluice_core_noop");
-    targets.push(Target {
-        target: "core NATS throughput, noop handler, vs native core subscriber",
-        goal: ">= 25%",
-        measured: core,
-        shown: core.map_or("-".into(), pct),
-        result: core.map_or("fail", |r| pass(r >= 0.25)),
-    });
-    let js = ratio("sluice_jetstream_noop");
-    targets.push(Target {
-        target: "JetStream throughput, noop handler, vs native pull consumer",
-        goal: ">= 70%",
-        measured: js,
-        shown: js.map_or("-".into(), pct),
-        result: js.map_or("fail", |r| pass(r >= 0.70)),
-    });
-    let redb = ratio("sluice_jetstream_noop_dedup_redb");
-    targets.push(Target {
-        target: "JetStream throughput, noop handler with the redb dedup store, vs native pull consumer",
-        goal: ">= 50%",
-        measured: redb,
-        shown: redb.map_or("-".into(), pct),
-        result: redb.map_or("fail", |r| pass(r >= 0.50)),
-    });
+    let ratio_targets = [
+        ("sluice_core_noop", "core NATS throughput, noop handler, vs native core subscriber", ">= 25%", 0.25),
+        ("sluice_jetstream_noop", "JetStream throughput, noop handler, vs native pull consumer", ">= 70%", 0.70),
+        (
+            "sluice_jetstream_noop_dedup_redb",
+            "JetStream throughput, noop handler with the redb dedup store, vs native pull consumer",
+            ">= 50%",
+            0.50,
+        ),
+    ];
+    for (id, target, goal, min) in ratio_targets {
+        let measured = ratio(id);
+        targets.push(Target {
+            target,
+            goal,
+            measured,
+            shown: measured.map_or("-".into(), pct),
+            result: measured.map_or("fail", |r| pass(r >= min)),
+        });
+    }
     let p99 = added.iter().find(|a| (a.load - 0.2).abs() < 1e-9).map(|a| a.p99_us);
     targets.push(Target {
         target: "added p99 latency over native at 20% load (request to reply)",

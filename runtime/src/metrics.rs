@@ -15,6 +15,7 @@
 //! | `sluice_handler_info` | gauge (1) | handler, digest | the version being served |
 //! | `sluice_nats_connected` | gauge | | 1 while the NATS connection is up |
 //! | `sluice_nats_reconnects_total` | counter | | reconnections since start |
+//! | `sluice_nats_slow_consumer_drops_total` | counter | | core NATS messages the client dropped because a subscription's buffer was full (JetStream messages are redelivered instead) |
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +41,7 @@ pub struct Metrics {
     handlers: Mutex<HashMap<String, Arc<HandlerMetrics>>>,
     pub nats_connected: Gauge,
     pub nats_reconnects: Counter,
+    pub nats_dropped: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -61,7 +63,8 @@ impl Default for Metrics {
         describe(&recorder);
         let nats_connected = recorder.register_gauge(&Key::from_name("sluice_nats_connected"), &META);
         let nats_reconnects = recorder.register_counter(&Key::from_name("sluice_nats_reconnects_total"), &META);
-        Metrics { recorder, handle, handlers: Mutex::default(), nats_connected, nats_reconnects }
+        let nats_dropped = recorder.register_counter(&Key::from_name("sluice_nats_slow_consumer_drops_total"), &META);
+        Metrics { recorder, handle, handlers: Mutex::default(), nats_connected, nats_reconnects, nats_dropped }
     }
 }
 
@@ -75,6 +78,11 @@ fn describe(r: &PrometheusRecorder) {
         d("sluice_messages_skipped_duplicate_total", None, "Duplicates of handled keys, acked without running."),
         d("sluice_failures_total", None, "Failed attempts, by failure kind."),
         d("sluice_nats_reconnects_total", None, "NATS reconnections since start."),
+        d(
+            "sluice_nats_slow_consumer_drops_total",
+            None,
+            "Core NATS messages dropped by the client because a subscription's buffer was full.",
+        ),
     ];
     for (name, _, text) in counters {
         r.describe_counter(name.into(), None, text.into());

@@ -178,3 +178,37 @@ async fn a_traceparent_sent_in_is_found_on_the_outputs() {
     assert!(plain.headers.as_ref().and_then(|h| h.get("traceparent")).is_none());
     sluice.stop().await;
 }
+
+#[tokio::test]
+async fn core_messages_dropped_by_a_full_subscription_are_counted() {
+    let server = nats();
+    let dir = tempfile::tempdir().unwrap();
+    // One slow call at a time: a burst larger than the client's subscription buffer (64 Ki
+    // messages) cannot be taken in, and the client drops the excess.
+    let text = manifest("slow", "misbehave", "slow", "[limits]\nmax_concurrency = 1\ntimeout = \"5s\"\n");
+    std::fs::write(dir.path().join("slow.toml"), text).unwrap();
+    let options = RuntimeOptions { data_dir: Some(dir.path().join("data")), ..RuntimeOptions::default() };
+    let runtime = Runtime::load(&[dir.path().to_owned()], options).unwrap();
+    let metrics = runtime.metrics();
+    let state = AdminState::new(metrics.clone(), runtime.status());
+    let admin = start_admin(state).await;
+    let observed = sluice::cli::connect_observed(&server.url(), Some(&metrics)).await.unwrap();
+    let running = runtime.bind(observed).await.unwrap();
+
+    let nc = client(&server).await;
+    for _ in 0..70_000 {
+        nc.publish("slow", "sleep:50".into()).await.unwrap();
+    }
+    sync(&nc).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let dropped = loop {
+        let (_, m) = http_get(&format!("{admin}/metrics")).await;
+        let dropped = sample(&m, "sluice_nats_slow_consumer_drops_total", &[]);
+        if dropped > 0.0 || std::time::Instant::now() > deadline {
+            break dropped;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(dropped > 0.0, "a burst past the subscription buffer was not counted as dropped");
+    running.abort().await;
+}

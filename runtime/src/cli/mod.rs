@@ -5,7 +5,7 @@ mod dlq;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -289,8 +289,9 @@ pub async fn connect_observed(url: &str, metrics: Option<&Arc<Metrics>>) -> anyh
     let mut options = ConnectOptions::new().name("sluice").connection_timeout(Duration::from_secs(2));
     if let Some(metrics) = metrics.cloned() {
         let seen_connect = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let drops_warned = Arc::new(Mutex::new(None::<std::time::Instant>));
         options = options.event_callback(move |event| {
-            let (metrics, seen_connect) = (metrics.clone(), seen_connect.clone());
+            let (metrics, seen_connect, drops_warned) = (metrics.clone(), seen_connect.clone(), drops_warned.clone());
             async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -304,6 +305,23 @@ pub async fn connect_observed(url: &str, metrics: Option<&Arc<Metrics>>) -> anyh
                         metrics.nats_connected.set(0.0);
                         tracing::warn!("NATS disconnected; reconnecting");
                     }
+                    async_nats::Event::SlowConsumer(sid) => {
+                        // Every drop is counted; the warning is repeated at most every 10 s.
+                        metrics.nats_dropped.increment(1);
+                        let now = std::time::Instant::now();
+                        let mut last = drops_warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if last.is_none_or(|at| now.duration_since(at) > Duration::from_secs(10)) {
+                            *last = Some(now);
+                            tracing::warn!(
+                                subscription = sid,
+                                "core NATS messages dropped: a subscription's buffer is full (the handler cannot \
+                                 keep up; see sluice_nats_slow_consumer_drops_total, and raise max_concurrency \
+                                 or add processes to the queue group)"
+                            );
+                        }
+                    }
+                    async_nats::Event::ServerError(e) => tracing::warn!("NATS server error: {e}"),
+                    async_nats::Event::LameDuckMode => tracing::warn!("the NATS server is entering lame duck mode"),
                     other => tracing::debug!("NATS event: {other}"),
                 }
             }
