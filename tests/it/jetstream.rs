@@ -322,3 +322,24 @@ async fn dlq_replay_into_a_fixed_handler_empties_the_dead_letter_stream() {
     }
     v2.stop().await;
 }
+
+#[tokio::test]
+async fn a_handler_cannot_reply_to_the_ack_subject_of_its_stream_message() {
+    // A stream message's reply subject is JetStream's ack subject. Were it handed to the
+    // guest, misbehave's answer ("ok") would be published there, next to Sluice's own ack,
+    // and a reply of "-NAK" or "+TERM" would settle the message behind Sluice's back.
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    let observer = client(&server).await;
+    let mut acks = observer.subscribe("$JS.ACK.WORK.>").await.unwrap();
+    sync(&observer).await;
+    let sluice = Sluice::start(&server, &[("w.toml", work_manifest("max_attempts = 1"))]).await;
+    js_publish(&js, "work.1", "ok").await;
+    let seen = sluice_tests::collect_quiet(&mut acks, Duration::from_millis(800), Duration::from_secs(10)).await;
+    let payloads: Vec<String> = seen.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect();
+    // async-nats acks with an empty payload.
+    assert_eq!(payloads, [""], "only Sluice's own ack reaches the ack subject");
+    let info = consumer_info(&js, "worker").await;
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    sluice.stop().await;
+}
