@@ -21,7 +21,7 @@ use crate::manifest::{ByteSize, Manifest, ManifestError};
 
 /// How often the epoch advances. A running guest yields to the executor once per tick, and
 /// timeouts are enforced with this granularity. 1 ms rather than 10: with 8 calls spinning on
-/// 2 cores, a neighbour handler's throughput went from 0.8% to 2% of its calm rate
+/// 2 cores and guest calls on the I/O threads, a neighbour's throughput went from 0.8% to 2% of its calm rate
 /// (runtime/tests/hostile.rs), for a ticker thread waking 1000 times a second.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
@@ -36,11 +36,15 @@ pub struct EngineOptions {
     /// Where compiled components are kept, by digest, so that a restart or a reload of an
     /// unchanged component skips compilation. `None`: always compile.
     pub cache_dir: Option<PathBuf>,
+    /// Threads that run guest calls, apart from the threads doing NATS I/O. `None`: one per
+    /// core. `Some(0)`: guest calls run on the I/O threads, which is faster per message but
+    /// lets a handler computing until its timeout delay every other handler.
+    pub guest_threads: Option<usize>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { max_memory: 1 << 30, max_instances: 1000, cache_dir: None }
+        EngineOptions { max_memory: 1 << 30, max_instances: 1000, cache_dir: None, guest_threads: None }
     }
 }
 
@@ -49,6 +53,12 @@ pub struct Engine {
     engine: wasmtime::Engine,
     linker: Linker<HostState>,
     options: EngineOptions,
+    /// Where guest calls run: their own threads, so that a guest computing until its
+    /// timeout competes with other guests only, not with the NATS connection and the
+    /// serving loops. Measured (runtime/tests/hostile.rs): a neighbour handler keeps 45% of
+    /// its calm rate during a storm of spinning calls, against 2% with guests on the I/O
+    /// threads; the hop costs about a third of the core noop throughput (bench/HISTORY.md).
+    guests: Option<tokio::runtime::Runtime>,
     _ticker: EpochTicker,
 }
 
@@ -91,11 +101,29 @@ impl Engine {
         let mut linker = Linker::new(&engine);
         host::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
         let ticker = EpochTicker::start(engine.clone()).context("cannot start the epoch ticker thread")?;
-        Ok(Arc::new(Engine { engine, linker, options, _ticker: ticker }))
+        let threads =
+            options.guest_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from));
+        let guests = match threads {
+            0 => None,
+            n => Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(n)
+                    .thread_name("sluice-guest")
+                    .enable_all()
+                    .build()
+                    .context("cannot start the guest threads")?,
+            ),
+        };
+        Ok(Arc::new(Engine { engine, linker, options, guests, _ticker: ticker }))
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
         &self.engine
+    }
+
+    /// The runtime guest calls are spawned on; `None`: they run where they are called.
+    pub fn guests(&self) -> Option<&tokio::runtime::Handle> {
+        self.guests.as_ref().map(tokio::runtime::Runtime::handle)
     }
 
     /// Compiles the manifest's component and checks it against the world: it must export
@@ -232,6 +260,16 @@ impl EpochTicker {
             }
         })?;
         Ok(EpochTicker { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The last reference may go from inside another runtime, where blocking on the
+        // guest threads' shutdown is not allowed.
+        if let Some(guests) = self.guests.take() {
+            guests.shutdown_background();
+        }
     }
 }
 

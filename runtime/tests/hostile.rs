@@ -4,7 +4,7 @@
 //! was once the storm passes, and a second storm does not raise it), every hostile call ends
 //! with its own failure kind, and a well-behaved handler running alongside keeps serving (no
 //! 3 s without an answer). Its throughput during the storm, as a ratio of its throughput
-//! before, is printed, not asserted, since these machines are shared.
+//! before, is printed and held only loosely (these machines are shared).
 //!
 //! A separate process (rather than the in-process fixture of `tests/`) so that its RSS is
 //! Sluice's own and not that of a test binary running other tests at the same time.
@@ -240,10 +240,10 @@ async fn hostile_handlers_leave_memory_bounded_and_a_neighbour_serving() {
         mib(after_1),
         mib(after_2)
     );
-    // Served throughout (echo_for checks the gaps). The ratio is reported, not held to a
-    // figure: 8 calls spinning to their timeout share 2 cores with everything else (about 2%
-    // of the calm rate here, see the README's threat model); only total starvation fails.
-    assert!(stormy > 0, "the well-behaved handler was not served during the storm");
+    // Served throughout (echo_for checks the gaps). The ratio is held only loosely: about 45%
+    // on 2 cores with guest calls on their own threads (the default), about 2% when they
+    // shared the I/O threads; 5% tells the two apart with a wide margin for a busy machine.
+    assert!(ratio > 0.05, "the well-behaved handler was starved: {:.1}% of its calm rate", ratio * 100.0);
 
     let mut child = child;
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();

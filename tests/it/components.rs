@@ -11,7 +11,7 @@ fn load_error(component: &[u8]) -> String {
     match Runtime::load(
         std::slice::from_ref(&manifest),
         RuntimeOptions {
-            engine: EngineOptions { max_memory: 1 << 30, max_instances: 16, cache_dir: None },
+            engine: EngineOptions { max_memory: 1 << 30, max_instances: 16, ..EngineOptions::default() },
             ..RuntimeOptions::default()
         },
     ) {

@@ -24,7 +24,7 @@ fn invalid_manifests_give_the_expected_located_errors() {
     let mut mismatches = Vec::new();
     for case in &cases {
         let options = RuntimeOptions {
-            engine: EngineOptions { max_memory: 1 << 30, max_instances: 16, cache_dir: None },
+            engine: EngineOptions { max_memory: 1 << 30, max_instances: 16, ..EngineOptions::default() },
             ..RuntimeOptions::default()
         };
         let actual = match Runtime::load(std::slice::from_ref(case), options) {

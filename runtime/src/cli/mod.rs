@@ -122,6 +122,11 @@ pub struct EngineArgs {
     /// Compile every component, without reading or filling the cache.
     #[arg(long)]
     pub no_compile_cache: bool,
+    /// Threads that run handler calls, apart from the NATS I/O threads (default: one per
+    /// core). 0 runs calls on the I/O threads: faster per message, but a handler that
+    /// computes until its timeout then slows every other handler.
+    #[arg(long)]
+    pub guest_threads: Option<usize>,
 }
 
 impl EngineArgs {
@@ -130,6 +135,7 @@ impl EngineArgs {
             max_memory: self.max_memory.0,
             max_instances: self.max_instances,
             cache_dir: (!self.no_compile_cache).then(|| self.data_dir().join("compiled")),
+            guest_threads: self.guest_threads,
         }
     }
 }

@@ -178,7 +178,21 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
     };
     ctx.metrics.call_started();
     let started = std::time::Instant::now();
-    let outcome = dispatch(&ctx.engine, &ctx.handler, ctx.scope.clone(), d.wit, &delivery).await;
+    let outcome = match ctx.engine.guests() {
+        Some(guests) => {
+            let (engine, handler, scope, msg) =
+                (ctx.engine.clone(), ctx.handler.clone(), ctx.scope.clone(), d.wit.clone());
+            let call = async move { dispatch(&engine, &handler, scope, &msg, &delivery).await };
+            guests.spawn(call).await.unwrap_or_else(|e| {
+                Outcome::Failed(Failure {
+                    kind: FailureKind::Trap,
+                    reason: format!("the call ended abnormally: {e}"),
+                    retry_after: None,
+                })
+            })
+        }
+        None => dispatch(&ctx.engine, &ctx.handler, ctx.scope.clone(), d.wit, &delivery).await,
+    };
     ctx.metrics.call_ended(started.elapsed());
     let result = match outcome {
         Outcome::Success(mut outputs) => {
