@@ -117,7 +117,7 @@ pub async fn bind(js: &jetstream::Context, ctx: &Context) -> anyhow::Result<Pull
 /// Each message is handled by the version in `versions` when it is pulled (a hot reload swaps
 /// it); redeliveries naturally get the version current then.
 /// How long one pull request stays open on the server.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
 pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
     let spec = versions.borrow().handler.spec.clone();
@@ -127,10 +127,11 @@ pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, m
     let mut in_flight = JoinSet::new();
     // Pull no more than can run at once: a message waiting in a local buffer would reach
     // its ack wait and be redelivered elsewhere while still queued here.
-    // Pull requests expire after 5 s rather than async-nats's 30 s: when the client's count
-    // of outstanding messages drifts from the server's (seen about once in ten benchmark
-    // runs), the stream waits for its pull to expire before asking again, so this bounds
-    // such a stall to seconds.
+    // Pull requests expire after 2 s rather than async-nats's 30 s: when the client's count
+    // of outstanding messages drifts from the server's (seen in about one benchmark run in
+    // five), the stream waits for its pull to expire before asking again (a 30 s stall with
+    // the default, up to 10 s with 5 s), so this bounds such a stall to a few seconds. An idle
+    // handler pays one pull request every 2 s.
     let pulls = consumer.stream().max_messages_per_batch(concurrency).expires(PULL_EXPIRES);
     let mut messages = match pulls.messages().await {
         Ok(m) => m,
