@@ -609,10 +609,14 @@ impl Bench {
         let stream = nats::create_stream(&js, case.stream, case.subject).await?;
         let handler = format!("bench-{}", case.id.replace('_', "-"));
         let orders = case.plugin == "order-validator";
-        let extra = if orders { ORDERS_EXTRA } else { case.extra };
+        let extra = match (orders, case.dedup_store) {
+            (true, _) => ORDERS_EXTRA.to_owned(),
+            (false, Some(backend)) => format!("{DEDUP}\n[store]\nbackend = \"{backend}\"\n"),
+            (false, None) => String::new(),
+        };
         let dir = self.manifests(
             &format!("js-{}", case.id),
-            &[self.manifest_text(&handler, case.plugin, &format!("stream = \"{}\"", case.stream), extra)],
+            &[self.manifest_text(&handler, case.plugin, &format!("stream = \"{}\"", case.stream), &extra)],
         )?;
         let observer = nats::connect(&self.server.url(), "bench-observer").await?;
         let counter = if orders { Some(Counter::start(&observer, "orders.validated").await?) } else { None };
@@ -777,7 +781,8 @@ struct JsCase {
     plugin: &'static str,
     stream: &'static str,
     subject: &'static str,
-    extra: &'static str,
+    /// With host idempotency on this store backend.
+    dedup_store: Option<&'static str>,
 }
 
 /// The Sluice JetStream measurements, in the order they run: the noop handler bare, then with
@@ -790,7 +795,7 @@ const JS_CASES: &[JsCase] = &[
         plugin: "noop",
         stream: "BENCH_SLUICE_NOOP",
         subject: "bench.sluice.js.noop",
-        extra: "",
+        dedup_store: None,
     },
     JsCase {
         id: "sluice_jetstream_noop_dedup_memory",
@@ -798,7 +803,7 @@ const JS_CASES: &[JsCase] = &[
         plugin: "noop",
         stream: "BENCH_SLUICE_DEDUP_MEMORY",
         subject: "bench.sluice.js.dedup.memory",
-        extra: DEDUP_MEMORY,
+        dedup_store: Some("memory"),
     },
     JsCase {
         id: "sluice_jetstream_noop_dedup_redb",
@@ -806,7 +811,7 @@ const JS_CASES: &[JsCase] = &[
         plugin: "noop",
         stream: "BENCH_SLUICE_DEDUP_REDB",
         subject: "bench.sluice.js.dedup.redb",
-        extra: DEDUP_REDB,
+        dedup_store: Some("redb"),
     },
     JsCase {
         id: "sluice_jetstream_noop_dedup_nats_kv",
@@ -814,7 +819,7 @@ const JS_CASES: &[JsCase] = &[
         plugin: "noop",
         stream: "BENCH_SLUICE_DEDUP_KV",
         subject: "bench.sluice.js.dedup.kv",
-        extra: DEDUP_NATS_KV,
+        dedup_store: Some("nats-kv"),
     },
     JsCase {
         id: "sluice_jetstream_order_validator",
@@ -822,14 +827,12 @@ const JS_CASES: &[JsCase] = &[
         plugin: "order-validator",
         stream: "BENCH_SLUICE_ORDERS",
         subject: "bench.sluice.js.orders",
-        extra: "",
+        dedup_store: None,
     },
 ];
 
 /// Host idempotency keyed by the payload's SHA-256 (every benchmark payload is distinct).
-const DEDUP_MEMORY: &str = "[idempotency]\nkey = \"payload-sha256\"\n\n[store]\nbackend = \"memory\"\n";
-const DEDUP_REDB: &str = "[idempotency]\nkey = \"payload-sha256\"\n\n[store]\nbackend = \"redb\"\n";
-const DEDUP_NATS_KV: &str = "[idempotency]\nkey = \"payload-sha256\"\n\n[store]\nbackend = \"nats-kv\"\n";
+const DEDUP: &str = "[idempotency]\nkey = \"payload-sha256\"\n";
 
 /// A manifest: handler `name` running the component `wasm`, with `source` lines and extra
 /// sections.

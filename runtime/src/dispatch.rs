@@ -3,6 +3,7 @@
 //! message (ack, retry, dead-letter, reply).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::{Store, Trap, UpdateDeadline};
@@ -122,7 +123,30 @@ impl fmt::Display for DeadlineExceeded {
 
 impl std::error::Error for DeadlineExceeded {}
 
-/// Runs `msg` through a fresh instance of `handler`.
+/// Runs `msg` through a fresh instance of `handler`, on the engine's guest threads when it
+/// has them (see [`Engine::guests`]), where it is called otherwise.
+pub async fn run(
+    engine: &Arc<Engine>,
+    handler: &Arc<Handler>,
+    scope: Option<Scope>,
+    msg: &Arc<Message>,
+    delivery: Delivery,
+) -> Outcome {
+    let Some(guests) = engine.guests() else {
+        return dispatch(engine, handler, scope, msg, &delivery).await;
+    };
+    let (engine, handler, msg) = (engine.clone(), handler.clone(), msg.clone());
+    let call = async move { dispatch(&engine, &handler, scope, &msg, &delivery).await };
+    guests.spawn(call).await.unwrap_or_else(|e| {
+        Outcome::Failed(Failure {
+            kind: FailureKind::Trap,
+            reason: format!("the call ended abnormally: {e}"),
+            retry_after: None,
+        })
+    })
+}
+
+/// Runs `msg` through a fresh instance of `handler`, here.
 pub async fn dispatch(
     engine: &Engine,
     handler: &Handler,

@@ -3,8 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{Killed, build_plugins, repo_root};
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -13,15 +16,6 @@ fn sluice() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.current_dir(repo_root());
     cmd
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
-
-fn build_plugins() {
-    let status = Command::new("bash").arg(repo_root().join("scripts/build-plugins.sh")).status().unwrap();
-    assert!(status.success(), "cannot build the plugins");
 }
 
 #[test]
@@ -50,16 +44,6 @@ fn validate_points_at_the_broken_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.starts_with(&format!("{}:9:11: invalid duration \"soon\"", manifest.display())), "{stderr}");
     assert!(stderr.contains("9 | timeout = \"soon\""), "{stderr}");
-}
-
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -11,8 +11,11 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{Killed, build_plugins, repo_root};
+
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -38,31 +41,12 @@ const STORM: &[(&str, Option<&str>)] = &[
 const MEMORY_LIMIT_MIB: u64 = 32;
 const HOSTILE_CONCURRENCY: u64 = 8;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
-
-fn build_plugins() {
-    let status = Command::new("bash").arg(repo_root().join("scripts/build-plugins.sh")).status().unwrap();
-    assert!(status.success(), "cannot build the plugins");
-}
-
 fn manifest(name: &str, plugin: &str, subject: &str, extra: &str) -> String {
     let component = repo_root().join(format!("plugins/dist/{plugin}.wasm"));
     format!(
         "[handler]\nname = \"{name}\"\ncomponent = {:?}\n\n[source]\nsubject = \"{subject}\"\n{extra}",
         component.display().to_string()
     )
-}
-
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn rss_kib(pid: u32) -> u64 {

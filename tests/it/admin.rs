@@ -56,7 +56,9 @@ stream = "DLQ"
 "#,
     );
     std::fs::write(dir.path().join("w.toml"), text).unwrap();
-    let options = RuntimeOptions { data_dir: Some(dir.path().join("data")), ..RuntimeOptions::default() };
+    // Calls on the I/O threads (`--guest-threads 0`); every other test uses the default.
+    let engine = sluice::EngineOptions { guest_threads: Some(0), ..sluice::EngineOptions::default() };
+    let options = RuntimeOptions { engine, data_dir: Some(dir.path().join("data")), ..RuntimeOptions::default() };
     let runtime = Runtime::load(&[dir.path().to_owned()], options).unwrap();
     let state = AdminState::new(runtime.metrics(), runtime.status());
     let admin = start_admin(state.clone()).await;

@@ -197,7 +197,9 @@ pub async fn main(cli: Cli) -> ExitCode {
 }
 
 fn validate(args: &ValidateArgs) -> ExitCode {
-    match Runtime::load(&args.paths, RuntimeOptions { engine: args.engine.options(), ..Default::default() }) {
+    // Nothing runs: no guest threads.
+    let engine = EngineOptions { guest_threads: Some(0), ..args.engine.options() };
+    match Runtime::load(&args.paths, RuntimeOptions { engine, ..Default::default() }) {
         Ok(runtime) => {
             for h in runtime.handlers() {
                 println!(

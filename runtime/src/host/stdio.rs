@@ -56,6 +56,13 @@ impl GuestOutput {
     pub fn new(handler: Arc<str>, stream: &'static str, budget: LogBudget) -> Self {
         GuestOutput(Arc::new(Mutex::new(LineLog { handler, stream, partial: Vec::new(), budget })))
     }
+
+    fn append(&self, bytes: &[u8]) {
+        // A poisoned lock means a panic while logging; the bytes are simply not logged.
+        if let Ok(mut log) = self.0.lock() {
+            log.write(bytes);
+        }
+    }
 }
 
 impl LineLog {
@@ -109,10 +116,7 @@ impl StdoutStream for GuestOutput {
 #[async_trait::async_trait]
 impl OutputStream for GuestOutput {
     fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
-        // A poisoned lock means a panic while logging; the bytes are simply not logged.
-        if let Ok(mut log) = self.0.lock() {
-            log.write(&bytes);
-        }
+        self.append(&bytes);
         Ok(())
     }
 
@@ -132,10 +136,7 @@ impl Pollable for GuestOutput {
 
 impl AsyncWrite for GuestOutput {
     fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        // A poisoned lock means a panic while logging; the bytes are simply not logged.
-        if let Ok(mut log) = self.0.lock() {
-            log.write(buf);
-        }
+        self.append(buf);
         Poll::Ready(Ok(buf.len()))
     }
 

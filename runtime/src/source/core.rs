@@ -79,7 +79,7 @@ async fn process(
     mut permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
 ) {
-    let wit = super::to_wit(&msg);
+    let wit = Arc::new(super::to_wit(&msg));
     let original =
         Original { subject: msg.subject.as_str(), headers: msg.headers.as_ref(), payload: &msg.payload, stream: None };
     let mut history: Option<History> = None;

@@ -110,15 +110,15 @@ pub async fn bind(js: &jetstream::Context, ctx: &Context) -> anyhow::Result<Pull
     stream.get_consumer(&src.consumer).await.map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
+/// How long one pull request stays open on the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
 /// Pulls and processes messages until `stop` turns true; then stops pulling and lets the
 /// calls in flight finish (and ack). Messages pulled but not started are not acked and come
 /// back after the ack wait.
 ///
 /// Each message is handled by the version in `versions` when it is pulled (a hot reload swaps
 /// it); redeliveries naturally get the version current then.
-/// How long one pull request stays open on the server.
-const PULL_EXPIRES: Duration = Duration::from_secs(2);
-
 pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
     let spec = versions.borrow().handler.spec.clone();
     let concurrency = spec.limits.max_concurrency as usize;
@@ -193,7 +193,7 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
     };
     let take_history = || histories.lock().ok().and_then(|mut h| h.remove(&seq));
 
-    if attempt > spec.retry.max_attempts {
+    let (settle, history) = if attempt > spec.retry.max_attempts {
         // Already given up on: an earlier dead-letter publish failed, or the process died
         // between publishing the dead letter and terming. The dead letter's id makes a second
         // publish harmless.
@@ -210,21 +210,17 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
                 last_failure_at: std::time::SystemTime::now(),
             },
         };
-        let settle = Settle::GiveUp(verdict);
-        super::count(&ctx, &settle, received);
-        if let Settle::GiveUp(verdict) = settle {
-            Box::pin(give_up(&ctx, &msg, verdict, &original, &histories, seq)).await;
-        }
-        return;
-    }
-
-    let mut wit = super::to_wit(&msg.message);
-    // A stream message's reply subject is JetStream's ack subject, not a requester: a
-    // handler's `reply` there would ack, nak or term its own message.
-    wit.reply_to = None;
-    let delivered = Delivered { original, wit: &wit, attempt };
-    let work = super::handle_delivery(&ctx, delivered, take_history());
-    let (settle, history) = with_progress_acks(&msg, ack_wait(&spec.source), work).await;
+        (Settle::GiveUp(verdict), None)
+    } else {
+        let mut wit = super::to_wit(&msg.message);
+        // A stream message's reply subject is JetStream's ack subject, not a requester: a
+        // handler's `reply` there would ack, nak or term its own message.
+        wit.reply_to = None;
+        let wit = Arc::new(wit);
+        let delivered = Delivered { original, wit: &wit, attempt };
+        let work = super::handle_delivery(&ctx, delivered, take_history());
+        with_progress_acks(&msg, ack_wait(&spec.source), work).await
+    };
     super::count(&ctx, &settle, received);
     match settle {
         Settle::Done | Settle::Skipped => {

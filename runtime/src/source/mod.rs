@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use async_nats::HeaderMap;
 
 use crate::bindings::{Delivery, Message};
-use crate::dispatch::{Failure, FailureKind, Outcome, dispatch};
+use crate::dispatch::{self, Failure, FailureKind, Outcome};
 use crate::dlq::{self, Original, Verdict};
 use crate::engine::Engine;
 use crate::handler::Handler;
@@ -101,7 +101,8 @@ pub enum Fault {
 #[derive(Debug, Clone, Copy)]
 pub struct Delivered<'a> {
     pub original: Original<'a>,
-    pub wit: &'a Message,
+    /// Shared, so that a call on the guest threads takes a reference, not a copy.
+    pub wit: &'a Arc<Message>,
     pub attempt: u32,
 }
 
@@ -178,21 +179,7 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
     };
     ctx.metrics.call_started();
     let started = std::time::Instant::now();
-    let outcome = match ctx.engine.guests() {
-        Some(guests) => {
-            let (engine, handler, scope, msg) =
-                (ctx.engine.clone(), ctx.handler.clone(), ctx.scope.clone(), d.wit.clone());
-            let call = async move { dispatch(&engine, &handler, scope, &msg, &delivery).await };
-            guests.spawn(call).await.unwrap_or_else(|e| {
-                Outcome::Failed(Failure {
-                    kind: FailureKind::Trap,
-                    reason: format!("the call ended abnormally: {e}"),
-                    retry_after: None,
-                })
-            })
-        }
-        None => dispatch(&ctx.engine, &ctx.handler, ctx.scope.clone(), d.wit, &delivery).await,
-    };
+    let outcome = dispatch::run(&ctx.engine, &ctx.handler, ctx.scope.clone(), d.wit, delivery).await;
     ctx.metrics.call_ended(started.elapsed());
     let result = match outcome {
         Outcome::Success(mut outputs) => {

@@ -40,9 +40,27 @@ impl MemoryStore {
     }
 
     pub fn swap(&self, handler: &str, space: Space, key: &str, expected: Option<u64>, value: Option<Vec<u8>>) -> bool {
+        self.write(handler, space, key, Some(expected), value)
+    }
+
+    /// Writes (or, with `None`, removes) `key` whatever its version; false only if the
+    /// store's lock was poisoned by a panic.
+    pub fn put(&self, handler: &str, space: Space, key: &str, value: Option<Vec<u8>>) -> bool {
+        self.write(handler, space, key, None, value)
+    }
+
+    /// `expected`: the version the key must have (`Some(None)`: absent), or `None` for any.
+    fn write(
+        &self,
+        handler: &str,
+        space: Space,
+        key: &str,
+        expected: Option<Option<u64>>,
+        value: Option<Vec<u8>>,
+    ) -> bool {
         let Ok(mut inner) = self.inner.lock() else { return false };
         let k = (handler.to_owned(), space, key.to_owned());
-        if inner.map.get(&k).map(|v| v.version) != expected {
+        if expected.is_some_and(|expected| inner.map.get(&k).map(|v| v.version) != expected) {
             return false;
         }
         match value {

@@ -109,19 +109,10 @@ impl Store {
     /// backend has one, instead of a read and a compare-and-swap.
     async fn put(&self, handler: &str, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         match self {
-            Store::Memory(_) => {
-                for _ in 0..CAS_ROUNDS {
-                    let current = self.get(handler, space, key).await?;
-                    if current.is_none() && value.is_none() {
-                        return Ok(());
-                    }
-                    let version = current.map(|v| v.version);
-                    if self.swap(handler, space, key, version, value.clone()).await? {
-                        return Ok(());
-                    }
-                }
-                Err(StoreError(format!("key {key:?} is contended")))
-            }
+            Store::Memory(m) => match m.put(handler, space, key, value) {
+                true => Ok(()),
+                false => Err(StoreError("the memory store is unusable after a panic".into())),
+            },
             Store::Redb(r) => r.put(handler, space, key, value).await,
             Store::Kv(k) => k.put(handler, space, key, value).await,
         }
