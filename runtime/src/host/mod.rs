@@ -24,7 +24,9 @@ use crate::store::Scope;
 /// dropped with the store: no state survives between messages.
 pub struct HostState {
     pub(crate) spec: Arc<HandlerSpec>,
-    pub(crate) wasi: WasiCtx,
+    /// Built on the guest's first WASI call (most handlers make none per message; building
+    /// one seeds two random generators and allocates a dozen small objects).
+    wasi: Option<WasiCtx>,
     pub(crate) table: ResourceTable,
     pub(crate) limits: GuestLimits,
     /// The reply subject of the message being handled.
@@ -44,32 +46,37 @@ impl std::fmt::Debug for HostState {
 
 impl HostState {
     pub(crate) fn new(spec: Arc<HandlerSpec>, reply_to: Option<String>, scope: Option<Scope>) -> Self {
-        // Guests get no filesystem (no preopens), no environment, no arguments and no
-        // network (every socket address is denied, and TCP, UDP and name lookup are off).
-        // Their stdout and stderr become log lines tagged with the handler name.
-        let log_budget = LogBudget::new(spec.limits.max_log_bytes);
+        HostState {
+            limits: GuestLimits::new(spec.limits.memory),
+            log_budget: LogBudget::new(spec.limits.max_log_bytes),
+            spec,
+            wasi: None,
+            table: ResourceTable::new(),
+            reply_to,
+            scope,
+            outputs: Outputs::default(),
+        }
+    }
+
+    /// The call's WASI context. Guests get no filesystem (no preopens), no environment, no
+    /// arguments and no network (every socket address is denied, and TCP, UDP and name
+    /// lookup are off). Their stdout and stderr become log lines tagged with the handler name.
+    fn wasi_ctx(spec: &HandlerSpec, log_budget: &LogBudget) -> WasiCtx {
         let mut wasi = WasiCtx::builder();
         wasi.stdout(GuestOutput::new(spec.name.clone(), "stdout", log_budget.clone()))
             .stderr(GuestOutput::new(spec.name.clone(), "stderr", log_budget.clone()))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);
-        HostState {
-            limits: GuestLimits::new(spec.limits.memory),
-            spec,
-            wasi: wasi.build(),
-            table: ResourceTable::new(),
-            reply_to,
-            scope,
-            outputs: Outputs::default(),
-            log_budget,
-        }
+        wasi.build()
     }
 }
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        let HostState { wasi, table, spec, log_budget, .. } = self;
+        let ctx = wasi.get_or_insert_with(|| HostState::wasi_ctx(spec, log_budget));
+        WasiCtxView { ctx, table }
     }
 }
 
