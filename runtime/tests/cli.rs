@@ -47,6 +47,20 @@ fn validate_points_at_the_broken_line() {
 }
 
 #[test]
+fn engine_flags_are_read_from_the_environment_too() {
+    // A bad value must be refused by name before anything starts, whichever way it came.
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice()
+        .args(["run", &dir.path().display().to_string(), "--nats", "nats://127.0.0.1:1"])
+        .env("SLUICE_GUEST_THREADS", "many")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("invalid value 'many'") && stderr.contains("--guest-threads"), "{stderr}");
+}
+
+#[test]
 fn run_serves_a_request_to_echo_with_the_embedded_server() {
     build_plugins();
     // No --nats: Sluice uses 127.0.0.1:4222 if a server answers there, or starts its own.

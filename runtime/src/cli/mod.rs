@@ -125,7 +125,7 @@ pub struct EngineArgs {
     /// Threads that run handler calls, apart from the NATS I/O threads (default: one per
     /// core). 0 runs calls on the I/O threads: faster per message, but a handler that
     /// computes until its timeout then slows every other handler.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_GUEST_THREADS")]
     pub guest_threads: Option<usize>,
 }
 
