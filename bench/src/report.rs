@@ -185,6 +185,9 @@ pub struct Machine {
     /// Share of all cores busy (/proc/stat) during 2 s before the run, while the harness did
     /// nothing: other work on the machine, which skews every figure.
     pub busy_before_run: f64,
+    /// /proc/stat's total and steal ticks when the run started.
+    #[serde(skip)]
+    pub cpu_times_at_start: Option<CpuTimes>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -200,6 +203,10 @@ pub struct Results {
     pub load_average_at_end: String,
     /// Share of all cores busy during 2 s after the run (nats-server idle, no consumer).
     pub busy_after_run: f64,
+    /// Share of the cores' time the hypervisor gave to other guests during the whole run
+    /// (/proc/stat's `steal`; 0 on bare metal). Steal comes in bursts, and it lands in the
+    /// latency tails of whichever responder was running.
+    pub steal_during_run: f64,
     pub throughput: Vec<Throughput>,
     pub ratios: Vec<Ratio>,
     pub latency: Vec<LatencyRun>,
@@ -308,6 +315,10 @@ pub fn results(
         },
     });
 
+    let steal_during_run = match (machine.cpu_times_at_start, CpuTimes::now()) {
+        (Some(start), Some(end)) => end.steal_share_since(start),
+        _ => f64::NAN,
+    };
     Results {
         command: "make bench",
         machine,
@@ -317,6 +328,7 @@ pub fn results(
         server_slow_consumers,
         load_average_at_end: load_average(),
         busy_after_run,
+        steal_during_run,
         throughput,
         ratios,
         latency,
@@ -364,7 +376,31 @@ pub async fn machine(root: &Path, server: &Server) -> anyhow::Result<Machine> {
         async_nats: locked_version(&lock, "async-nats"),
         load_average_at_start: load_average(),
         busy_before_run: cpu_busy(Duration::from_secs(2)).await,
+        cpu_times_at_start: CpuTimes::now(),
     })
+}
+
+/// All cores' time and the part of it stolen by the hypervisor, from /proc/stat, in ticks.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuTimes {
+    total: u64,
+    steal: u64,
+}
+
+impl CpuTimes {
+    pub fn now() -> Option<CpuTimes> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user already).
+        let first8 = fields.get(..8)?;
+        Some(CpuTimes { total: first8.iter().sum(), steal: first8[7] })
+    }
+
+    /// The share of the time since `start` that was stolen.
+    pub fn steal_share_since(self, start: CpuTimes) -> f64 {
+        let total = self.total.saturating_sub(start.total);
+        if total == 0 { f64::NAN } else { self.steal.saturating_sub(start.steal) as f64 / total as f64 }
+    }
 }
 
 /// The share of all cores that were busy (not idle, not waiting for I/O) over `sample`.
@@ -478,6 +514,11 @@ pub fn markdown(r: &Results) -> String {
         "| other CPU use | {} of the cores busy during 2 s before the run, {} during 2 s after it (the harness idle both times: other work on the machine, which slows every figure) |",
         pct(m.busy_before_run),
         pct(r.busy_after_run)
+    );
+    let _ = writeln!(
+        s,
+        "| CPU steal | {} of the cores' time during the run went to other guests of the hypervisor (/proc/stat; it arrives in bursts and lands in latency tails) |",
+        pct(r.steal_during_run)
     );
     let _ = writeln!(
         s,
