@@ -380,41 +380,55 @@ pub async fn machine(root: &Path, server: &Server) -> anyhow::Result<Machine> {
     })
 }
 
-/// All cores' time and the part of it stolen by the hypervisor, from /proc/stat, in ticks.
-#[derive(Debug, Clone, Copy)]
+/// All cores' time, and the parts of it spent idle and stolen by the hypervisor, from the
+/// first line of /proc/stat, in ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuTimes {
     total: u64,
+    idle: u64,
     steal: u64,
 }
 
 impl CpuTimes {
     pub fn now() -> Option<CpuTimes> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        CpuTimes::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    fn parse(stat: &str) -> Option<CpuTimes> {
         let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-        // user nice system idle iowait irq softirq steal (guest time is inside user already).
-        let first8 = fields.get(..8)?;
-        Some(CpuTimes { total: first8.iter().sum(), steal: first8[7] })
+        // user nice system idle iowait irq softirq steal; the guest times after them are
+        // already counted in user and nice.
+        let [_, _, _, idle, iowait, _, _, steal] = *fields.get(..8)? else { return None };
+        Some(CpuTimes { total: fields[..8].iter().sum(), idle: idle + iowait, steal })
+    }
+
+    fn since(self, start: CpuTimes) -> Option<CpuTimes> {
+        let total = self.total.checked_sub(start.total).filter(|t| *t > 0)?;
+        Some(CpuTimes {
+            total,
+            idle: self.idle.saturating_sub(start.idle),
+            steal: self.steal.saturating_sub(start.steal),
+        })
     }
 
     /// The share of the time since `start` that was stolen.
     pub fn steal_share_since(self, start: CpuTimes) -> f64 {
-        let total = self.total.saturating_sub(start.total);
-        if total == 0 { f64::NAN } else { self.steal.saturating_sub(start.steal) as f64 / total as f64 }
+        self.since(start).map_or(f64::NAN, |d| d.steal as f64 / d.total as f64)
+    }
+
+    /// The share of the time since `start` that the cores were busy (not idle, not waiting
+    /// for I/O).
+    fn busy_share_since(self, start: CpuTimes) -> f64 {
+        self.since(start).map_or(f64::NAN, |d| 1.0 - d.idle as f64 / d.total as f64)
     }
 }
 
 /// The share of all cores that were busy (not idle, not waiting for I/O) over `sample`.
 pub async fn cpu_busy(sample: Duration) -> f64 {
-    fn read() -> Option<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-        let idle = fields.get(3)? + fields.get(4)?;
-        Some((fields.iter().sum(), idle))
-    }
-    let before = read();
+    let before = CpuTimes::now();
     tokio::time::sleep(sample).await;
-    match (before, read()) {
-        (Some((t0, i0)), Some((t1, i1))) if t1 > t0 => 1.0 - (i1 - i0) as f64 / (t1 - t0) as f64,
+    match (before, CpuTimes::now()) {
+        (Some(start), Some(end)) => end.busy_share_since(start),
         _ => f64::NAN,
     }
 }
@@ -712,4 +726,21 @@ pub fn markdown(r: &Results) -> String {
         r.seconds_per_measurement
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CpuTimes;
+
+    #[test]
+    fn cpu_times_give_busy_and_stolen_shares() {
+        let start =
+            CpuTimes::parse("cpu  3413060 111001 390884 1175694 14449 0 25755 26152 0 0\ncpu0 1 2 3\n").unwrap();
+        let end = CpuTimes::parse("cpu  3415764 111001 391877 1179034 14522 0 25897 26388 0 0\n").unwrap();
+        // 2704 + 993 + 3340 + 73 + 142 + 236 = 7488 ticks, 236 stolen, 3413 idle or waiting.
+        assert!((end.steal_share_since(start) - 236.0 / 7488.0).abs() < 1e-9);
+        assert!((end.busy_share_since(start) - (1.0 - 3413.0 / 7488.0)).abs() < 1e-9);
+        assert!(start.steal_share_since(start).is_nan(), "no time elapsed");
+        assert_eq!(CpuTimes::parse("cpu 1 2 3\n"), None, "too few fields");
+    }
 }
