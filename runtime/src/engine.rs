@@ -149,7 +149,7 @@ impl Engine {
         }
         check_is_component(bytes).map_err(at_component)?;
         let component = self
-            .compile(bytes, digest)
+            .compile(bytes, digest, &manifest.name)
             .map_err(|e| at_component(format!("cannot compile component: {}", chain(&e))))?;
         let pre = self
             .linker
@@ -162,9 +162,11 @@ impl Engine {
 }
 
 impl Engine {
-    /// Compiles `bytes`, or loads the result of an earlier compilation from the cache.
-    fn compile(&self, bytes: &[u8], digest: &str) -> wasmtime::Result<Component> {
+    /// Compiles `bytes`, the component of handler `name`, or loads the result of an earlier
+    /// compilation from the cache.
+    fn compile(&self, bytes: &[u8], digest: &str, name: &str) -> wasmtime::Result<Component> {
         let Some(dir) = &self.options.cache_dir else {
+            announce_compile(name, bytes);
             return Component::from_binary(&self.engine, bytes);
         };
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -179,6 +181,7 @@ impl Engine {
                 Err(e) => tracing::warn!(file = %file.display(), "ignoring an unusable cache entry: {}", chain(&e)),
             }
         }
+        announce_compile(name, bytes);
         let compiled = self.engine.precompile_component(bytes)?;
         // Written to a fresh temporary file and renamed, so no reader (another thread, another
         // process) ever sees half a file, and concurrent writers do not mix their bytes.
@@ -190,6 +193,18 @@ impl Engine {
             tracing::warn!(file = %file.display(), "cannot write the compile cache: {e}");
         }
         load_compiled(&self.engine, &compiled)
+    }
+}
+
+/// Components at least this large take seconds to compile (a Python or JavaScript one:
+/// 18 MB and more, 5 to 7 s): a start or reload says which one it is working on.
+const ANNOUNCE_COMPILE_OVER: usize = 1 << 20;
+
+fn announce_compile(name: &str, bytes: &[u8]) {
+    if bytes.len() >= ANNOUNCE_COMPILE_OVER {
+        tracing::info!(handler = name, "compiling {name} ({})", ByteSize(bytes.len() as u64));
+    } else {
+        tracing::debug!(handler = name, "compiling {name} ({})", ByteSize(bytes.len() as u64));
     }
 }
 
@@ -295,7 +310,7 @@ mod tests {
         let cache = dir.path().join("compiled");
         let options = EngineOptions { max_instances: 4, cache_dir: Some(cache.clone()), ..EngineOptions::default() };
         let engine = Engine::new(options).unwrap();
-        engine.compile(EMPTY_COMPONENT, "sha256:abc").unwrap();
+        engine.compile(EMPTY_COMPONENT, "sha256:abc", "t").unwrap();
         let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
         assert_eq!(entries.len(), 1, "one entry per digest: {entries:?}");
         assert!(entries[0].file_name().unwrap().to_string_lossy().starts_with("abc-"));
@@ -307,12 +322,12 @@ mod tests {
 
         // Reused: a second compile of the same digest leaves the entry as it is.
         let before = std::fs::metadata(&entries[0]).unwrap().modified().unwrap();
-        engine.compile(EMPTY_COMPONENT, "sha256:abc").unwrap();
+        engine.compile(EMPTY_COMPONENT, "sha256:abc", "t").unwrap();
         assert_eq!(std::fs::metadata(&entries[0]).unwrap().modified().unwrap(), before);
 
         // A damaged entry is ignored and replaced.
         std::fs::write(&entries[0], b"garbage").unwrap();
-        engine.compile(EMPTY_COMPONENT, "sha256:abc").unwrap();
+        engine.compile(EMPTY_COMPONENT, "sha256:abc", "t").unwrap();
         assert_ne!(std::fs::read(&entries[0]).unwrap(), b"garbage");
     }
 }

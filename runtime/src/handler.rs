@@ -11,7 +11,7 @@ use crate::bindings::HandlerPre;
 use crate::engine::Engine;
 use crate::host::HostState;
 use crate::idempotency::Idempotency;
-use crate::manifest::{DeadLetter, Limits, Manifest, ManifestError, Source, StoreConfig};
+use crate::manifest::{DeadLetter, Limits, Manifest, ManifestError, Source, SourceText, StoreConfig};
 use crate::retry::RetryPolicy;
 use crate::subject::SubjectPattern;
 
@@ -20,6 +20,8 @@ use crate::subject::SubjectPattern;
 pub struct HandlerSpec {
     pub name: Arc<str>,
     pub manifest_path: PathBuf,
+    /// The manifest as read, once: what this version was built from.
+    pub manifest: Arc<SourceText>,
     pub component_path: PathBuf,
     /// `sha256:<hex>` of the component file: the handler version.
     pub digest: String,
@@ -53,13 +55,28 @@ pub fn digest(bytes: &[u8]) -> String {
 }
 
 /// The bytes of the manifest's component, or an error located at `component = ...`.
+///
+/// The file is opened without blocking and checked to be a regular file before anything is
+/// read: the path may have been replaced since the manifest was checked, and a FIFO or a
+/// device must neither hang the reload nor fill memory.
 pub fn read_component(manifest: &Manifest) -> Result<Vec<u8>, ManifestError> {
-    std::fs::read(&manifest.component).map_err(|e| {
-        manifest.error_at(
-            manifest.spans.component.clone(),
-            format!("cannot read component {}: {e}", manifest.component.display()),
-        )
-    })
+    let at = |message: String| manifest.error_at(manifest.spans.component.clone(), message);
+    let path = &manifest.component;
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, libc::O_NONBLOCK);
+    let mut file = open.open(path).map_err(|e| at(format!("cannot read component {}: {e}", path.display())))?;
+    let meta = file.metadata().map_err(|e| at(format!("cannot read component {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(at(crate::manifest::check_component_path(path)
+            .err()
+            .unwrap_or_else(|| format!("component path {} is not a regular file", path.display()))));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    std::io::Read::read_to_end(&mut file, &mut bytes)
+        .map_err(|e| at(format!("cannot read component {}: {e}", path.display())))?;
+    Ok(bytes)
 }
 
 impl Drop for Handler {
@@ -88,6 +105,7 @@ impl Handler {
         let spec = HandlerSpec {
             name: manifest.name.as_str().into(),
             manifest_path: manifest.file.path.clone(),
+            manifest: manifest.file.clone(),
             component_path: manifest.component,
             digest,
             source: manifest.source,

@@ -1,14 +1,19 @@
-use std::io::IsTerminal;
-use std::process::ExitCode;
+use std::io::{IsTerminal, Write};
 
 use clap::Parser;
-use sluice::cli::{Cli, LogFormat};
+use sluice::cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn main() {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // `run` logs what it does; the one-shot commands (publish, request, dlq, status) show only
+    // their own output, not the NATS client's connection chatter.
+    let default = match cli.command {
+        Command::Run(_) => "info",
+        _ => "info,async_nats=warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -17,5 +22,11 @@ async fn main() -> ExitCode {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    sluice::cli::main(cli).await
+    let status = sluice::cli::run_command(cli).await;
+    // Exit here rather than by returning from `main`: dropping the runtime waits for every
+    // blocking task (a compile, say) to finish, and a shutdown that gave up on in-flight work
+    // must not wait for it after all. Everything that needs stopping (the embedded
+    // nats-server) has been stopped by now.
+    let _ = std::io::stdout().flush();
+    std::process::exit(i32::from(status));
 }

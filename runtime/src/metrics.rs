@@ -160,6 +160,9 @@ struct Counts {
     skipped: AtomicU64,
     failed: AtomicU64,
     in_flight: AtomicU64,
+    /// Messages received and not yet settled (running, or waiting for a retry in this
+    /// process): what a shutdown cut short abandons.
+    held: AtomicU64,
 }
 
 /// A snapshot of a handler's counters, for `/handlers`.
@@ -262,5 +265,26 @@ impl HandlerMetrics {
     }
     pub fn snapshot(&self) -> CountsSnapshot {
         self.counts.snapshot()
+    }
+
+    /// Counts a message as held by this process until the returned guard is dropped.
+    pub fn hold(self: &Arc<Self>) -> Held {
+        self.counts.held.fetch_add(1, Ordering::Relaxed);
+        Held(self.clone())
+    }
+
+    /// Messages held now (see [`hold`](Self::hold)).
+    pub fn held(&self) -> u64 {
+        self.counts.held.load(Ordering::Relaxed)
+    }
+}
+
+/// A message held by this process; see [`HandlerMetrics::hold`].
+#[derive(Debug)]
+pub struct Held(Arc<HandlerMetrics>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.counts.held.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -4,8 +4,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::Client;
 use tokio::sync::{Mutex, watch};
@@ -33,9 +34,6 @@ pub enum LoadError {
     /// One or more manifests or components are invalid; each error is located.
     #[error("{}", ManifestErrors(.0))]
     Invalid(Vec<ManifestError>),
-    /// The paths named no manifest at all.
-    #[error("no manifests (*.toml) found in {}", .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
-    Empty(Vec<PathBuf>),
     /// The engine could not be created.
     #[error(transparent)]
     Engine(#[from] anyhow::Error),
@@ -64,6 +62,27 @@ pub struct RuntimeOptions {
     /// Fault injection for tests.
     #[doc(hidden)]
     pub fault: Option<Fault>,
+    /// Hooks for tests, to make races deterministic.
+    #[doc(hidden)]
+    pub hooks: TestHooks,
+}
+
+/// Places in a reload where a test can act (a hook runs on the reloading task).
+#[doc(hidden)]
+#[derive(Clone, Default)]
+pub struct TestHooks {
+    /// After a new version is compiled, before it is put in service (its handler name).
+    pub before_install: Option<Hook>,
+}
+
+/// A test hook, called with a handler name.
+#[doc(hidden)]
+pub type Hook = Arc<dyn Fn(&str) + Send + Sync>;
+
+impl fmt::Debug for TestHooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestHooks").field("before_install", &self.before_install.is_some()).finish()
+    }
 }
 
 /// Loaded, validated and compiled handlers, not yet bound to NATS.
@@ -80,12 +99,11 @@ pub struct Runtime {
 
 impl Runtime {
     /// Loads every manifest under `paths` and compiles its component. Reports every invalid
-    /// manifest or component, not only the first.
+    /// manifest or component, not only the first. A folder without manifests is not an
+    /// error: the runtime serves nothing until manifests appear (a path that does not exist
+    /// is one).
     pub fn load(paths: &[PathBuf], options: RuntimeOptions) -> Result<Self, LoadError> {
         let manifests = manifest::load_all(paths).map_err(LoadError::Invalid)?;
-        if manifests.is_empty() {
-            return Err(LoadError::Empty(paths.to_vec()));
-        }
         let engine = Engine::new(options.engine.clone())?;
         let mut handlers = Vec::new();
         let mut errors = Vec::new();
@@ -156,7 +174,7 @@ pub async fn round_trip(client: &Client) -> anyhow::Result<()> {
     let inbox = client.new_inbox();
     let mut echo = client.subscribe(inbox.clone()).await.map_err(|e| anyhow::anyhow!("cannot reach NATS: {e}"))?;
     client.publish(inbox, bytes::Bytes::new()).await.map_err(|e| anyhow::anyhow!("cannot reach NATS: {e}"))?;
-    match tokio::time::timeout(std::time::Duration::from_secs(10), futures::StreamExt::next(&mut echo)).await {
+    match tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut echo)).await {
         Ok(Some(_)) => Ok(()),
         _ => anyhow::bail!("NATS did not answer a round trip within 10s"),
     }
@@ -170,12 +188,6 @@ pub struct Running {
 }
 
 impl Running {
-    /// Serves until `signal` completes, then shuts down gracefully.
-    pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
-        signal.await;
-        self.shutdown().await
-    }
-
     /// A handle that reloads the manifests (what a file change, SIGHUP or the admin call do).
     pub fn reloader(&self) -> Reloader {
         Reloader(self.supervisor.clone())
@@ -225,8 +237,52 @@ impl Running {
                 tracing::error!("a handler task failed: {e}");
             }
         }
-        self.supervisor.client.flush().await.map_err(|e| anyhow::anyhow!("cannot flush outputs to NATS: {e}"))?;
+        let client = &self.supervisor.client;
+        if client.connection_state() != async_nats::connection::State::Connected {
+            // A flush would wait for a reconnect that may never come. Whatever is still
+            // buffered is core NATS traffic (stream outputs and dead letters were acknowledged
+            // before their message settled); unsent acks make JetStream redeliver.
+            tracing::warn!("NATS is not connected: messages still buffered in the client are not sent");
+            return Ok(());
+        }
+        client.flush().await.map_err(|e| anyhow::anyhow!("cannot flush outputs to NATS: {e}"))?;
         Ok(())
+    }
+
+    /// [`shutdown`](Self::shutdown), bounded: past `limit`, or as soon as `interrupt`
+    /// completes (a second signal), it stops waiting, logs per handler how many messages it
+    /// abandons and what becomes of them, and returns an error.
+    pub async fn shutdown_within(self, limit: Duration, interrupt: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let supervisor = self.supervisor.clone();
+        let handlers: Vec<(String, bool)> = supervisor
+            .served
+            .lock()
+            .await
+            .values()
+            .map(|s| (s.name(), matches!(s.handler.spec.source, Source::Core { .. })))
+            .collect();
+        let cut = tokio::select! {
+            done = tokio::time::timeout(limit, self.shutdown()) => match done {
+                Ok(result) => return result,
+                Err(_) => format!("the shutdown timeout ({}) passed", humantime::format_duration(limit)),
+            },
+            () = interrupt => "a second signal came".to_owned(),
+        };
+        let mut abandoned = 0;
+        for (name, core) in handlers {
+            let held = supervisor.metrics.handler(&name).held();
+            if held == 0 {
+                continue;
+            }
+            abandoned += held;
+            let fate = if core {
+                "they are lost: core NATS does not redeliver"
+            } else {
+                "JetStream redelivers them after their ack wait"
+            };
+            tracing::warn!(handler = %name, abandoned = held, "{held} message(s) in flight abandoned; {fate}");
+        }
+        anyhow::bail!("stopped before the drain finished ({cut}): {abandoned} message(s) in flight abandoned")
     }
 }
 
@@ -240,10 +296,19 @@ impl Reloader {
         self.0.reload().await
     }
 
-    /// The folders to watch and the files in them that matter (manifests, components).
-    pub async fn watched(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    /// The files and folders whose changes can change what is served.
+    pub async fn watched(&self) -> Watched {
         self.0.watched().await
     }
+}
+
+/// What the runtime depends on, on disk.
+#[derive(Debug, Clone, Default)]
+pub struct Watched {
+    /// Folders of manifests: any `*.toml` appearing, changing or going there matters.
+    pub manifest_dirs: Vec<PathBuf>,
+    /// Single files that matter: manifests named one by one, and the components served.
+    pub files: Vec<PathBuf>,
 }
 
 /// What a reload did.
@@ -258,11 +323,10 @@ pub struct ReloadReport {
 }
 
 /// A handler being served: its version, the channel that hands new messages their version,
-/// and the serving task.
+/// and the serving task. The manifest text it was built from (to tell an edit from a touch)
+/// is the handler's own, read once with the manifest.
 struct Served {
     handler: Arc<Handler>,
-    /// The manifest text this version was built from, to tell an edit from a touch.
-    manifest_text: String,
     ctx: watch::Sender<Context>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -278,7 +342,6 @@ impl Served {
 struct Prepared {
     ctx: Context,
     binding: Binding,
-    manifest_text: String,
 }
 
 #[derive(Debug)]
@@ -321,12 +384,11 @@ impl Supervisor {
 
     /// Everything but serving: state store, dead-letter stream, subscription or consumer.
     async fn prepare(&self, handler: Arc<Handler>) -> anyhow::Result<Prepared> {
-        let manifest_text = std::fs::read_to_string(&handler.spec.manifest_path).unwrap_or_default();
         let ctx = self.context(handler).await?;
         let binding = self.bind_source(&ctx).await?;
         // The subscription is registered with the server before anyone is told it serves.
         round_trip(&self.client).await?;
-        Ok(Prepared { ctx, binding, manifest_text })
+        Ok(Prepared { ctx, binding })
     }
 
     async fn bind_source(&self, ctx: &Context) -> anyhow::Result<Binding> {
@@ -343,7 +405,7 @@ impl Supervisor {
     }
 
     fn spawn(&self, prepared: Prepared) -> Served {
-        let Prepared { ctx, binding, manifest_text } = prepared;
+        let Prepared { ctx, binding } = prepared;
         let handler = ctx.handler.clone();
         let spec = &handler.spec;
         tracing::info!(handler = &*spec.name, source = %spec.source, digest = handler.short_digest(), "serving");
@@ -355,7 +417,7 @@ impl Supervisor {
             Binding::Core(sub) => tokio::spawn(source::core::serve(ctx_rx, sub, stopped)),
             Binding::JetStream(consumer) => tokio::spawn(source::jetstream::serve(ctx_rx, *consumer, stopped)),
         };
-        Served { handler, manifest_text, ctx: ctx_tx, stop, task }
+        Served { handler, ctx: ctx_tx, stop, task }
     }
 
     async fn reload(&self) -> ReloadReport {
@@ -391,7 +453,7 @@ impl Supervisor {
         for (manifest, bytes) in wanted {
             let name = manifest.name.clone();
             let unchanged = self.served.lock().await.get(&name).is_some_and(|s| {
-                s.manifest_text == manifest.file.text
+                s.handler.spec.manifest.text == manifest.file.text
                     && s.handler.spec.manifest_path == manifest.file.path
                     && s.handler.spec.digest == handler::digest(&bytes)
             });
@@ -415,6 +477,9 @@ impl Supervisor {
                     continue;
                 }
             };
+            if let Some(hook) = &self.options.hooks.before_install {
+                hook(&name);
+            }
             match self.install(handler).await {
                 Ok(Installed::Started) => report.started.push(name),
                 Ok(Installed::Updated) => report.updated.push(name),
@@ -468,7 +533,6 @@ impl Supervisor {
         };
         let rebind = old.spec.source != handler.spec.source
             || old.spec.limits.max_concurrency != handler.spec.limits.max_concurrency;
-        let manifest_text = std::fs::read_to_string(&handler.spec.manifest_path).unwrap_or_default();
         if rebind {
             let prepared = self.prepare(handler.clone()).await?;
             let fresh = self.spawn(prepared);
@@ -487,7 +551,6 @@ impl Supervisor {
             if let Some(s) = served.get_mut(&name) {
                 s.ctx.send_replace(ctx);
                 s.handler = handler.clone();
-                s.manifest_text = manifest_text;
             }
             self.status.serving(&handler);
             self.metrics.version(&name, &old.spec.digest, false);
@@ -497,25 +560,21 @@ impl Supervisor {
         Ok(Installed::Updated)
     }
 
-    async fn watched(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
-        let mut dirs: Vec<PathBuf> = Vec::new();
-        let mut files: Vec<PathBuf> = Vec::new();
+    async fn watched(&self) -> Watched {
+        let mut watched = Watched::default();
         for p in &self.paths {
             if p.is_dir() {
-                dirs.push(p.clone());
+                watched.manifest_dirs.push(p.clone());
             } else {
-                files.push(p.clone());
-                dirs.push(p.parent().map(Path::to_path_buf).unwrap_or_default());
+                watched.files.push(p.clone());
             }
         }
         for s in self.served.lock().await.values() {
-            let component = s.handler.spec.component_path.clone();
-            dirs.push(component.parent().map(Path::to_path_buf).unwrap_or_default());
-            files.push(component);
+            watched.files.push(s.handler.spec.component_path.clone());
         }
-        dirs.sort();
-        dirs.dedup();
-        (dirs, files)
+        watched.files.sort();
+        watched.files.dedup();
+        watched
     }
 }
 

@@ -48,3 +48,29 @@ fn invalid_manifests_give_the_expected_located_errors() {
     }
     assert!(mismatches.is_empty(), "{} golden mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
 }
+
+/// A FIFO named as the component is reported as such, at once: it is never opened for a
+/// blocking read (that would wait for a writer forever).
+#[test]
+fn a_fifo_as_component_is_a_located_error_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("handler.wasm");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo failed");
+    let manifest = dir.path().join("fifo.toml");
+    std::fs::write(
+        &manifest,
+        "[handler]\nname = \"fifo\"\ncomponent = \"handler.wasm\"\n\n[source]\nsubject = \"f\"\n",
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let loaded = Runtime::load(&[manifest], RuntimeOptions::default());
+        let _ = tx.send(loaded.err().map(|e| e.to_string()));
+    });
+    let error = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("loading a manifest whose component is a FIFO hangs")
+        .expect("a FIFO was accepted as a component");
+    assert!(error.contains("fifo.toml:3:13: component path") && error.contains("is a FIFO"), "{error}");
+}

@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sluice_tests::{Sluice, client, js_publish, nats, plugin, request, stream, stream_messages, text};
@@ -174,5 +176,83 @@ async fn a_changed_subject_rebinds() {
     assert_eq!(sluice.reloader().reload().await.updated, ["e"]);
     assert_eq!(text(&request(&nc, "new", "2").await), "2");
     assert!(nc.request("old", "3".into()).await.is_err(), "the old subject is still served");
+    sluice.stop().await;
+}
+
+fn echo_with_tag(name: &str, tag: &str) -> String {
+    format!(
+        "[handler]\nname = \"{name}\"\ncomponent = \"{}\"\n\n[source]\nsubject = \"{name}\"\n\n[config]\ntag = \"{tag}\"\n",
+        plugin("echo").display()
+    )
+}
+
+async fn tag_of(nc: &async_nats::Client, subject: &str) -> String {
+    sluice_tests::header(&request(nc, subject, "which?").await, "Sluice-Tag").unwrap_or_default()
+}
+
+/// The manifest changes again while its previous change is being compiled: the version put
+/// in service is remembered with the text it was built from, so the next reload sees the
+/// newer text as a change and applies it (it used to re-read the file after compiling, and
+/// took the newer text for the one being served).
+#[tokio::test]
+async fn a_change_made_while_the_previous_one_compiles_is_applied_by_the_next_reload() {
+    let server = nats();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("manifests/e.toml");
+    let rewritten = Arc::new(AtomicBool::new(false));
+    let mut options = sluice::RuntimeOptions::default();
+    let (path, done) = (manifest.clone(), rewritten.clone());
+    options.hooks.before_install = Some(Arc::new(move |name: &str| {
+        // Between compiling version b and installing it, the file becomes version c.
+        if name == "e" && !done.swap(true, Ordering::SeqCst) {
+            std::fs::write(&path, echo_with_tag("e", "c")).unwrap();
+        }
+    }));
+    let sluice = Sluice::start_with(&server, &[("e.toml", echo_with_tag("e", "a"))], dir, options).await.unwrap();
+    let nc = client(&server).await;
+    assert_eq!(tag_of(&nc, "e").await, "a");
+
+    std::fs::write(&manifest, echo_with_tag("e", "b")).unwrap();
+    assert_eq!(sluice.reloader().reload().await.updated, ["e"]);
+    assert!(rewritten.load(Ordering::SeqCst), "the hook did not run");
+    assert_eq!(tag_of(&nc, "e").await, "b", "the version compiled is the one served");
+
+    let report = sluice.reloader().reload().await;
+    assert_eq!(report.updated, ["e"], "the change made during the compile was taken for the served text");
+    assert_eq!(tag_of(&nc, "e").await, "c");
+    // And now it has settled: nothing left to apply.
+    let again = sluice.reloader().reload().await;
+    assert!(again.started.is_empty() && again.updated.is_empty() && again.stopped.is_empty(), "{again:?}");
+    sluice.stop().await;
+}
+
+/// A deployment that starts with an empty folder and receives its manifests later.
+#[tokio::test]
+async fn an_empty_folder_serves_nothing_then_what_is_dropped_into_it() {
+    let server = nats();
+    let mut sluice = Sluice::start(&server, &[]).await;
+    assert!(sluice.status().handlers().is_empty());
+    sluice.watch();
+    let nc = client(&server).await;
+
+    std::fs::write(sluice.manifest_dir().join("late.toml"), echo_with_tag("late", "x")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while sluice.status().handler("late").is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the manifest dropped in was not started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(text(&request(&nc, "late", "hello").await), "hello");
+
+    std::fs::remove_file(sluice.manifest_dir().join("late.toml")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while sluice.status().handler("late").is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the removed manifest's handler did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let asked = nc.request("late", "anyone?".into()).await;
+    assert!(
+        matches!(&asked, Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders),
+        "the removed handler still answers: {asked:?}"
+    );
     sluice.stop().await;
 }

@@ -4,7 +4,6 @@ mod dlq;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,6 +81,10 @@ pub struct RunArgs {
     /// example 127.0.0.1:9090). Off unless given; prefer a loopback address.
     #[arg(long, env = "SLUICE_ADMIN")]
     pub admin: Option<std::net::SocketAddr>,
+    /// How long a shutdown (SIGTERM, Ctrl-C) may drain in-flight messages. Past it, Sluice
+    /// logs what it abandons and exits with an error; a second signal exits at once.
+    #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: HumanDuration,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -103,6 +106,11 @@ pub struct ValidateArgs {
     /// Manifest files or folders of manifests.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
+    /// Keep the compiled components in the compile cache (as `run` does), so that a `run`
+    /// afterwards starts without compiling. Off by default: validating compiles everything
+    /// and leaves the cache as it was.
+    #[arg(long)]
+    pub cache: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -177,8 +185,8 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
     Ok((name.trim().to_owned(), value.trim().to_owned()))
 }
 
-/// Runs the command line; returns the process exit code.
-pub async fn main(cli: Cli) -> ExitCode {
+/// Runs the command line; returns the process exit status.
+pub async fn run_command(cli: Cli) -> u8 {
     let result = match cli.command {
         Command::Run(args) => run(args).await,
         Command::Validate(args) => return validate(&args),
@@ -188,18 +196,26 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Status(args) => status(args).await,
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            1
         }
     }
 }
 
-fn validate(args: &ValidateArgs) -> ExitCode {
+fn validate(args: &ValidateArgs) -> u8 {
     // Nothing runs: no guest threads.
-    let engine = EngineOptions { guest_threads: Some(0), ..args.engine.options() };
+    let mut engine = EngineOptions { guest_threads: Some(0), ..args.engine.options() };
+    if !args.cache {
+        engine.cache_dir = None;
+    }
     match Runtime::load(&args.paths, RuntimeOptions { engine, ..Default::default() }) {
+        Ok(runtime) if runtime.handlers().is_empty() => {
+            let paths: Vec<String> = args.paths.iter().map(|p| p.display().to_string()).collect();
+            eprintln!("error: no manifests (*.toml) found in {}", paths.join(", "));
+            1
+        }
         Ok(runtime) => {
             for h in runtime.handlers() {
                 println!(
@@ -210,36 +226,49 @@ fn validate(args: &ValidateArgs) -> ExitCode {
                     h.spec.digest
                 );
             }
-            ExitCode::SUCCESS
+            0
+        }
+        Err(LoadError::Invalid(errors)) => {
+            let n = errors.len();
+            eprintln!("{}\n\nerror: {n} invalid manifest{}", LoadError::Invalid(errors), if n == 1 { "" } else { "s" });
+            1
         }
         Err(e) => {
-            eprintln!("{}", load_error_text(&e));
-            ExitCode::FAILURE
+            eprintln!("error: {e:#}");
+            1
         }
     }
 }
 
-fn load_error_text(e: &LoadError) -> String {
+/// A load error for `run`, which prints it after one `error: `.
+fn load_error(e: LoadError) -> anyhow::Error {
     match e {
         LoadError::Invalid(errors) => {
             let n = errors.len();
-            format!("{e}\n\nerror: {n} invalid manifest{}", if n == 1 { "" } else { "s" })
+            let what = if n == 1 { "invalid manifest" } else { "invalid manifests" };
+            anyhow::anyhow!("{n} {what}:\n\n{}", LoadError::Invalid(errors))
         }
-        other => format!("error: {other:#}"),
+        other => anyhow::Error::new(other),
     }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let options = RuntimeOptions { engine: args.engine.options(), data_dir: Some(args.engine.data_dir()), fault: None };
-    let runtime = Runtime::load(&args.paths, options).map_err(|e| anyhow::anyhow!("{}", load_error_text(&e)))?;
+    let options =
+        RuntimeOptions { engine: args.engine.options(), data_dir: Some(args.engine.data_dir()), ..Default::default() };
+    let runtime = Runtime::load(&args.paths, options).map_err(load_error)?;
+    if runtime.handlers().is_empty() {
+        tracing::info!("no manifests yet: serving nothing until manifests appear");
+    }
     let admin = match args.admin {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} for the admin routes"))?;
+            // The address actually bound: with port 0 the system picks one.
+            let bound = listener.local_addr().unwrap_or(addr);
             let state = crate::admin::AdminState::new(runtime.metrics(), runtime.status());
             let task = crate::admin::serve(listener, state.clone());
-            tracing::info!("admin listener on http://{addr} (/metrics, /healthz, /readyz, /handlers, POST /reload)");
+            tracing::info!("admin listener on http://{bound} (/metrics, /healthz, /readyz, /handlers, POST /reload)");
             Some((state, AbortOnDrop(task)))
         }
         None => None,
@@ -255,8 +284,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         running.watch()?;
     }
     let _sighup = reload_on_sighup(running.reloader());
+    let mut signals = ShutdownSignals::new();
     tracing::info!("ready; stop with Ctrl-C or SIGTERM, reload with SIGHUP");
-    running.run_until(shutdown_signal()).await
+    signals.next().await;
+    tracing::info!(
+        "shutting down (within {}; a second Ctrl-C or SIGTERM stops at once)",
+        humantime::format_duration(args.shutdown_timeout.0)
+    );
+    running.shutdown_within(args.shutdown_timeout.0, signals.next()).await
 }
 
 /// Connects to `url`; with no URL, to the default one, starting an embedded server when
@@ -371,25 +406,57 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT (Ctrl-C) and SIGTERM, as a sequence: the first asks for a graceful shutdown, the
+/// second for an immediate one.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM: {e}");
-                let _ = ctrl_c.await;
-                return;
+    int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    /// Listens from now on (a signal arriving before [`next`](Self::next) is not missed).
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("cannot listen for {name}: {e}");
+                    None
+                }
+            };
+            ShutdownSignals {
+                int: listen(SignalKind::interrupt(), "SIGINT"),
+                term: listen(SignalKind::terminate(), "SIGTERM"),
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
         }
+        #[cfg(not(unix))]
+        ShutdownSignals {}
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+
+    /// The next SIGINT or SIGTERM.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = recv(&mut self.int) => {}
+                () = recv(&mut self.term) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
@@ -456,17 +523,17 @@ async fn publish(args: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn request(args: RequestArgs) -> ExitCode {
+async fn request(args: RequestArgs) -> u8 {
     match request_inner(args).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            1
         }
     }
 }
 
-async fn request_inner(args: RequestArgs) -> anyhow::Result<ExitCode> {
+async fn request_inner(args: RequestArgs) -> anyhow::Result<u8> {
     let client = connect(&args.send.nats).await?;
     let request = async_nats::Request::new()
         .headers(header_map(&args.send.headers)?)
@@ -479,12 +546,12 @@ async fn request_inner(args: RequestArgs) -> anyhow::Result<ExitCode> {
     if let Some(kind) = reply.headers.as_ref().and_then(|h| h.get("Sluice-Failure-Kind")) {
         let reason = reply.headers.as_ref().and_then(|h| h.get("Sluice-Failure-Reason"));
         eprintln!("error: handler failed ({kind}): {}", reason.map(|r| r.as_str()).unwrap_or(""));
-        return Ok(ExitCode::FAILURE);
+        return Ok(1);
     }
     let mut out = std::io::stdout().lock();
     out.write_all(&reply.payload)?;
     if !reply.payload.ends_with(b"\n") {
         out.write_all(b"\n")?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }

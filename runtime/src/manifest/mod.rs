@@ -162,12 +162,8 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         ));
     }
     let component = dir.join(component_text);
-    if !component.is_file() {
-        return Err(ManifestError::at(
-            &file,
-            raw.handler.component.span(),
-            format!("component file not found: {} (paths are relative to the manifest's folder)", component.display()),
-        ));
+    if let Err(why) = check_component_path(&component) {
+        return Err(ManifestError::at(&file, raw.handler.component.span(), why));
     }
 
     let mut publish = Vec::with_capacity(raw.capabilities.publish.len());
@@ -423,6 +419,47 @@ fn resolve_dead_letter(file: &SourceText, raw: schema::DeadLetterSection) -> Res
     Ok(DeadLetter { subject: subject.as_str().to_owned(), stream: raw.stream.map(|s| s.0), create_stream })
 }
 
+/// Says what is wrong with a component path that is not a regular file, without opening it
+/// (opening a FIFO blocks until a writer comes; reading `/dev/zero` never ends).
+pub fn check_component_path(path: &Path) -> Result<(), String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "component file not found: {} (paths are relative to the manifest's folder)",
+                path.display()
+            ));
+        }
+        Err(e) => return Err(format!("cannot read component {}: {e}", path.display())),
+    };
+    if meta.is_file() {
+        return Ok(());
+    }
+    let what = if meta.is_dir() {
+        "a folder"
+    } else {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            if t.is_fifo() {
+                "a FIFO (named pipe)"
+            } else if t.is_char_device() || t.is_block_device() {
+                "a device"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            "not a regular file"
+        }
+    };
+    Err(format!("component path {} is {what}; expected a .wasm component file", path.display()))
+}
+
 /// serde's "missing field" names the field; say what it is for.
 fn with_hint(message: &str) -> String {
     let hint = match message {
@@ -491,7 +528,12 @@ pub fn manifest_files(paths: &[PathBuf], errors: &mut Vec<ManifestError>) -> Vec
 
 /// True for `*.toml` files whose name does not start with a dot.
 pub fn is_manifest_file(path: &Path) -> bool {
-    path.is_file()
-        && path.extension().is_some_and(|e| e == "toml")
+    path.is_file() && is_manifest_name(path)
+}
+
+/// True for a path named like a manifest: `*.toml`, not starting with a dot (editors'
+/// temporary files do). Whether it exists is not checked: a removed manifest matters too.
+pub fn is_manifest_name(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "toml")
         && !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }

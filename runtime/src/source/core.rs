@@ -59,10 +59,9 @@ pub async fn serve(versions: watch::Receiver<Context>, mut subscription: Subscri
                 // Waiting for a permit here is the backpressure: at the concurrency limit we
                 // stop reading, and the queue group hands messages to other processes.
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                let span = super::span(&name, &msg);
                 let task = process(versions.clone(), msg, permits.clone(), permit, stop.clone());
                 // Boxed: the task then holds a pointer, not the whole state machine.
-                in_flight.spawn(Box::pin(task.instrument(span)));
+                in_flight.spawn(Box::pin(task));
                 while in_flight.try_join_next().is_some() {}
             }
         }
@@ -85,15 +84,19 @@ async fn process(
     let mut history: Option<History> = None;
     let mut attempt = 1;
     let received = std::time::Instant::now();
-    versions.borrow().metrics.received();
+    let _held = {
+        let ctx = versions.borrow();
+        ctx.metrics.received();
+        ctx.metrics.hold()
+    };
     loop {
         let ctx = versions.borrow().clone();
         let max_attempts = ctx.handler.spec.retry.max_attempts;
-        tracing::Span::current().record("attempt", attempt);
+        let span = super::span(&ctx.handler.spec.name, &msg, attempt);
         let delivered = Delivered { original, wit: &wit, attempt };
-        let (settle, seen) = super::handle_delivery(&ctx, delivered, history.take()).await;
+        let (settle, seen) = super::handle_delivery(&ctx, delivered, history.take()).instrument(span.clone()).await;
         history = seen;
-        super::count(&ctx, &settle, received);
+        span.in_scope(|| super::count(&ctx, &settle, received));
         match settle {
             Settle::Done | Settle::Skipped | Settle::Halt => return,
             Settle::Retry(delay) => {
@@ -110,12 +113,15 @@ async fn process(
                 attempt = if last_chance { max_attempts.max(attempt + 1) } else { attempt + 1 };
             }
             Settle::GiveUp(verdict) => {
-                if let Err(e) = Box::pin(super::dead_letter(&ctx, &verdict, &original)).await {
-                    tracing::error!("message lost: {e}");
-                }
-                if let Some(reply) = &msg.reply {
-                    Box::pin(reply_failure(ctx.sender.client(), reply.clone(), &ctx, &verdict, &original)).await;
-                }
+                let give_up = async {
+                    if let Err(e) = Box::pin(super::dead_letter(&ctx, &verdict, &original)).await {
+                        tracing::error!("message lost: {e}");
+                    }
+                    if let Some(reply) = &msg.reply {
+                        Box::pin(reply_failure(ctx.sender.client(), reply.clone(), &ctx, &verdict, &original)).await;
+                    }
+                };
+                give_up.instrument(span).await;
                 return;
             }
         }

@@ -158,7 +158,10 @@ pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, m
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Some(Ok(msg)) => {
-                let span = super::span(&spec.name, &msg.message);
+                // JetStream's delivery count is the attempt (and `process` reports a
+                // message without metadata).
+                let attempt = msg.info().map_or(0, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
+                let span = super::span(&spec.name, &msg.message, attempt);
                 let ctx = versions.borrow().clone();
                 // Boxed: the task then holds a pointer, not the whole state machine, which
                 // tokio would otherwise copy as it creates, finishes and reads the task.
@@ -184,7 +187,7 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
     let attempt = u32::try_from(delivered).unwrap_or(u32::MAX);
     let received = std::time::Instant::now();
     ctx.metrics.received();
-    tracing::Span::current().record("attempt", attempt);
+    let _held = ctx.metrics.hold();
     let original = Original {
         subject: msg.subject.as_str(),
         headers: msg.headers.as_ref(),

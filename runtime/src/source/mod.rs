@@ -36,9 +36,10 @@ pub struct Context {
     pub metrics: Arc<HandlerMetrics>,
 }
 
-/// The span of one message: handler, subject, the trace id of an incoming `traceparent`,
-/// and (recorded as they are known) the attempt and the outcome.
-pub fn span(handler: &str, msg: &async_nats::Message) -> tracing::Span {
+/// The span of one attempt at a message: handler, subject, the trace id of an incoming
+/// `traceparent`, the attempt, and (recorded once known) the outcome. One span per attempt,
+/// so a retried message's log lines do not pile up fields (`attempt=1 ... attempt=2`).
+pub fn span(handler: &str, msg: &async_nats::Message, attempt: u32) -> tracing::Span {
     let trace_id = msg
         .headers
         .as_ref()
@@ -50,7 +51,7 @@ pub fn span(handler: &str, msg: &async_nats::Message) -> tracing::Span {
         handler,
         subject = %msg.subject,
         trace_id,
-        attempt = tracing::field::Empty,
+        attempt,
         outcome = tracing::field::Empty,
     )
 }
