@@ -37,8 +37,12 @@ async fn two_runtimes_share_a_queue_group_and_handle_each_message_once() {
     }
     assert_eq!(per_message.len(), N, "some messages were not handled");
     assert!(per_message.values().all(|&n| n == 1), "some messages were handled twice");
-    assert_eq!(per_runtime.len(), 2, "one runtime got all the work: {per_runtime:?}");
-    assert!(per_runtime.values().all(|&n| n > 0));
+    // Both runtimes, and no one else, took a real share (NATS picks a queue member at
+    // random: under 10% of 300 for one of two is vanishingly unlikely).
+    let mut tags: Vec<&str> = per_runtime.keys().map(String::as_str).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, ["a", "b"], "replies from elsewhere, or one runtime got all the work: {per_runtime:?}");
+    assert!(per_runtime.values().all(|&n| n >= N / 10), "the work was not shared: {per_runtime:?}");
 
     a.stop().await;
     b.stop().await;

@@ -1,6 +1,7 @@
 //! Where messages come from: core NATS subscriptions in a queue group, and durable JetStream
-//! pull consumers. Both run each delivery through [`attempt`] and settle the outcome with the
-//! handler's [`RetryPolicy`](crate::retry::RetryPolicy): ack, retry later, or dead-letter.
+//! pull consumers. Both run each delivery through [`handle_delivery`] and settle the outcome
+//! with the handler's [`RetryPolicy`](crate::retry::RetryPolicy): ack, retry later, or
+//! dead-letter.
 
 pub mod core;
 pub mod jetstream;

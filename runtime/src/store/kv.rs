@@ -6,12 +6,11 @@
 //! idempotency keys and guest keys may hold characters KV keys cannot.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
 
 use super::{Space, StoreError, Versioned};
 
@@ -21,7 +20,7 @@ pub struct KvStore {
     replicas: usize,
     /// How long dedup records are kept at most (the bucket's max age).
     dedup_max_age: Duration,
-    buckets: Arc<Mutex<HashMap<String, kv::Store>>>,
+    buckets: Arc<RwLock<HashMap<String, kv::Store>>>,
 }
 
 impl KvStore {
@@ -41,9 +40,11 @@ impl KvStore {
             Space::Dedup | Space::GuestDedup => (format!("sluice-dedup-{handler}"), self.dedup_max_age),
             Space::Kv => (format!("sluice-kv-{handler}"), Duration::ZERO),
         };
-        let mut buckets = self.buckets.lock().await;
-        if let Some(b) = buckets.get(&name) {
-            return Ok(b.clone());
+        // Every call looks its bucket up: a read lock, not held across an await. Creating a
+        // bucket happens once per handler (in `prepare`); two racing creators get the same
+        // bucket from the server.
+        if let Some(b) = self.buckets.read().ok().and_then(|b| b.get(&name).cloned()) {
+            return Ok(b);
         }
         let store = match self.js.get_key_value(&name).await {
             Ok(store) => store,
@@ -58,9 +59,11 @@ impl KvStore {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| StoreError(format!("cannot create KV bucket {name}: {e}")))?,
+                .map_err(|e| StoreError::backend(format!("cannot create KV bucket {name}"), e))?,
         };
-        buckets.insert(name, store.clone());
+        if let Ok(mut buckets) = self.buckets.write() {
+            buckets.insert(name, store.clone());
+        }
         Ok(store)
     }
 
@@ -75,7 +78,7 @@ impl KvStore {
 
     pub async fn get(&self, handler: &str, space: Space, key: &str) -> Result<Option<Versioned>, StoreError> {
         let bucket = self.bucket(handler, space).await?;
-        let entry = bucket.entry(Self::key(space, key)).await.map_err(StoreError::new)?;
+        let entry = bucket.entry(Self::key(space, key)).await.map_err(|e| StoreError::backend("KV get", e))?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
             .map(|e| Versioned { value: e.value.to_vec(), version: e.revision }))
@@ -95,18 +98,18 @@ impl KvStore {
             (None, Some(value)) => match bucket.create(&key, value.into()).await {
                 Ok(_) => Ok(true),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(StoreError::new(e)),
+                Err(e) => Err(StoreError::backend("KV create", e)),
             },
             (Some(revision), Some(value)) => match bucket.update(&key, value.into(), revision).await {
                 Ok(_) => Ok(true),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
-                Err(e) => Err(StoreError::new(e)),
+                Err(e) => Err(StoreError::backend("KV update", e)),
             },
             (Some(revision), None) => match bucket.delete_expect_revision(&key, Some(revision)).await {
                 Ok(()) => Ok(true),
-                // A wrong revision is the only expected failure; the server words it so.
-                Err(e) if e.to_string().contains("wrong last sequence") => Ok(false),
-                Err(e) => Err(StoreError::new(e)),
+                // A wrong revision is the only expected failure (someone changed the key).
+                Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(false),
+                Err(e) => Err(StoreError::backend("KV delete", e)),
             },
             (None, None) => Ok(true),
         }
@@ -117,8 +120,10 @@ impl KvStore {
         let bucket = self.bucket(handler, space).await?;
         let key = Self::key(space, key);
         match value {
-            Some(value) => bucket.put(&key, value.into()).await.map(|_| ()).map_err(StoreError::new),
-            None => bucket.delete(&key).await.map_err(StoreError::new),
+            Some(value) => {
+                bucket.put(&key, value.into()).await.map(|_| ()).map_err(|e| StoreError::backend("KV put", e))
+            }
+            None => bucket.delete(&key).await.map_err(|e| StoreError::backend("KV delete", e)),
         }
     }
 }

@@ -60,14 +60,33 @@ pub struct Versioned {
     pub version: u64,
 }
 
-/// A store that cannot be reached or read.
+/// Why a store operation failed. Every variant is a store that cannot be used right now
+/// (the caller retries the message later); none is the guest's fault.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// The backend failed: a database or I/O error (redb), a NATS error (nats-kv).
+    #[error("{what}: {source}")]
+    Backend {
+        /// What was being done.
+        what: String,
+        /// The backend's error.
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// Other writers kept changing the key.
+    #[error("key {key:?} is contended; gave up after {rounds} tries")]
+    Contended { key: String, rounds: usize },
+    /// The embedded store's writer thread is gone.
+    #[error("the store writer has stopped")]
+    WriterStopped,
+    /// The memory store's lock was poisoned by a panic.
+    #[error("the memory store is unusable after a panic")]
+    Poisoned,
+}
 
 impl StoreError {
-    pub fn new(e: impl std::fmt::Display) -> Self {
-        StoreError(e.to_string())
+    /// A backend error while doing `what`.
+    pub fn backend(what: impl Into<String>, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend { what: what.into(), source: Arc::new(e) }
     }
 }
 
@@ -111,7 +130,7 @@ impl Store {
         match self {
             Store::Memory(m) => match m.put(handler, space, key, value) {
                 true => Ok(()),
-                false => Err(StoreError("the memory store is unusable after a panic".into())),
+                false => Err(StoreError::Poisoned),
             },
             Store::Redb(r) => r.put(handler, space, key, value).await,
             Store::Kv(k) => k.put(handler, space, key, value).await,
@@ -205,7 +224,7 @@ impl Scope {
                 return Ok(Begin::Acquired);
             }
         }
-        Err(StoreError(format!("key {key:?} is contended; gave up after {CAS_ROUNDS} tries")))
+        Err(StoreError::Contended { key: key.to_owned(), rounds: CAS_ROUNDS })
     }
 
     /// Marks `key` completed for `ttl` (with the payload's fingerprint, when kept).
@@ -240,7 +259,7 @@ impl Scope {
                 return Ok(true);
             }
         }
-        Err(StoreError(format!("key {key:?} is contended")))
+        Err(StoreError::Contended { key: key.to_owned(), rounds: CAS_ROUNDS })
     }
 
     /// The guest's `forget`.
@@ -270,7 +289,7 @@ impl Scope {
         self.store.swap(&self.handler, Space::Kv, key, version, Some(new)).await
     }
 
-    /// Unconditional write (`None` deletes), as a CAS loop over whatever is there.
+    /// Unconditional write (`None` deletes): one write, whatever is there.
     async fn put(&self, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         self.store.put(&self.handler, space, key, value).await
     }

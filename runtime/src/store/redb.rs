@@ -56,14 +56,16 @@ impl RedbStore {
     /// Opens (or creates) the database at `path`. Fails if another process has it open.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::backend(format!("cannot create {}", dir.display()), e))?;
         }
         let db = open_when_free(path).map_err(|e| {
-            StoreError(format!(
-                "cannot open the state store {}: {e} (each Sluice process needs its own --data-dir; \
+            let what = format!(
+                "cannot open the state store {} (each Sluice process needs its own --data-dir; \
                  use the nats-kv backend to share state between processes)",
                 path.display()
-            ))
+            );
+            StoreError::backend(what, e)
         })?;
         let db = Arc::new(db);
         let (writer, queue) = mpsc::channel();
@@ -71,7 +73,7 @@ impl RedbStore {
         std::thread::Builder::new()
             .name("sluice-redb".into())
             .spawn(move || write_loop(&worker_db, &queue))
-            .map_err(|e| StoreError(format!("cannot start the store writer: {e}")))?;
+            .map_err(|e| StoreError::backend("cannot start the store writer", e))?;
         Ok(RedbStore { db, writer })
     }
 
@@ -80,15 +82,15 @@ impl RedbStore {
     /// keys are), finishes in microseconds, far less than handing it to a blocking thread
     /// would cost.
     pub async fn get(&self, handler: &str, space: Space, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::new)?;
+        let txn = self.db.begin_read().map_err(|e| StoreError::backend("reading the state store", e))?;
         let table = table_name(handler, space);
         let def = TableDefinition::<&str, &[u8]>::new(&table);
         let table = match txn.open_table(def) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(StoreError::new(e)),
+            Err(e) => return Err(StoreError::backend("reading the state store", e)),
         };
-        let value = table.get(key).map_err(StoreError::new)?;
+        let value = table.get(key).map_err(|e| StoreError::backend("reading the state store", e))?;
         Ok(value.and_then(|v| split(v.value())))
     }
 
@@ -118,8 +120,8 @@ impl RedbStore {
     ) -> Result<bool, StoreError> {
         let (reply, answer) = oneshot::channel();
         let swap = Swap { table: table_name(handler, space), key: key.to_owned(), expected, value, reply };
-        self.writer.send(swap).map_err(|_| StoreError("the store writer has stopped".into()))?;
-        answer.await.map_err(|_| StoreError("the store writer has stopped".into()))?
+        self.writer.send(swap).map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
     }
 }
 
@@ -181,13 +183,14 @@ fn write_loop(db: &Database, queue: &mpsc::Receiver<Swap>) {
 
 /// Applies a batch in one durable transaction; each swap sees the ones before it.
 fn apply(db: &Database, batch: &[Swap], next_version: &AtomicU64) -> Result<Vec<bool>, StoreError> {
-    let txn = db.begin_write().map_err(StoreError::new)?;
+    let failed = |e: redb::Error| StoreError::backend("writing the state store", e);
+    let txn = db.begin_write().map_err(|e| failed(e.into()))?;
     let mut results = Vec::with_capacity(batch.len());
     for swap in batch {
         let def = TableDefinition::<&str, &[u8]>::new(&swap.table);
-        let mut table = txn.open_table(def).map_err(StoreError::new)?;
+        let mut table = txn.open_table(def).map_err(|e| failed(e.into()))?;
         if let Expect::Is(expected) = swap.expected {
-            let current = table.get(swap.key.as_str()).map_err(StoreError::new)?.and_then(|v| split(v.value()));
+            let current = table.get(swap.key.as_str()).map_err(|e| failed(e.into()))?.and_then(|v| split(v.value()));
             if current.map(|v| v.version) != expected {
                 results.push(false);
                 continue;
@@ -195,43 +198,39 @@ fn apply(db: &Database, batch: &[Swap], next_version: &AtomicU64) -> Result<Vec<
         }
         match &swap.value {
             None => {
-                table.remove(swap.key.as_str()).map_err(StoreError::new)?;
+                table.remove(swap.key.as_str()).map_err(|e| failed(e.into()))?;
             }
             Some(value) => {
                 let version = next_version.fetch_add(1, Ordering::Relaxed);
                 let mut bytes = Vec::with_capacity(8 + value.len());
                 bytes.extend_from_slice(&version.to_le_bytes());
                 bytes.extend_from_slice(value);
-                table.insert(swap.key.as_str(), bytes.as_slice()).map_err(StoreError::new)?;
+                table.insert(swap.key.as_str(), bytes.as_slice()).map_err(|e| failed(e.into()))?;
             }
         }
         results.push(true);
     }
-    txn.commit().map_err(StoreError::new)?;
+    txn.commit().map_err(|e| failed(e.into()))?;
     Ok(results)
 }
 
 /// Deletes expired dedup records (the guest's kv has no expiry).
 fn sweep(db: &Database) {
-    let result = (|| -> Result<usize, StoreError> {
-        let txn = db.begin_write().map_err(StoreError::new)?;
+    let result = (|| -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
         let names: Vec<String> = txn
-            .list_tables()
-            .map_err(StoreError::new)?
+            .list_tables()?
             .map(|t| t.name().to_owned())
             .filter(|n| n.starts_with("dedup/") || n.starts_with("guest-dedup/"))
             .collect();
         let now = now_ms();
-        let mut removed = 0;
         for name in names {
-            let mut table = txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)).map_err(StoreError::new)?;
-            let expired = table
-                .retain(|_, bytes| split(bytes).and_then(|v| Record::decode(&v.value)).is_some_and(|r| r.live(now)));
-            expired.map_err(StoreError::new)?;
-            removed += 1;
+            let mut table = txn.open_table(TableDefinition::<&str, &[u8]>::new(&name))?;
+            table
+                .retain(|_, bytes| split(bytes).and_then(|v| Record::decode(&v.value)).is_some_and(|r| r.live(now)))?;
         }
-        txn.commit().map_err(StoreError::new)?;
-        Ok(removed)
+        txn.commit()?;
+        Ok(())
     })();
     if let Err(e) = result {
         tracing::warn!("sweeping expired dedup records: {e}");
