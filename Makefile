@@ -27,6 +27,7 @@ bench: tools plugins
 	$(CARGO) run --release -p sluice-bench
 
 lint: tools
+	scripts/check-module-cycles.py
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 

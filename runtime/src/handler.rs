@@ -1,8 +1,6 @@
 //! A loaded handler: its manifest's settings and its compiled component, identified by the
 //! component's content digest.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -10,30 +8,8 @@ use sha2::{Digest, Sha256};
 use crate::bindings::HandlerPre;
 use crate::engine::Engine;
 use crate::host::HostState;
-use crate::idempotency::Idempotency;
-use crate::manifest::{DeadLetter, Limits, Manifest, ManifestError, Source, SourceText, StoreConfig};
-use crate::retry::RetryPolicy;
-use crate::subject::SubjectPattern;
-
-/// What the host needs to know about a handler while running it.
-#[derive(Debug)]
-pub struct HandlerSpec {
-    pub name: Arc<str>,
-    pub manifest_path: PathBuf,
-    /// The manifest as read, once: what this version was built from.
-    pub manifest: Arc<SourceText>,
-    pub component_path: PathBuf,
-    /// `sha256:<hex>` of the component file: the handler version.
-    pub digest: String,
-    pub source: Source,
-    pub limits: Limits,
-    pub retry: RetryPolicy,
-    pub dead_letter: Option<DeadLetter>,
-    pub idempotency: Option<Idempotency>,
-    pub store: StoreConfig,
-    pub publish: Vec<SubjectPattern>,
-    pub config: BTreeMap<String, String>,
-}
+use crate::manifest::{Manifest, ManifestError};
+use crate::spec::HandlerSpec;
 
 /// A handler ready to serve: spec plus pre-instantiated component.
 pub struct Handler {
@@ -102,22 +78,7 @@ impl Handler {
             .component_type()
             .imports(engine.wasmtime())
             .any(|(name, _)| name.starts_with("sluice:handler/dedup@") || name.starts_with("sluice:handler/kv@"));
-        let spec = HandlerSpec {
-            name: manifest.name.as_str().into(),
-            manifest_path: manifest.file.path.clone(),
-            manifest: manifest.file.clone(),
-            component_path: manifest.component,
-            digest,
-            source: manifest.source,
-            limits: manifest.limits,
-            retry: manifest.retry,
-            dead_letter: manifest.dead_letter,
-            idempotency: manifest.idempotency,
-            store: manifest.store,
-            publish: manifest.publish,
-            config: manifest.config,
-        };
-        Ok(Handler { spec: Arc::new(spec), pre, imports_state })
+        Ok(Handler { spec: Arc::new(HandlerSpec::new(manifest, digest)), pre, imports_state })
     }
 
     /// Whether the handler needs a state store: for idempotency, or for the guest's own

@@ -14,7 +14,9 @@
 //! | [`engine`] | the wasmtime engine, linker, epoch ticker, component loading |
 //! | [`bindings`] | the single `bindgen!` of `wit/handler.wit` |
 //! | [`host`] | the host side of each WIT interface, and the per-call state |
+//! | [`spec`] | a handler's resolved settings and version, as the host uses them |
 //! | [`handler`] | a loaded handler: spec, digest, pre-instantiated component |
+//! | [`failure`] | the failure vocabulary: kinds and reasons (a leaf) |
 //! | [`dispatch`] | one message through one fresh instance, with a typed outcome |
 //! | [`idempotency`] | idempotency keys: deriving them from a message |
 //! | [`retry`] | the retry policy: attempts, backoff with jitter, retryable kinds |
@@ -36,6 +38,7 @@ pub mod cli;
 pub mod dispatch;
 pub mod dlq;
 pub mod engine;
+pub mod failure;
 pub mod handler;
 pub mod host;
 pub mod idempotency;
@@ -47,9 +50,11 @@ pub mod reload;
 pub mod retry;
 pub mod runtime;
 pub mod source;
+pub mod spec;
 pub mod status;
 pub mod store;
 pub mod subject;
 
 pub use engine::EngineOptions;
-pub use runtime::{LoadError, ReloadReport, Reloader, Running, Runtime, RuntimeOptions, round_trip};
+pub use runtime::{LoadError, Reloader, Running, Runtime, RuntimeOptions, round_trip};
+pub use status::ReloadReport;

@@ -26,7 +26,7 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedS
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use serde::Serialize;
 
-use crate::dispatch::FailureKind;
+use crate::failure::FailureKind;
 
 const META: Metadata<'static> = Metadata::new("sluice", metrics::Level::INFO, Some(module_path!()));
 

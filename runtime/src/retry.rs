@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::dispatch::{Failure, FailureKind};
+use crate::failure::{Failure, FailureKind};
 
 /// How delays grow between attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

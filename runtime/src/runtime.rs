@@ -19,7 +19,7 @@ use crate::manifest::{self, Manifest, ManifestError, Source};
 use crate::metrics::Metrics;
 use crate::outputs::OutputSender;
 use crate::source::{self, Context, Fault};
-use crate::status::Status;
+use crate::status::{ReloadReport, Status};
 use crate::store::{self, Backend, Scope};
 
 #[derive(Debug)]
@@ -148,6 +148,7 @@ impl Runtime {
             paths: self.paths,
             served: Mutex::new(BTreeMap::new()),
             reloading: Mutex::new(()),
+            retired: Default::default(),
             status: self.status,
             metrics: self.metrics,
         });
@@ -162,7 +163,7 @@ impl Runtime {
             served.insert(s.name(), s);
         }
         drop(served);
-        Ok(Running { supervisor, watcher: None })
+        Ok(Running { supervisor })
     }
 }
 
@@ -184,19 +185,12 @@ pub async fn round_trip(client: &Client) -> anyhow::Result<()> {
 #[derive(Debug)]
 pub struct Running {
     supervisor: Arc<Supervisor>,
-    watcher: Option<crate::reload::Watcher>,
 }
 
 impl Running {
     /// A handle that reloads the manifests (what a file change, SIGHUP or the admin call do).
     pub fn reloader(&self) -> Reloader {
         Reloader(self.supervisor.clone())
-    }
-
-    /// Watches the manifest paths and the components they name, and reloads on change.
-    pub fn watch(&mut self) -> anyhow::Result<()> {
-        self.watcher = Some(crate::reload::Watcher::start(self.reloader())?);
-        Ok(())
     }
 
     /// What is being served, and the last reload errors.
@@ -213,7 +207,7 @@ impl Running {
     /// or marked. For tests of crash recovery; a real process uses [`shutdown`](Self::shutdown).
     #[doc(hidden)]
     pub async fn abort(self) {
-        drop(self.watcher);
+        let _reloading = self.supervisor.retire().await;
         let served = std::mem::take(&mut *self.supervisor.served.lock().await);
         for s in served.into_values() {
             s.task.abort();
@@ -225,9 +219,9 @@ impl Running {
     /// outputs, and flushes the connection.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!("shutting down: draining subscriptions and in-flight messages");
-        drop(self.watcher);
-        // No reload may start or be half-way while handlers stop.
-        let _reloading = self.supervisor.reloading.lock().await;
+        // No reload may be half-way while handlers stop, or start afterwards (a watcher, a
+        // SIGHUP or the admin route may still ask for one).
+        let _reloading = self.supervisor.retire().await;
         let served = std::mem::take(&mut *self.supervisor.served.lock().await);
         for s in served.values() {
             let _ = s.stop.send(true);
@@ -311,17 +305,6 @@ pub struct Watched {
     pub files: Vec<PathBuf>,
 }
 
-/// What a reload did.
-#[derive(Debug, Default)]
-pub struct ReloadReport {
-    pub started: Vec<String>,
-    pub updated: Vec<String>,
-    pub stopped: Vec<String>,
-    /// Manifests or components that could not be used; what they described keeps running
-    /// in its previous version.
-    pub errors: Vec<ManifestError>,
-}
-
 /// A handler being served: its version, the channel that hands new messages their version,
 /// and the serving task. The manifest text it was built from (to tell an edit from a touch)
 /// is the handler's own, read once with the manifest.
@@ -355,6 +338,8 @@ struct Supervisor {
     served: Mutex<BTreeMap<String, Served>>,
     /// Held for the whole of a reload: reloads run one at a time.
     reloading: Mutex<()>,
+    /// Set once a shutdown (or an abort) begins: reloads do nothing from then on.
+    retired: std::sync::atomic::AtomicBool,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
 }
@@ -420,9 +405,19 @@ impl Supervisor {
         Served { handler, ctx: ctx_tx, stop, task }
     }
 
+    /// Ends reloading for good, waiting for one in progress; returns the reload lock.
+    async fn retire(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        let guard = self.reloading.lock().await;
+        self.retired.store(true, std::sync::atomic::Ordering::SeqCst);
+        guard
+    }
+
     async fn reload(&self) -> ReloadReport {
         let _one_at_a_time = self.reloading.lock().await;
         let mut report = ReloadReport::default();
+        if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
+            return report;
+        }
         let files = manifest::manifest_files(&self.paths, &mut report.errors);
         // Files that could not be read or parsed: what they described keeps running.
         let mut failed: HashSet<PathBuf> = HashSet::new();

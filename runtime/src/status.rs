@@ -9,7 +9,18 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::handler::Handler;
-use crate::runtime::ReloadReport;
+use crate::manifest::ManifestError;
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    pub started: Vec<String>,
+    pub updated: Vec<String>,
+    pub stopped: Vec<String>,
+    /// Manifests or components that could not be used; what they described keeps running
+    /// in its previous version.
+    pub errors: Vec<ManifestError>,
+}
 
 /// One handler, as served now.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]

@@ -69,6 +69,7 @@ pub fn manifest(name: &str, plugin_name: &str, subject: &str, extra: &str) -> St
 #[derive(Debug)]
 pub struct Sluice {
     running: Option<Running>,
+    watcher: Option<sluice::reload::Watcher>,
     pub dir: tempfile::TempDir,
 }
 
@@ -104,7 +105,7 @@ impl Sluice {
         let runtime =
             Runtime::load(&[manifest_dir], options).map_err(|e| anyhow::anyhow!("cannot load manifests:\n{e}"))?;
         let running = runtime.bind(client(server).await).await?;
-        Ok(Sluice { running: Some(running), dir })
+        Ok(Sluice { running: Some(running), watcher: None, dir })
     }
 
     /// Stops abruptly, like a killed process: nothing in flight is finished or acked.
@@ -121,7 +122,7 @@ impl Sluice {
 
     /// Starts watching the manifests and components for changes.
     pub fn watch(&mut self) {
-        self.running.as_mut().unwrap().watch().unwrap();
+        self.watcher = Some(sluice::reload::Watcher::start(self.reloader()).unwrap());
     }
 
     /// Triggers reloads, as SIGHUP does.

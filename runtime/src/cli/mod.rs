@@ -276,13 +276,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Keep the embedded server (if any) alive until Sluice has shut down.
     let metrics = runtime.metrics();
     let (client, _embedded) = connect_or_embed(args.nats.as_deref(), Some(&metrics)).await?;
-    let mut running = runtime.bind(client).await?;
+    let running = runtime.bind(client).await?;
     if let Some((state, _)) = &admin {
         state.bound(running.client(), running.reloader());
     }
-    if !args.no_watch {
-        running.watch()?;
-    }
+    let _watcher = match args.no_watch {
+        true => None,
+        false => Some(crate::reload::Watcher::start(running.reloader())?),
+    };
     let _sighup = reload_on_sighup(running.reloader());
     let mut signals = ShutdownSignals::new();
     tracing::info!("ready; stop with Ctrl-C or SIGTERM, reload with SIGHUP");

@@ -15,9 +15,9 @@ use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 
-use crate::dispatch::FailureKind;
-use crate::handler::HandlerSpec;
+use crate::failure::FailureKind;
 use crate::manifest::DeadLetter;
+use crate::spec::HandlerSpec;
 
 /// Header names, as documented in the README.
 pub mod header {

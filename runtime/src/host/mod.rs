@@ -17,7 +17,7 @@ pub use outbox::{Output, Outputs};
 pub use stdio::{GuestOutput, LogBudget};
 
 use crate::bindings;
-use crate::handler::HandlerSpec;
+use crate::spec::HandlerSpec;
 use crate::store::Scope;
 
 /// Everything one call of one handler can reach. A fresh one is built for every message and

@@ -16,7 +16,7 @@ use std::time::Duration;
 pub use error::{ManifestError, SourceText};
 pub use units::{ByteSize, HumanDuration};
 
-use crate::dispatch::FailureKind;
+use crate::failure::FailureKind;
 use crate::idempotency::{Idempotency, OnMissing};
 use crate::retry::RetryPolicy;
 use crate::store::Backend;

@@ -20,8 +20,8 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::{Context, Delivered, History, Settle};
-use crate::dispatch::FailureKind;
 use crate::dlq::{Original, Verdict};
+use crate::failure::FailureKind;
 use crate::manifest::{JetStreamSource, Source};
 
 /// Failure histories of messages in a retry sequence, by stream sequence.

@@ -12,9 +12,10 @@ use std::time::{Duration, SystemTime};
 use async_nats::HeaderMap;
 
 use crate::bindings::{Delivery, Message};
-use crate::dispatch::{self, Failure, FailureKind, Outcome};
+use crate::dispatch::{self, Outcome};
 use crate::dlq::{self, Original, Verdict};
 use crate::engine::Engine;
+use crate::failure::{Failure, FailureKind};
 use crate::handler::Handler;
 use crate::host::Outputs;
 use crate::idempotency::{self, OnMissing};

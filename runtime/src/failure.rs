@@ -1,0 +1,94 @@
+//! The failure vocabulary: why a call or a message failed, as logs, metrics, dead-letter
+//! headers and retry policies name it. A leaf: it imports nothing of the runtime, so the
+//! manifest, the retry policy and the delivery path can all use it.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Why a call failed, typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub reason: String,
+    /// The handler's retry-after hint, for `RetryRequested`.
+    pub retry_after: Option<Duration>,
+}
+
+/// The failure kinds, as they appear in logs and in `Sluice-Failure-Kind` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The handler returned `failure::reject`.
+    Rejected,
+    /// The handler returned `failure::retry`.
+    RetryRequested,
+    /// The guest trapped (`unreachable`, a Rust panic, stack overflow, ...).
+    Trap,
+    /// The call ran past `limits.timeout`.
+    Timeout,
+    /// The guest tried to grow its memory past `limits.memory`.
+    MemoryLimit,
+    /// No instance could be created (for example the instance pool is exhausted).
+    Instantiation,
+    /// The call succeeded but its outputs could not be sent (a stream did not acknowledge).
+    OutputFailed,
+    /// A retryable failure happened on the last allowed attempt.
+    RetriesExhausted,
+    /// The handler's state store could not be reached.
+    StoreError,
+    /// The call queued more outputs, or more output bytes, than `limits` allow.
+    OutputLimit,
+    /// The incoming payload is larger than `limits.max_payload`.
+    PayloadTooLarge,
+    /// The message has no idempotency key and the manifest says to dead-letter such.
+    MissingIdempotencyKey,
+    /// The key was handled before with a different payload.
+    IdempotencyConflict,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Rejected => "rejected",
+            FailureKind::RetryRequested => "retry-requested",
+            FailureKind::Trap => "trap",
+            FailureKind::Timeout => "timeout",
+            FailureKind::MemoryLimit => "memory-limit",
+            FailureKind::Instantiation => "instantiation",
+            FailureKind::OutputFailed => "output-failed",
+            FailureKind::RetriesExhausted => "retries-exhausted",
+            FailureKind::StoreError => "store-error",
+            FailureKind::OutputLimit => "output-limit",
+            FailureKind::PayloadTooLarge => "payload-too-large",
+            FailureKind::MissingIdempotencyKey => "missing-idempotency-key",
+            FailureKind::IdempotencyConflict => "idempotency-conflict",
+        }
+    }
+
+    /// Every kind, for parsing and documentation.
+    pub const ALL: [FailureKind; 13] = [
+        FailureKind::Rejected,
+        FailureKind::RetryRequested,
+        FailureKind::Trap,
+        FailureKind::Timeout,
+        FailureKind::MemoryLimit,
+        FailureKind::Instantiation,
+        FailureKind::OutputFailed,
+        FailureKind::RetriesExhausted,
+        FailureKind::StoreError,
+        FailureKind::OutputLimit,
+        FailureKind::PayloadTooLarge,
+        FailureKind::MissingIdempotencyKey,
+        FailureKind::IdempotencyConflict,
+    ];
+
+    /// The kind named `name` (as in `Sluice-Failure-Kind`).
+    pub fn parse(name: &str) -> Option<FailureKind> {
+        FailureKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
