@@ -24,7 +24,12 @@
 //! ```
 //!
 //! What the host guarantees around that function:
-//! - every call runs in a fresh instance: globals and heap do not survive between messages;
+//! - every call runs in a fresh instance: globals and heap do not survive between messages,
+//!   unless the manifest sets `[limits] instances = "warm"`. Then an instance serves many
+//!   messages and keeps its globals: cache what comes from your code and `[config]` (a parsed
+//!   setting, a compiled regex, a table), never what came with one message (it would reach
+//!   the next sender), and never rely on a cache being there (an instance is replaced after
+//!   a failure, after `recycle_after` messages and on reload);
 //! - [`publish`] and [`reply`] are buffered and sent only if the handler returns `Ok`;
 //! - `Err(Error::Retry {..})`, a panic, a trap or a timeout make the host retry the message
 //!   following the manifest's retry policy; `Err(Error::Reject(..))` dead-letters it at once.

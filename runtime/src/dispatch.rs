@@ -1,5 +1,5 @@
-//! One message through one fresh instance of one handler, under its limits, with a typed
-//! outcome. Nothing here talks to NATS: the source decides what an outcome means for the
+//! One message through one instance of one handler (fresh, or warm when the manifest asks),
+//! under its limits, with a typed outcome. Nothing here talks to NATS: the source decides what an outcome means for the
 //! message (ack, retry, dead-letter, reply).
 
 use std::fmt;
@@ -13,6 +13,8 @@ use crate::engine::{Engine, chain};
 use crate::failure::{Failure, FailureKind};
 use crate::handler::Handler;
 use crate::host::{HostState, Outputs};
+use crate::instance::WarmInstance;
+use crate::manifest::Instances;
 use crate::store::Scope;
 
 /// How one call ended.
@@ -36,7 +38,7 @@ impl fmt::Display for DeadlineExceeded {
 
 impl std::error::Error for DeadlineExceeded {}
 
-/// Runs `msg` through a fresh instance of `handler`, on the engine's guest threads when it
+/// Runs `msg` through an instance of `handler`, on the engine's guest threads when it
 /// has them (see [`Engine::guests`]), where it is called otherwise.
 pub async fn run(
     engine: &Arc<Engine>,
@@ -59,7 +61,8 @@ pub async fn run(
     })
 }
 
-/// Runs `msg` through a fresh instance of `handler`, here.
+/// Runs `msg` through an instance of `handler`, here: a fresh one, or with warm instances
+/// an idle one of this version (or a new one), put back afterwards if the call ended normally.
 pub async fn dispatch(
     engine: &Engine,
     handler: &Handler,
@@ -69,8 +72,22 @@ pub async fn dispatch(
 ) -> Outcome {
     let spec = &handler.spec;
     let timeout = spec.limits.timeout;
-    let mut store = Store::new(engine.wasmtime(), HostState::new(spec.clone(), msg.reply_to.clone(), scope));
-    store.limiter(|state| &mut state.limits);
+    let recycle_after = match spec.limits.instances {
+        Instances::Fresh => None,
+        Instances::Warm { recycle_after } => Some(recycle_after),
+    };
+    let mut warm = match recycle_after.and_then(|_| handler.warm.take()) {
+        Some(mut w) => {
+            w.store.data_mut().next_call(msg.reply_to.clone(), scope);
+            w
+        }
+        None => {
+            let mut store = Store::new(engine.wasmtime(), HostState::new(spec.clone(), msg.reply_to.clone(), scope));
+            store.limiter(|state| &mut state.limits);
+            WarmInstance::new(store)
+        }
+    };
+    let WarmInstance { store, instance, served } = &mut warm;
 
     // Guest code yields to the executor at every epoch tick (so a busy guest cannot hold a
     // worker thread) and is stopped at the first tick past its deadline.
@@ -87,34 +104,49 @@ pub async fn dispatch(
     // The epoch stops guest code; this timer stops a guest waiting in a host call (a WASI
     // sleep, say), where no epoch check runs.
     let call = async {
-        let instance = handler.pre.instantiate_async(&mut store).await.map_err(|e| (true, e))?;
-        instance.call_handle(&mut store, msg, delivery).await.map_err(|e| (false, e))
+        if instance.is_none() {
+            *instance = Some(handler.pre.instantiate_async(&mut *store).await.map_err(|e| (true, e))?);
+        }
+        match instance {
+            Some(i) => i.call_handle(&mut *store, msg, delivery).await.map_err(|e| (false, e)),
+            None => Err((true, wasmtime::Error::msg("no instance"))),
+        }
     };
     let result = match tokio::time::timeout(timeout, call).await {
         Ok(result) => result,
         Err(_) => Err((false, wasmtime::Error::new(DeadlineExceeded))),
     };
+    *served += 1;
+    store.data_mut().end_call();
 
-    if let Some(reason) = store.data_mut().outputs.over_limit.take() {
+    let over_limit = store.data_mut().outputs.over_limit.take();
+    // Only a call that ended as the handler meant it leaves an instance fit for the next.
+    let normal_end = result.is_ok() && over_limit.is_none() && !store.data().limits.memory_exceeded;
+    let outcome = match (over_limit, result) {
         // Whatever the handler made of the refusal, the call broke a limit.
-        return Outcome::Failed(Failure { kind: FailureKind::OutputLimit, reason, retry_after: None });
-    }
-    match result {
-        Ok(Ok(())) => Outcome::Success(std::mem::take(&mut store.data_mut().outputs)),
-        Ok(Err(WitFailure::Reject(reason))) => {
+        (Some(reason), _) => Outcome::Failed(Failure { kind: FailureKind::OutputLimit, reason, retry_after: None }),
+        (None, Ok(Ok(()))) => Outcome::Success(std::mem::take(&mut store.data_mut().outputs)),
+        (None, Ok(Err(WitFailure::Reject(reason)))) => {
             Outcome::Failed(Failure { kind: FailureKind::Rejected, reason, retry_after: None })
         }
-        Ok(Err(WitFailure::Retry(hint))) => Outcome::Failed(Failure {
+        (None, Ok(Err(WitFailure::Retry(hint)))) => Outcome::Failed(Failure {
             kind: FailureKind::RetryRequested,
             reason: hint.reason,
             retry_after: hint.after_ms.map(Duration::from_millis),
         }),
-        Err((instantiating, error)) => {
+        (None, Err((instantiating, error))) => {
             let failure = classify(&error, instantiating, store.data(), timeout);
             tracing::debug!(handler = &*spec.name, kind = %failure.kind, error = %chain(&error), "call failed");
             Outcome::Failed(failure)
         }
+    };
+    if let Some(limit) = recycle_after
+        && normal_end
+        && *served < limit
+    {
+        handler.warm.put(warm);
     }
+    outcome
 }
 
 fn classify(error: &wasmtime::Error, instantiating: bool, state: &HostState, timeout: Duration) -> Failure {

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use crate::bindings::HandlerPre;
 use crate::engine::Engine;
 use crate::host::HostState;
+use crate::instance::WarmPool;
 use crate::manifest::{Manifest, ManifestError};
 use crate::spec::HandlerSpec;
 
@@ -17,6 +18,8 @@ pub struct Handler {
     pub pre: HandlerPre<HostState>,
     /// The component imports `dedup` or `kv`, so it needs its state store.
     pub imports_state: bool,
+    /// Idle warm instances of this version (empty unless the manifest asks for warm ones).
+    pub warm: WarmPool,
 }
 
 impl std::fmt::Debug for Handler {
@@ -78,7 +81,12 @@ impl Handler {
             .component_type()
             .imports(engine.wasmtime())
             .any(|(name, _)| name.starts_with("sluice:handler/dedup@") || name.starts_with("sluice:handler/kv@"));
-        Ok(Handler { spec: Arc::new(HandlerSpec::new(manifest, digest)), pre, imports_state })
+        Ok(Handler {
+            spec: Arc::new(HandlerSpec::new(manifest, digest)),
+            pre,
+            imports_state,
+            warm: WarmPool::default(),
+        })
     }
 
     /// Whether the handler needs a state store: for idempotency, or for the guest's own

@@ -16,6 +16,7 @@
 //! | [`host`] | the host side of each WIT interface, and the per-call state |
 //! | [`spec`] | a handler's resolved settings and version, as the host uses them |
 //! | [`handler`] | a loaded handler: spec, digest, pre-instantiated component |
+//! | [`instance`] | warm instances kept between messages, per handler version |
 //! | [`failure`] | the failure vocabulary: kinds and reasons (a leaf) |
 //! | [`dispatch`] | one message through one fresh instance, with a typed outcome |
 //! | [`idempotency`] | idempotency keys: deriving them from a message |
@@ -42,6 +43,7 @@ pub mod failure;
 pub mod handler;
 pub mod host;
 pub mod idempotency;
+pub mod instance;
 pub mod manifest;
 pub mod metrics;
 pub mod nats_server;

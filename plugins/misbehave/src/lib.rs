@@ -24,6 +24,7 @@
 //! | `log-flood:N`                 | writes N bytes of log lines to stderr, then answers `logged` |
 //! | `retry`                       | fails with `Error::Retry`                                   |
 //! | `reject`                      | fails with `Error::Reject`                                  |
+//! | `count`                       | answers how many messages this instance has handled, this one included (1 every time with fresh instances; 1, 2, 3, ... with warm ones) |
 //!
 //! A JSON payload `{"cmd": "COMMAND", ...}` runs COMMAND (the other fields are there for the
 //! host to read, an idempotency key say).
@@ -33,7 +34,11 @@
 
 use sluice_guest::{Error, Headers, Message, Result};
 
+/// Messages this instance has handled: a global, which only a warm instance keeps.
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn handle(msg: Message) -> Result {
+    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     let text = msg.text()?.trim();
     let command = if text.starts_with('{') {
         let doc: serde_json::Value = msg.json()?;
@@ -44,6 +49,7 @@ fn handle(msg: Message) -> Result {
     let (verb, arg) = command.split_once(':').unwrap_or((command.as_str(), ""));
     match verb {
         "ok" => answer(&msg, "ok")?,
+        "count" => answer(&msg, &calls.to_string())?,
         "trap" => trap(),
         "panic" => panic!("asked to panic"),
         "loop" => spin(),

@@ -21,7 +21,8 @@ use crate::spec::HandlerSpec;
 use crate::store::Scope;
 
 /// Everything one call of one handler can reach. A fresh one is built for every message and
-/// dropped with the store: no state survives between messages.
+/// dropped with the store, unless the handler asks for warm instances: then it lives with
+/// its instance, and [`next_call`](HostState::next_call) resets what belongs to one call.
 pub struct HostState {
     pub(crate) spec: Arc<HandlerSpec>,
     /// Built on the guest's first WASI call (most handlers make none per message; building
@@ -55,6 +56,30 @@ impl HostState {
             reply_to,
             scope,
             outputs: Outputs::default(),
+        }
+    }
+
+    /// Readies the state of a warm instance for its next call: the call's own outputs, reply
+    /// subject, store and log budget. What the guest keeps between calls (its memory, the
+    /// WASI handles it holds) stays.
+    pub(crate) fn next_call(&mut self, reply_to: Option<String>, scope: Option<Scope>) {
+        self.outputs = Outputs::default();
+        self.reply_to = reply_to;
+        self.scope = scope;
+        self.log_budget.reset(self.spec.limits.max_log_bytes);
+    }
+
+    /// Ends a call: says how many of its log bytes were dropped, if any.
+    pub(crate) fn end_call(&mut self) {
+        let dropped = self.log_budget.dropped();
+        if dropped > 0 {
+            tracing::warn!(
+                target: "sluice::guest",
+                handler = &*self.spec.name,
+                "{dropped} bytes of guest logs dropped: over limits.max_log_bytes ({}) for one message",
+                self.spec.limits.max_log_bytes
+            );
+            self.log_budget.reset(0);
         }
     }
 
@@ -117,19 +142,5 @@ impl ResourceLimiter for GuestLimits {
 
     fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         self.inner.table_growing(current, desired, maximum)
-    }
-}
-
-impl Drop for HostState {
-    fn drop(&mut self) {
-        let dropped = self.log_budget.dropped();
-        if dropped > 0 {
-            tracing::warn!(
-                target: "sluice::guest",
-                handler = &*self.spec.name,
-                "{dropped} bytes of guest logs dropped: over limits.max_log_bytes ({}) for one message",
-                self.spec.limits.max_log_bytes
-            );
-        }
     }
 }

@@ -33,6 +33,13 @@ impl LogBudget {
     pub fn dropped(&self) -> u64 {
         self.0.lock().map_or(0, |b| b.1)
     }
+
+    /// A new call's budget (a warm instance's streams keep this same budget).
+    pub fn reset(&self, bytes: u64) {
+        if let Ok(mut b) = self.0.lock() {
+            *b = (bytes, 0);
+        }
+    }
 }
 
 /// One guest output stream (stdout or stderr) of one call.

@@ -110,7 +110,22 @@ pub struct Limits {
     /// `None`: whatever the NATS server lets through.
     pub max_payload: Option<u64>,
     pub max_log_bytes: u64,
+    /// Fresh instances, or warm ones and how many messages each serves.
+    pub instances: Instances,
 }
+
+/// How a handler's instances are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instances {
+    /// A fresh instance per message (the default).
+    Fresh,
+    /// Warm instances, each replaced after `recycle_after` messages, after any failure other
+    /// than the handler's own `reject` or `retry`, and on reload.
+    Warm { recycle_after: u32 },
+}
+
+/// Messages a warm instance serves, when the manifest does not say.
+pub const DEFAULT_RECYCLE_AFTER: u32 = 10_000;
 
 /// Publications one call may queue when the manifest does not say.
 pub const DEFAULT_MAX_OUTPUTS: u32 = 100;
@@ -194,6 +209,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         max_output_bytes: raw.limits.max_output_bytes.map_or(DEFAULT_MAX_OUTPUT_BYTES, |b| b.0),
         max_payload: raw.limits.max_payload.map(|b| b.0),
         max_log_bytes: raw.limits.max_log_bytes.map_or(DEFAULT_MAX_LOG_BYTES, |b| b.0),
+        instances: resolve_instances(&file, raw.limits.instances, raw.limits.recycle_after)?,
     };
     let source_span = raw.source.span();
     let source = resolve_source(&file, source_span, raw.source.into_inner(), &name, &limits)?;
@@ -308,6 +324,30 @@ fn resolve_source(
                 ack_wait,
             }))
         }
+    }
+}
+
+fn resolve_instances(
+    file: &SourceText,
+    mode: Option<schema::InstanceMode>,
+    recycle_after: Option<toml::Spanned<i64>>,
+) -> Result<Instances, ManifestError> {
+    match (mode.unwrap_or(schema::InstanceMode::Fresh), recycle_after) {
+        (schema::InstanceMode::Fresh, Some(n)) => Err(ManifestError::at(
+            file,
+            n.span(),
+            "recycle_after only applies to warm instances (`instances = \"warm\"`)",
+        )),
+        (schema::InstanceMode::Fresh, None) => Ok(Instances::Fresh),
+        (schema::InstanceMode::Warm, None) => Ok(Instances::Warm { recycle_after: DEFAULT_RECYCLE_AFTER }),
+        (schema::InstanceMode::Warm, Some(n)) => match u32::try_from(*n.get_ref()) {
+            Ok(v @ 1..=100_000_000) => Ok(Instances::Warm { recycle_after: v }),
+            _ => Err(ManifestError::at(
+                file,
+                n.span(),
+                format!("recycle_after = {} is out of range; expected 1 to 100000000", n.get_ref()),
+            )),
+        },
     }
 }
 

@@ -171,6 +171,22 @@ pub struct LimitsSection {
     /// `max_log_bytes = "64KiB"`: log and stdout/stderr bytes one call may write; the rest
     /// is dropped (and counted in a warning).
     pub max_log_bytes: Option<ByteSize>,
+    /// `instances = "fresh"` (a new instance per message, the default) or `"warm"` (an
+    /// instance serves many messages in sequence; see `recycle_after`).
+    pub instances: Option<InstanceMode>,
+    /// `recycle_after = 10000`: messages a warm instance serves before it is replaced.
+    pub recycle_after: Option<Spanned<i64>>,
+}
+
+/// `[limits] instances`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceMode {
+    /// A fresh instance for every message: nothing survives between messages.
+    Fresh,
+    /// Instances kept between messages: a handler's globals survive from one message to the
+    /// next (and between messages of different senders).
+    Warm,
 }
 
 #[derive(Debug, Default, Deserialize)]
