@@ -30,6 +30,8 @@ pub struct HandlerSpec {
     pub idempotency: Option<Idempotency>,
     pub store: StoreConfig,
     pub publish: Vec<SubjectPattern>,
+    /// Reply subjects accepted besides the reply inboxes.
+    pub reply_to: Vec<SubjectPattern>,
     pub config: BTreeMap<String, String>,
 }
 
@@ -97,6 +99,7 @@ impl Handler {
             idempotency: manifest.idempotency,
             store: manifest.store,
             publish: manifest.publish,
+            reply_to: manifest.reply_to,
             config: manifest.config,
         };
         Ok(Handler { spec: Arc::new(spec), pre, imports_state })
