@@ -12,3 +12,4 @@ mod jetstream;
 mod queue_group;
 mod reload;
 mod sandbox;
+mod security;

@@ -69,6 +69,7 @@ pub fn manifest(name: &str, plugin_name: &str, subject: &str, extra: &str) -> St
 #[derive(Debug)]
 pub struct Sluice {
     running: Option<Running>,
+    metrics: std::sync::Arc<sluice::metrics::Metrics>,
     pub dir: tempfile::TempDir,
 }
 
@@ -103,8 +104,14 @@ impl Sluice {
         }
         let runtime =
             Runtime::load(&[manifest_dir], options).map_err(|e| anyhow::anyhow!("cannot load manifests:\n{e}"))?;
+        let metrics = runtime.metrics();
         let running = runtime.bind(client(server).await).await?;
-        Ok(Sluice { running: Some(running), dir })
+        Ok(Sluice { running: Some(running), metrics, dir })
+    }
+
+    /// The runtime's metrics, as `/metrics` renders them.
+    pub fn metrics(&self) -> String {
+        self.metrics.render()
     }
 
     /// Stops abruptly, like a killed process: nothing in flight is finished or acked.
