@@ -5,7 +5,11 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{consumer, kv};
-use sluice_tests::{Sluice, client, collect_quiet, header, js_publish, manifest, nats, request, stream, sync, text};
+use sluice::admin::AdminState;
+use sluice::{Runtime, RuntimeOptions};
+use sluice_tests::{
+    Sluice, client, collect_quiet, header, http_call, js_publish, manifest, nats, request, stream, sync, text,
+};
 
 /// Publishes to `subject` with a reply subject chosen by the sender, as any client may.
 async fn forge(nc: &async_nats::Client, subject: &str, reply: &str, payload: &str) {
@@ -130,4 +134,31 @@ async fn a_manifest_may_widen_the_reply_subjects() {
     let got = collect_quiet(&mut answers, Duration::from_millis(300), Duration::from_secs(5)).await;
     assert_eq!(got.iter().map(text).collect::<Vec<_>>(), ["widened"]);
     sluice.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_token_guards_handlers_and_reload_but_not_the_probes() {
+    let server = nats();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("e.toml"), manifest("e", "echo", "e", "")).unwrap();
+    let runtime = Runtime::load(&[dir.path().to_owned()], RuntimeOptions::default()).unwrap();
+    let state = AdminState::new(runtime.metrics(), runtime.status()).with_token(Some("s3cret".into()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    sluice::admin::serve(listener, state.clone());
+    let running = runtime.bind(client(&server).await).await.unwrap();
+    state.bound(running.client(), running.reloader());
+
+    for (method, route) in [("GET", "/handlers"), ("POST", "/reload")] {
+        let url = format!("{admin}{route}");
+        assert_eq!(http_call(method, &url, None).await.0, 401, "{route} without a token");
+        assert_eq!(http_call(method, &url, Some("wrong")).await.0, 401, "{route} with a wrong token");
+        let (code, body) = http_call(method, &url, Some("s3cret")).await;
+        assert_eq!(code, 200, "{route} with the token: {body}");
+        assert!(!body.contains("s3cret"), "{route} shows the token");
+    }
+    for route in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(http_call("GET", &format!("{admin}{route}"), None).await.0, 200, "{route} is open");
+    }
+    running.abort().await;
 }

@@ -241,6 +241,26 @@ pub async fn sync(client: &Client) {
     sluice::round_trip(client).await.unwrap();
 }
 
+/// `method` `url`, with `Authorization: Bearer <token>` when a token is given: the status
+/// code and the body.
+pub async fn http_call(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
+    let (method, url, token) = (method.to_owned(), url.to_owned(), token.map(|t| format!("Bearer {t}")));
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let result = match (method.as_str(), token) {
+            ("POST", Some(t)) => agent.post(&url).header("Authorization", &t).send_empty(),
+            ("POST", None) => agent.post(&url).send_empty(),
+            (_, Some(t)) => agent.get(&url).header("Authorization", &t).call(),
+            (_, None) => agent.get(&url).call(),
+        };
+        let mut response = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap_or_default())
+    })
+    .await
+    .unwrap()
+}
+
 /// GET `url`: the status code and the body.
 pub async fn http_get(url: &str) -> (u16, String) {
     let url = url.to_owned();

@@ -65,6 +65,9 @@ pub struct StatusArgs {
     /// The admin listener of the Sluice to ask.
     #[arg(long, env = "SLUICE_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
     pub admin: String,
+    /// The bearer token the admin listener requires (sluice run --admin-token).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +85,10 @@ pub struct RunArgs {
     /// example 127.0.0.1:9090). Off unless given; prefer a loopback address.
     #[arg(long, env = "SLUICE_ADMIN")]
     pub admin: Option<std::net::SocketAddr>,
+    /// Require `Authorization: Bearer TOKEN` on /handlers and POST /reload (/metrics,
+    /// /healthz and /readyz stay open).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -237,7 +244,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} for the admin routes"))?;
-            let state = crate::admin::AdminState::new(runtime.metrics(), runtime.status());
+            let state =
+                crate::admin::AdminState::new(runtime.metrics(), runtime.status()).with_token(args.admin_token.clone());
             let task = crate::admin::serve(listener, state.clone());
             tracing::info!("admin listener on http://{addr} (/metrics, /healthz, /readyz, /handlers, POST /reload)");
             Some((state, AbortOnDrop(task)))
@@ -395,7 +403,11 @@ async fn shutdown_signal() {
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let url = format!("{}/handlers", args.admin.trim_end_matches('/'));
     let report: crate::admin::HandlersReport = tokio::task::spawn_blocking(move || {
-        let mut response = ureq::get(&url).call().with_context(|| format!("cannot reach {url}"))?;
+        let mut request = ureq::get(&url);
+        if let Some(token) = &args.admin_token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
+        let mut response = request.call().with_context(|| format!("cannot reach {url}"))?;
         let body = response.body_mut().read_to_string().with_context(|| format!("cannot read the answer of {url}"))?;
         serde_json::from_str::<crate::admin::HandlersReport>(&body)
             .with_context(|| format!("unexpected answer from {url}"))
