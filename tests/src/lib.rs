@@ -93,6 +93,17 @@ impl Sluice {
         server: &NatsServer,
         manifests: &[(&str, String)],
         dir: tempfile::TempDir,
+        options: RuntimeOptions,
+    ) -> anyhow::Result<Sluice> {
+        Self::start_connected(client(server).await, manifests, dir, options).await
+    }
+
+    /// Like [`start_with`](Self::start_with), on a connection the test made (with
+    /// credentials, TLS, ...).
+    pub async fn start_connected(
+        nc: Client,
+        manifests: &[(&str, String)],
+        dir: tempfile::TempDir,
         mut options: RuntimeOptions,
     ) -> anyhow::Result<Sluice> {
         // One compile cache for every test: each component is compiled once per suite.
@@ -105,7 +116,7 @@ impl Sluice {
         let runtime =
             Runtime::load(&[manifest_dir], options).map_err(|e| anyhow::anyhow!("cannot load manifests:\n{e}"))?;
         let metrics = runtime.metrics();
-        let running = runtime.bind(client(server).await).await?;
+        let running = runtime.bind(nc).await?;
         Ok(Sluice { running: Some(running), metrics, dir })
     }
 

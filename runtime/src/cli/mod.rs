@@ -12,6 +12,7 @@ use anyhow::Context;
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::connect::{NatsArgs, Target};
 use crate::engine::EngineOptions;
 use crate::manifest::{ByteSize, HumanDuration};
 use crate::metrics::Metrics;
@@ -75,9 +76,8 @@ pub struct RunArgs {
     /// Manifest files or folders of manifests.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
-    /// NATS server URL. Default: nats://127.0.0.1:4222, or an embedded server if none answers.
-    #[arg(long, env = "SLUICE_NATS_URL")]
-    pub nats: Option<String>,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// Do not watch the manifests and components for changes (SIGHUP still reloads).
     #[arg(long)]
     pub no_watch: bool,
@@ -157,9 +157,8 @@ pub struct SendArgs {
     /// A header, as NAME:VALUE (repeatable).
     #[arg(short = 'H', long = "header", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
-    /// NATS server URL.
-    #[arg(long, env = "SLUICE_NATS_URL", default_value = DEFAULT_NATS_URL)]
-    pub nats: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -196,11 +195,19 @@ pub async fn main(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => failed(&e),
     }
+}
+
+/// Prints `e`; exit code 2 when NATS refused the connection (or its settings are unusable),
+/// so scripts can tell "cannot connect" from a failed command.
+fn failed(e: &anyhow::Error) -> ExitCode {
+    if let Some(refused) = e.downcast_ref::<crate::connect::ConnectError>() {
+        eprintln!("error: {refused}");
+        return ExitCode::from(2);
+    }
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
 }
 
 fn validate(args: &ValidateArgs) -> ExitCode {
@@ -254,7 +261,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Keep the embedded server (if any) alive until Sluice has shut down.
     let metrics = runtime.metrics();
-    let (client, _embedded) = connect_or_embed(args.nats.as_deref(), Some(&metrics)).await?;
+    let (client, _embedded) = connect_or_embed(&args.nats, Some(&metrics)).await?;
     let mut running = runtime.bind(client).await?;
     if let Some((state, _)) = &admin {
         state.bound(running.client(), running.reloader());
@@ -267,18 +274,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     running.run_until(shutdown_signal()).await
 }
 
-/// Connects to `url`; with no URL, to the default one, starting an embedded server when
-/// nothing answers there.
+/// Connects as `nats` says; with no URL or context, to the default URL, starting an embedded
+/// server when nothing answers there.
 async fn connect_or_embed(
-    url: Option<&str>,
+    nats: &NatsArgs,
     metrics: Option<&Arc<Metrics>>,
 ) -> anyhow::Result<(Client, Option<NatsServer>)> {
-    if let Some(url) = url {
-        let client = connect_observed(url, metrics).await?;
-        tracing::info!("connected to NATS url={url}");
+    if !nats.is_default() {
+        let target = nats.target(DEFAULT_NATS_URL)?;
+        let client = connect_observed(&target, metrics).await?;
+        tracing::info!("connected to NATS url={}", target.shown());
         return Ok((client, None));
     }
-    if let Ok(client) = connect_observed(DEFAULT_NATS_URL, metrics).await {
+    let target = nats.target(DEFAULT_NATS_URL)?;
+    if let Ok(client) = connect_observed(&target, metrics).await {
         tracing::info!("connected to NATS url={DEFAULT_NATS_URL}");
         return Ok((client, None));
     }
@@ -290,19 +299,24 @@ async fn connect_or_embed(
         data = %server.dir().display(),
         "no NATS server answered on {DEFAULT_NATS_URL}; started an embedded nats-server with JetStream (stopped when Sluice exits)"
     );
-    let client = connect_observed(&server.url(), metrics).await?;
+    let client = connect_observed(&Target::url(&server.url()), metrics).await?;
     tracing::info!("connected to NATS url={}", server.url());
     Ok((client, Some(server)))
 }
 
 /// Connects with Sluice's options: a name, a short initial timeout, endless reconnects.
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
-    connect_observed(url, None).await
+    connect_observed(&Target::url(url), None).await
+}
+
+/// Connects as the NATS flags say (for `publish`, `request` and `dlq`).
+pub async fn connect_args(nats: &NatsArgs) -> anyhow::Result<Client> {
+    connect_observed(&nats.target(DEFAULT_NATS_URL)?, None).await
 }
 
 /// Like [`connect`], counting the connection's state and reconnects in `metrics`.
-pub async fn connect_observed(url: &str, metrics: Option<&Arc<Metrics>>) -> anyhow::Result<Client> {
-    let mut options = ConnectOptions::new().name("sluice").connection_timeout(Duration::from_secs(2));
+pub async fn connect_observed(target: &Target, metrics: Option<&Arc<Metrics>>) -> anyhow::Result<Client> {
+    let mut options: ConnectOptions = target.options().await?;
     if let Some(metrics) = metrics.cloned() {
         let seen_connect = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let drops_warned = Arc::new(Mutex::new(None::<std::time::Instant>));
@@ -343,7 +357,7 @@ pub async fn connect_observed(url: &str, metrics: Option<&Arc<Metrics>>) -> anyh
             }
         });
     }
-    options.connect(url).await.with_context(|| format!("cannot connect to NATS at {url}"))
+    Ok(target.connect(options).await?)
 }
 
 /// Reloads on every SIGHUP, until the returned task is dropped with the runtime.
@@ -461,7 +475,7 @@ fn header_map(pairs: &[(String, String)]) -> anyhow::Result<HeaderMap> {
 }
 
 async fn publish(args: SendArgs) -> anyhow::Result<()> {
-    let client = connect(&args.nats).await?;
+    let client = connect_args(&args.nats).await?;
     let headers = header_map(&args.headers)?;
     client.publish_with_headers(args.subject, headers, args.payload.into_bytes().into()).await?;
     client.flush().await?;
@@ -471,15 +485,12 @@ async fn publish(args: SendArgs) -> anyhow::Result<()> {
 async fn request(args: RequestArgs) -> ExitCode {
     match request_inner(args).await {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => failed(&e),
     }
 }
 
 async fn request_inner(args: RequestArgs) -> anyhow::Result<ExitCode> {
-    let client = connect(&args.send.nats).await?;
+    let client = connect_args(&args.send.nats).await?;
     let request = async_nats::Request::new()
         .headers(header_map(&args.send.headers)?)
         .payload(args.send.payload.into_bytes().into())
