@@ -265,8 +265,11 @@ fn describe(e: &async_nats::ConnectError) -> String {
         ConnectErrorKind::Io => "connection failed",
         ConnectErrorKind::MaxReconnects => "no server answered",
     };
+    // The source says more for TLS and I/O failures (which certificate, which address); for
+    // a refusal it only repeats the kind.
+    let repeats = matches!(e.kind(), ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::TimedOut);
     let line = match detail {
-        Some(d) if !d.is_empty() => format!("{what} ({d})"),
+        Some(d) if !d.is_empty() && !repeats => format!("{what} ({d})"),
         _ => what.to_owned(),
     };
     line.replace(['\n', '\r'], " ")
