@@ -176,6 +176,14 @@ impl Target {
         args.target(url).unwrap_or_else(|_| Target { urls: vec![url.to_owned()], ..Target::default() })
     }
 
+    /// Whether TLS is configured (a CA, a client certificate, TLS first, or a `tls://` URL).
+    fn uses_tls(&self) -> bool {
+        self.tls_ca.is_some()
+            || self.tls_cert.is_some()
+            || self.tls_first
+            || self.urls.iter().any(|u| u.starts_with("tls://"))
+    }
+
     /// The servers, for messages: comma-separated, without secrets.
     pub fn shown(&self) -> String {
         self.urls.join(",")
@@ -232,7 +240,7 @@ impl Target {
         options
             .connect(self.urls.clone())
             .await
-            .map_err(|e| ConnectError::Refused { servers: self.shown(), why: describe(&e) })
+            .map_err(|e| ConnectError::Refused { servers: self.shown(), why: describe(&e, self.uses_tls()) })
     }
 }
 
@@ -251,7 +259,9 @@ pub enum ConnectError {
     Config(String),
 }
 
-fn describe(e: &async_nats::ConnectError) -> String {
+/// `tls`: TLS was asked for, so an I/O failure during the connect is most likely the
+/// handshake (rustls reports a refused certificate as an I/O error).
+fn describe(e: &async_nats::ConnectError, tls: bool) -> String {
     let detail = std::error::Error::source(e).map(ToString::to_string);
     let what = match e.kind() {
         ConnectErrorKind::AuthorizationViolation => {
@@ -262,6 +272,7 @@ fn describe(e: &async_nats::ConnectError) -> String {
         ConnectErrorKind::TimedOut => "timed out",
         ConnectErrorKind::Dns => "DNS lookup failed",
         ConnectErrorKind::ServerParse => "invalid server URL",
+        ConnectErrorKind::Io if tls => "connection or TLS handshake failed",
         ConnectErrorKind::Io => "connection failed",
         ConnectErrorKind::MaxReconnects => "no server answered",
     };

@@ -14,3 +14,4 @@ mod queue_group;
 mod reload;
 mod sandbox;
 mod security;
+mod tls;
