@@ -77,9 +77,20 @@ impl fmt::Debug for NatsArgs {
 }
 
 impl NatsArgs {
-    /// Nothing chosen: no URL and no context (`run` may then embed a server).
+    /// Nothing chosen: no URL, no context, no credentials, no TLS (`run` may then embed a
+    /// server). With credentials given, a refusal at the default URL must be reported, not
+    /// papered over by starting an open embedded server.
     pub fn is_default(&self) -> bool {
-        self.urls.is_empty() && self.context.is_none()
+        self.urls.is_empty()
+            && self.context.is_none()
+            && self.creds.is_none()
+            && self.nkey.is_none()
+            && self.user.is_none()
+            && self.password.is_none()
+            && self.token.is_none()
+            && self.tls_ca.is_none()
+            && self.tls_cert.is_none()
+            && !self.tls_first
     }
 
     /// The connection these flags describe, reading the context file if one is named.

@@ -6,6 +6,7 @@ mod admin;
 mod auth;
 mod components;
 mod core_retry;
+mod creds;
 mod dispatch;
 mod golden;
 mod idempotency;
