@@ -56,3 +56,46 @@ fn a_wrong_password_is_one_line_and_exit_code_2_for_every_command() {
         );
     }
 }
+
+#[test]
+fn a_nats_cli_context_and_a_list_of_urls_are_used() {
+    let server =
+        NatsServer::start_with_config("authorization { users = [ { user: sluice, password: \"pw-right\" } ] }")
+            .unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let contexts = config.path().join("nats/context");
+    std::fs::create_dir_all(&contexts).unwrap();
+    let context = |name: &str, password: &str| {
+        let text = format!(
+            r#"{{"description": "test", "url": "nats://127.0.0.1:{}", "user": "sluice", "password": "{password}"}}"#,
+            server.port()
+        );
+        std::fs::write(contexts.join(format!("{name}.json")), text).unwrap();
+    };
+    context("good", "pw-right");
+    context("bad", "pw-wrong");
+    let publish = |extra: &[&str]| {
+        let out = sluice()
+            .args(["publish", "x", "hi"])
+            .args(extra)
+            .env("XDG_CONFIG_HOME", config.path())
+            .env_remove("SLUICE_NATS_URL")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = publish(&["--context", "good"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = publish(&["--context", "bad"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!stderr.contains("pw-wrong"), "{stderr}");
+    // A flag given wins over the context.
+    let (code, stderr) = publish(&["--context", "bad", "--password", "pw-right"]);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // A cluster's URLs, comma-separated: the first does not answer, the second does.
+    let urls = format!("nats://127.0.0.1:1,nats://sluice:pw-right@127.0.0.1:{}", server.port());
+    let (code, stderr) = publish(&["--nats", &urls]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("pw-right"), "{stderr}");
+}
