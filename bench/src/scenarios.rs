@@ -646,7 +646,13 @@ impl Bench {
         let native_proc = self.start_native("native-echo", &["--subject", native_subject]).await?;
         let dir = self.manifests(
             "core-echo",
-            &[self.manifest_text("bench-echo", "echo", &format!("subject = \"{sluice_subject}\""), "")],
+            // The benchmark counts replies on fixed subjects, not inboxes, so it accepts those.
+            &[self.manifest_text(
+                "bench-echo",
+                "echo",
+                &format!("subject = \"{sluice_subject}\""),
+                "[capabilities]\nreply_to = [\"bench.echo.replies\", \"bench.latency.replies\"]",
+            )],
         )?;
         let sluice_proc = self.start_sluice(&dir, "sluice-core-echo").await?;
 

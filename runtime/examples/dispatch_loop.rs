@@ -1,7 +1,8 @@
 //! Profiling aid: runs one component's `handle` N times in-process, a fresh instance each
-//! time, and prints the time per call. No NATS involved.
+//! time (or, with a third argument `warm`, warm instances), and prints the time per call. No
+//! NATS involved.
 //!
-//!     cargo run --release -p sluice --example dispatch_loop -- plugins/dist/noop.wasm 100000
+//!     cargo run --release -p sluice --example dispatch_loop -- plugins/dist/noop.wasm 100000 [warm]
 
 use std::time::Instant;
 
@@ -14,11 +15,15 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let component = args.next().unwrap_or_else(|| "plugins/dist/noop.wasm".into());
     let n: u32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(100_000);
+    let limits = match args.next().as_deref() {
+        Some("warm") => "\n[limits]\ninstances = \"warm\"\n",
+        _ => "",
+    };
     let component = std::fs::canonicalize(component)?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("bench.toml");
     let text = format!(
-        "[handler]\nname = \"bench\"\ncomponent = {:?}\n\n[source]\nsubject = \"bench\"\n",
+        "[handler]\nname = \"bench\"\ncomponent = {:?}\n\n[source]\nsubject = \"bench\"\n{limits}",
         component.display().to_string()
     );
     std::fs::write(&path, &text)?;

@@ -7,6 +7,11 @@
 //! | `GET /readyz` | 200 once every handler is loaded and bound and NATS is connected; 503 (with the reason) otherwise |
 //! | `GET /handlers` | JSON: each handler's version, source, counters and last reload error, and the reload errors of files that serve nothing |
 //! | `POST /reload` | reloads the manifests (as SIGHUP does) and answers with what changed |
+//!
+//! With a token ([`AdminState::with_token`], `--admin-token`), `/handlers` and `/reload`
+//! answer 401 unless the request carries `Authorization: Bearer <token>`: one reloads code
+//! and the other shows what is deployed. `/metrics`, `/healthz` and `/readyz` stay open, for
+//! scrapers and probes that carry no secrets.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -14,9 +19,10 @@ use std::sync::{Arc, RwLock};
 use async_nats::Client;
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -32,11 +38,28 @@ pub struct AdminState {
     metrics: Arc<Metrics>,
     status: Arc<Status>,
     bound: Arc<RwLock<Option<(Client, Reloader)>>>,
+    /// The bearer token `/handlers` and `/reload` require, if any.
+    token: Option<Arc<str>>,
 }
 
 impl AdminState {
     pub fn new(metrics: Arc<Metrics>, status: Arc<Status>) -> Self {
-        AdminState { metrics, status, bound: Arc::default() }
+        AdminState { metrics, status, bound: Arc::default(), token: None }
+    }
+
+    /// Requires `Authorization: Bearer <token>` on `/handlers` and `/reload`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn f(metrics: std::sync::Arc<sluice::metrics::Metrics>, status: std::sync::Arc<sluice::status::Status>) {
+    /// let state = sluice::admin::AdminState::new(metrics, status).with_token(Some("s3cret".into()));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.filter(|t| !t.is_empty()).map(Into::into);
+        self
     }
 
     /// Every handler is bound: readiness now depends on the NATS connection.
@@ -53,18 +76,43 @@ impl AdminState {
 
 /// Serves the admin routes on `listener` until the task is dropped or aborted.
 pub fn serve(listener: TcpListener, state: AdminState) -> tokio::task::JoinHandle<()> {
+    let guarded = Router::new()
+        .route("/handlers", get(handlers))
+        .route("/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/handlers", get(handlers))
-        .route("/reload", post(reload))
+        .merge(guarded)
         .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("admin listener stopped: {e}");
         }
     })
+}
+
+/// Lets the request through when no token is set or it carries the right one.
+async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return (StatusCode::UNAUTHORIZED, [("www-authenticate", "Bearer")], "a bearer token is required\n")
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares without stopping at the first difference, so the answer's timing does not
+/// reveal how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {

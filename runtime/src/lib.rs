@@ -32,10 +32,12 @@
 //! | [`metrics`] | Prometheus metrics, per runtime |
 //! | [`admin`] | the admin HTTP listener: metrics, health, readiness, handlers, reload |
 //! | [`cli`] | the `sluice` command line |
+//! | [`connect`] | the NATS connection flags, contexts, authentication, TLS, URL redaction, the one-line refusal |
 
 pub mod admin;
 pub mod bindings;
 pub mod cli;
+pub mod connect;
 pub mod dispatch;
 pub mod dlq;
 pub mod engine;

@@ -9,6 +9,7 @@
 //! | `sluice_messages_dead_lettered_total` | counter | handler, kind | messages given up on and parked, by verdict kind |
 //! | `sluice_messages_skipped_duplicate_total` | counter | handler | duplicates of handled keys, acked without running |
 //! | `sluice_failures_total` | counter | handler, kind | failed attempts, by failure kind (trap, timeout, ...) |
+//! | `sluice_replies_refused_total` | counter | handler | replies (and failure replies) not sent because the reply subject is not a reply inbox |
 //! | `sluice_handler_duration_seconds` | histogram | handler | one call of the handler, instantiation included |
 //! | `sluice_message_latency_seconds` | histogram | handler | from receipt to the message's settlement (ack, retry scheduled, dead letter) |
 //! | `sluice_in_flight` | gauge | handler | calls running now |
@@ -77,6 +78,11 @@ fn describe(r: &PrometheusRecorder) {
         d("sluice_messages_dead_lettered_total", None, "Messages given up on and parked, by verdict kind."),
         d("sluice_messages_skipped_duplicate_total", None, "Duplicates of handled keys, acked without running."),
         d("sluice_failures_total", None, "Failed attempts, by failure kind."),
+        d(
+            "sluice_replies_refused_total",
+            None,
+            "Replies not sent because the reply subject is not a reply inbox (_INBOX.> or capabilities.reply_to).",
+        ),
         d("sluice_nats_reconnects_total", None, "NATS reconnections since start."),
         d(
             "sluice_nats_slow_consumer_drops_total",
@@ -136,6 +142,7 @@ pub struct HandlerMetrics {
     succeeded: Counter,
     retried: Counter,
     skipped: Counter,
+    replies_refused: Counter,
     duration: Histogram,
     latency: Histogram,
     in_flight: Gauge,
@@ -214,6 +221,7 @@ impl HandlerMetrics {
             succeeded: r.register_counter(&h("sluice_messages_succeeded_total"), &META),
             retried: r.register_counter(&h("sluice_messages_retried_total"), &META),
             skipped: r.register_counter(&h("sluice_messages_skipped_duplicate_total"), &META),
+            replies_refused: r.register_counter(&h("sluice_replies_refused_total"), &META),
             duration: r.register_histogram(&h("sluice_handler_duration_seconds"), &META),
             latency: r.register_histogram(&h("sluice_message_latency_seconds"), &META),
             in_flight: r.register_gauge(&h("sluice_in_flight"), &META),
@@ -238,6 +246,9 @@ impl HandlerMetrics {
     pub fn skipped(&self) {
         self.skipped.increment(1);
         self.counts.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn reply_refused(&self) {
+        self.replies_refused.increment(1);
     }
     pub fn failed(&self, kind: FailureKind) {
         if let Some(c) = self.failures.get(&kind) {

@@ -35,11 +35,28 @@ impl NatsServer {
 
     /// Like [`start`](Self::start), with extra command-line arguments.
     pub fn start_with_args(port: u16, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn(port, extra, None)
+    }
+
+    /// Like [`start`](Self::start), with `config` (nats-server configuration text: an
+    /// `authorization` block, `tls`, `accounts`, ...) written to `server.conf` in the
+    /// server's folder. Address, port and JetStream storage still come from the arguments.
+    pub fn start_with_config(config: &str) -> anyhow::Result<Self> {
+        Self::spawn(0, &[], Some(config))
+    }
+
+    fn spawn(port: u16, extra: &[&str], config: Option<&str>) -> anyhow::Result<Self> {
         let binary = find_binary()?;
         let port = if port == 0 { free_port()? } else { port };
         let dir = tempfile::Builder::new().prefix("sluice-nats-").tempdir()?;
         let log = dir.path().join("nats-server.log");
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if let Some(config) = config {
+            let path = dir.path().join("server.conf");
+            std::fs::write(&path, config).with_context(|| format!("cannot write {}", path.display()))?;
+            command.arg("-c").arg(path);
+        }
+        let child = command
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir.path().join("jetstream"))
             .arg("-l")

@@ -2,6 +2,11 @@
 //! goes through JetStream, and every acknowledgement is awaited (pipelined: all are sent
 //! first, then all acks collected) before the source message is acked; other subjects and
 //! replies are core NATS publishes.
+//!
+//! A reply goes only to a reply inbox ([`OutputSender::reply_allowed`]): the reply subject
+//! comes from whoever sent the request, and without that check a forged one
+//! (`$JS.API.STREAM.DELETE.ORDERS`) would have Sluice publish there with its own
+//! credentials, a confused deputy.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -11,6 +16,12 @@ use async_nats::Client;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 
 use crate::host::Outputs;
+use crate::spec::HandlerSpec;
+use crate::subject::SubjectPattern;
+
+/// A refused reply is warned about at most this often per handler and subject prefix: a
+/// client forging reply subjects must not be able to flood the log.
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// How long "does a stream capture this subject?" is remembered.
 const STREAM_LOOKUP_TTL: Duration = Duration::from_secs(10);
@@ -21,11 +32,66 @@ pub struct OutputSender {
     client: Client,
     js: jetstream::Context,
     captured: Mutex<HashMap<String, (bool, Instant)>>,
+    /// `_INBOX.>`, plus `<prefix>.>` when the connection uses a custom inbox prefix.
+    inboxes: Vec<SubjectPattern>,
+    /// When a refused reply was last warned about, per (handler, subject prefix).
+    refusals: Mutex<HashMap<(String, String), Instant>>,
 }
 
 impl OutputSender {
     pub fn new(client: Client) -> Self {
-        OutputSender { js: jetstream::new(client.clone()), client, captured: Mutex::new(HashMap::new()) }
+        let mut inboxes = vec![SubjectPattern::parse("_INBOX.>").expect("a valid pattern")];
+        // The client does not expose its inbox prefix, but every inbox it makes is
+        // `<prefix>.<unique id>`.
+        let inbox = client.new_inbox();
+        if let Some((prefix, _)) = inbox.rsplit_once('.')
+            && prefix != "_INBOX"
+            && let Ok(pattern) = SubjectPattern::parse(&format!("{prefix}.>"))
+        {
+            inboxes.push(pattern);
+        }
+        OutputSender {
+            js: jetstream::new(client.clone()),
+            client,
+            captured: Mutex::new(HashMap::new()),
+            inboxes,
+            refusals: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `handler` may send a reply to `subject`: a reply inbox, or a subject its
+    /// manifest accepts (`[capabilities] reply_to`). A refusal is logged, at most once a
+    /// minute per handler and subject prefix (the first two tokens).
+    pub fn reply_allowed(&self, handler: &HandlerSpec, subject: &str) -> bool {
+        if self.inboxes.iter().chain(&handler.reply_to).any(|p| p.matches(subject)) {
+            return true;
+        }
+        let prefix: String = subject.split('.').take(2).collect::<Vec<_>>().join(".");
+        let warn = match self.refusals.lock() {
+            Ok(mut seen) => {
+                if seen.len() > 10_000 {
+                    seen.clear();
+                }
+                let key = (handler.name.to_string(), prefix.clone());
+                match seen.get(&key) {
+                    Some(at) if at.elapsed() < REFUSAL_WARNING_EVERY => false,
+                    _ => {
+                        seen.insert(key, Instant::now());
+                        true
+                    }
+                }
+            }
+            Err(_) => true,
+        };
+        if warn {
+            tracing::warn!(
+                handler = &*handler.name,
+                prefix = %prefix,
+                "reply not sent: {subject:?} is not a reply inbox (_INBOX.> or capabilities.reply_to); \
+                 further refusals for this prefix are not logged for a minute"
+            );
+        }
+        false
     }
 
     pub fn client(&self) -> &Client {

@@ -28,6 +28,8 @@ pub struct HandlerSpec {
     pub idempotency: Option<Idempotency>,
     pub store: StoreConfig,
     pub publish: Vec<SubjectPattern>,
+    /// Reply subjects accepted besides the reply inboxes.
+    pub reply_to: Vec<SubjectPattern>,
     pub config: BTreeMap<String, String>,
 }
 
@@ -47,6 +49,7 @@ impl HandlerSpec {
             idempotency: manifest.idempotency,
             store: manifest.store,
             publish: manifest.publish,
+            reply_to: manifest.reply_to,
             config: manifest.config,
         }
     }

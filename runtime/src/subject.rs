@@ -3,6 +3,11 @@
 //!
 //! A subject is dot-separated tokens, none empty, none with whitespace. A pattern may also
 //! use `*` (exactly one token) and `>` (one or more tokens, last position only).
+//!
+//! A wildcard never matches a `$`-prefixed token: `$JS.`, `$KV.`, `$O.`, `$SYS.` and the
+//! like are NATS's control namespaces (stream, consumer and bucket administration), and a
+//! grant such as `publish = [">"]` must not quietly include them. Such a subject is reached
+//! only by a pattern that spells the `$` token out.
 
 use std::fmt;
 
@@ -24,20 +29,47 @@ impl SubjectPattern {
         &self.0
     }
 
-    /// True when `subject` (a literal subject) is matched by this pattern.
+    /// True when `subject` (a literal subject) is matched by this pattern. Wildcards do not
+    /// match `$`-prefixed tokens (see the module doc).
     pub fn matches(&self, subject: &str) -> bool {
         let mut want = self.0.split('.');
         let mut have = subject.split('.');
         loop {
             match (want.next(), have.next()) {
-                (Some(">"), Some(_)) => return true,
-                (Some("*"), Some(_)) => {}
-                (Some(w), Some(h)) if w == h => {}
+                (Some(">"), Some(h)) => return !is_reserved(h) && have.all(|t| !is_reserved(t)),
+                (Some("*"), Some(h)) if !is_reserved(h) => {}
+                (Some(w), Some(h)) if w != "*" && w == h => {}
                 (None, None) => return true,
                 _ => return false,
             }
         }
     }
+
+    /// True when some literal subject is matched by both patterns (for example `orders.*`
+    /// and `*.created`), with the same `$` rule as [`matches`](Self::matches).
+    pub fn overlaps(&self, other: &SubjectPattern) -> bool {
+        let mut a = self.0.split('.');
+        let mut b = other.0.split('.');
+        loop {
+            match (a.next(), b.next()) {
+                (Some(">"), Some(t)) | (Some(t), Some(">")) => return !is_reserved(t),
+                (Some("*"), Some(t)) | (Some(t), Some("*")) if !is_reserved(t) => {}
+                (Some(x), Some(y)) if x == y => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    /// Whether the pattern names a `$`-namespace explicitly (any token starting with `$`).
+    pub fn names_reserved(&self) -> bool {
+        self.0.split('.').any(is_reserved)
+    }
+}
+
+/// A token of NATS's control namespaces (`$JS`, `$KV`, `$SYS`, ...): any `$`-prefixed one.
+fn is_reserved(token: &str) -> bool {
+    token.starts_with('$')
 }
 
 impl fmt::Display for SubjectPattern {
@@ -110,6 +142,32 @@ mod tests {
         assert!(p(">").matches("anything.at.all"));
         assert!(p("a.*.c").matches("a.b.c"));
         assert!(!p("a.*.c").matches("a.b.d"));
+    }
+
+    #[test]
+    fn wildcards_never_reach_dollar_namespaces() {
+        for subject in ["$JS.API.STREAM.DELETE.ORDERS", "$KV.prices.x", "$O.b.c", "$SYS.REQ.SERVER.PING", "$NRG.x"] {
+            assert!(!p(">").matches(subject), "> matched {subject}");
+            assert!(!p("*.>").matches(subject), "*.> matched {subject}");
+        }
+        assert!(!p("a.>").matches("a.$x.y"));
+        assert!(!p("a.*").matches("a.$x"));
+        assert!(p("$KV.prices.>").matches("$KV.prices.x"));
+        assert!(p("$JS.API.*").matches("$JS.API.INFO"));
+        assert!(p("$KV.prices.>").names_reserved());
+        assert!(!p("orders.>").names_reserved());
+    }
+
+    #[test]
+    fn overlapping() {
+        assert!(p("orders.*").overlaps(&p("*.created")));
+        assert!(p(">").overlaps(&p("orders.created")));
+        assert!(p("orders.>").overlaps(&p("orders.a.b")));
+        assert!(!p("orders.>").overlaps(&p("orders")));
+        assert!(!p("orders.*").overlaps(&p("audit.*")));
+        assert!(!p("a.*").overlaps(&p("a.b.c")));
+        assert!(!p(">").overlaps(&p("$JS.API.>")));
+        assert!(p("echo").overlaps(&p("echo")));
     }
 
     #[test]

@@ -194,7 +194,8 @@ async fn core_messages_dropped_by_a_full_subscription_are_counted() {
     let metrics = runtime.metrics();
     let state = AdminState::new(metrics.clone(), runtime.status());
     let admin = start_admin(state).await;
-    let observed = sluice::cli::connect_observed(&server.url(), Some(&metrics)).await.unwrap();
+    let observed =
+        sluice::cli::connect_observed(&sluice::connect::Target::url(&server.url()), Some(&metrics)).await.unwrap();
     let running = runtime.bind(observed).await.unwrap();
 
     let nc = client(&server).await;

@@ -43,9 +43,10 @@ async fn the_same_message_three_times_runs_once_and_yields_one_output() {
     let mut subjects: Vec<String> = got.iter().map(|m| m.subject.to_string()).collect();
     subjects.sort();
     assert_eq!(subjects, ["out.one", "out.two"]);
-    // Outputs carry <key>/<index>, so that a stream downstream drops re-sends.
+    // Outputs carry <handler>/<key>/<index>, so that a stream downstream drops re-sends (and
+    // only re-sends of this handler's outputs).
     let one = got.iter().find(|m| m.subject.as_str() == "out.one").unwrap();
-    assert_eq!(msg_id(one).as_deref(), Some("order-1/0"));
+    assert_eq!(msg_id(one).as_deref(), Some("w/order-1/0"));
     sluice.stop().await;
 }
 
@@ -115,7 +116,11 @@ async fn a_crash_after_sending_outputs_before_acking_still_yields_one_output() {
     }
     let outputs = stream_messages(&out_stream, "OUT", 1, Duration::from_secs(1)).await;
     assert_eq!(outputs.len(), 1, "the output was stored twice");
-    assert_eq!(outputs[0].headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some("o-9/0"));
+    assert_eq!(
+        outputs[0].headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some("w/o-9/0"),
+        "the id is scoped by the handler name"
+    );
     second.stop().await;
 }
 
@@ -146,7 +151,7 @@ async fn two_processes_sharing_a_nats_kv_store_run_concurrent_duplicates_once() 
     let mut per_runtime: HashMap<String, usize> = HashMap::new();
     for m in &got {
         *per_key.entry(m.subject.to_string()).or_default() += 1;
-        let tag = m.headers.as_ref().and_then(|h| h.get("Sluice-Tag")).map(|v| v.to_string()).unwrap_or_default();
+        let tag = m.headers.as_ref().and_then(|h| h.get("Test-Tag")).map(|v| v.to_string()).unwrap_or_default();
         *per_runtime.entry(tag).or_default() += 1;
     }
     assert_eq!(per_key.len(), KEYS, "some keys were never handled");

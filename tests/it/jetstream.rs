@@ -233,7 +233,7 @@ async fn runtimes_bound_to_one_durable_consumer_share_its_messages() {
     let mut received = 0;
     while let Ok(Some(msg)) = tokio::time::timeout(quiet, results.next()).await {
         *per_message.entry(msg.subject.to_string()).or_default() += 1;
-        let tag = msg.headers.as_ref().and_then(|h| h.get("Sluice-Tag")).map(|v| v.to_string());
+        let tag = msg.headers.as_ref().and_then(|h| h.get("Test-Tag")).map(|v| v.to_string());
         *per_runtime.entry(tag.unwrap_or_default()).or_default() += 1;
         received += 1;
         if received == N {

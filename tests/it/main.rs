@@ -3,8 +3,10 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin;
+mod auth;
 mod components;
 mod core_retry;
+mod creds;
 mod dispatch;
 mod golden;
 mod idempotency;
@@ -12,4 +14,6 @@ mod jetstream;
 mod queue_group;
 mod reload;
 mod sandbox;
+mod security;
+mod tls;
 mod warm;

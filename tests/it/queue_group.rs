@@ -9,9 +9,14 @@ use sluice_tests::{Sluice, client, header, manifest, nats, sync};
 #[tokio::test]
 async fn two_runtimes_share_a_queue_group_and_handle_each_message_once() {
     let server = nats();
-    // Same handler name (so same queue group), told apart by the tag they reply with.
-    let a = Sluice::start(&server, &[("echo.toml", manifest("echo", "echo", "echo", "[config]\ntag = \"a\""))]).await;
-    let b = Sluice::start(&server, &[("echo.toml", manifest("echo", "echo", "echo", "[config]\ntag = \"b\""))]).await;
+    // Same handler name (so same queue group), told apart by the tag they reply with. The
+    // replies go to `replies.<i>`, not to inboxes, so the manifest accepts those.
+    let echo = |tag: &str| {
+        let extra = format!("[capabilities]\nreply_to = [\"replies.>\"]\n\n[config]\ntag = \"{tag}\"");
+        [("echo.toml", manifest("echo", "echo", "echo", &extra))]
+    };
+    let a = Sluice::start(&server, &echo("a")).await;
+    let b = Sluice::start(&server, &echo("b")).await;
     let nc = client(&server).await;
     let mut replies = nc.subscribe("replies.>").await.unwrap();
     sync(&nc).await;
@@ -29,7 +34,7 @@ async fn two_runtimes_share_a_queue_group_and_handle_each_message_once() {
     let mut quiet = Duration::from_secs(20);
     while let Ok(Some(msg)) = tokio::time::timeout(quiet, replies.next()).await {
         *per_message.entry(msg.subject.to_string()).or_default() += 1;
-        *per_runtime.entry(header(&msg, "Sluice-Tag").unwrap_or_default()).or_default() += 1;
+        *per_runtime.entry(header(&msg, "Test-Tag").unwrap_or_default()).or_default() += 1;
         received += 1;
         if received == N {
             quiet = Duration::from_millis(500);

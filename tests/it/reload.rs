@@ -187,7 +187,7 @@ fn echo_with_tag(name: &str, tag: &str) -> String {
 }
 
 async fn tag_of(nc: &async_nats::Client, subject: &str) -> String {
-    sluice_tests::header(&request(nc, subject, "which?").await, "Sluice-Tag").unwrap_or_default()
+    sluice_tests::header(&request(nc, subject, "which?").await, "Test-Tag").unwrap_or_default()
 }
 
 /// The manifest changes again while its previous change is being compiled: the version put

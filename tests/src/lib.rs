@@ -70,6 +70,7 @@ pub fn manifest(name: &str, plugin_name: &str, subject: &str, extra: &str) -> St
 pub struct Sluice {
     running: Option<Running>,
     watcher: Option<sluice::reload::Watcher>,
+    metrics: std::sync::Arc<sluice::metrics::Metrics>,
     pub dir: tempfile::TempDir,
 }
 
@@ -93,6 +94,17 @@ impl Sluice {
         server: &NatsServer,
         manifests: &[(&str, String)],
         dir: tempfile::TempDir,
+        options: RuntimeOptions,
+    ) -> anyhow::Result<Sluice> {
+        Self::start_connected(client(server).await, manifests, dir, options).await
+    }
+
+    /// Like [`start_with`](Self::start_with), on a connection the test made (with
+    /// credentials, TLS, ...).
+    pub async fn start_connected(
+        nc: Client,
+        manifests: &[(&str, String)],
+        dir: tempfile::TempDir,
         mut options: RuntimeOptions,
     ) -> anyhow::Result<Sluice> {
         // One compile cache for every test: each component is compiled once per suite.
@@ -104,8 +116,14 @@ impl Sluice {
         }
         let runtime =
             Runtime::load(&[manifest_dir], options).map_err(|e| anyhow::anyhow!("cannot load manifests:\n{e}"))?;
-        let running = runtime.bind(client(server).await).await?;
-        Ok(Sluice { running: Some(running), watcher: None, dir })
+        let metrics = runtime.metrics();
+        let running = runtime.bind(nc).await?;
+        Ok(Sluice { running: Some(running), watcher: None, metrics, dir })
+    }
+
+    /// The runtime's metrics, as `/metrics` renders them.
+    pub fn metrics(&self) -> String {
+        self.metrics.render()
     }
 
     /// Stops abruptly, like a killed process: nothing in flight is finished or acked.
@@ -233,6 +251,26 @@ pub async fn stream_messages(
 /// `Client::flush` alone does not.
 pub async fn sync(client: &Client) {
     sluice::round_trip(client).await.unwrap();
+}
+
+/// `method` `url`, with `Authorization: Bearer <token>` when a token is given: the status
+/// code and the body.
+pub async fn http_call(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
+    let (method, url, token) = (method.to_owned(), url.to_owned(), token.map(|t| format!("Bearer {t}")));
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let result = match (method.as_str(), token) {
+            ("POST", Some(t)) => agent.post(&url).header("Authorization", &t).send_empty(),
+            ("POST", None) => agent.post(&url).send_empty(),
+            (_, Some(t)) => agent.get(&url).header("Authorization", &t).call(),
+            (_, None) => agent.get(&url).call(),
+        };
+        let mut response = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap_or_default())
+    })
+    .await
+    .unwrap()
 }
 
 /// GET `url`: the status code and the body.

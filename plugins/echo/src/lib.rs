@@ -1,5 +1,5 @@
 //! Replies to every request with its payload. With `tag` set in the manifest's `[config]`,
-//! the reply carries a `Sluice-Tag` header naming it (tests use it to tell runtimes apart).
+//! the reply carries a `Test-Tag` header naming it (tests use it to tell runtimes apart).
 
 use sluice_guest::{Headers, Message, Result};
 
@@ -10,7 +10,7 @@ fn handle(msg: Message) -> Result {
     }
     let mut headers = Headers::new();
     if let Some(tag) = sluice_guest::config("tag") {
-        headers.insert("Sluice-Tag", tag);
+        headers.insert("Test-Tag", tag);
     }
     sluice_guest::reply_with_headers(&headers, msg.payload())?;
     Ok(())

@@ -22,6 +22,7 @@
 //! | `publish-many:N`              | publishes N messages to `allowed.many`, answers how many were accepted |
 //! | `escape`                      | tries a file, a socket and the environment; answers what happened |
 //! | `log-flood:N`                 | writes N bytes of log lines to stderr, then answers `logged` |
+//! | `publish-header:NAME`         | publishes to `allowed.header` with header NAME set to `x`, answers what the host said |
 //! | `retry`                       | fails with `Error::Retry`                                   |
 //! | `reject`                      | fails with `Error::Reject`                                  |
 //! | `count`                       | answers how many messages this instance has handled, this one included (1 every time with fresh instances; 1, 2, 3, ... with warm ones) |
@@ -29,7 +30,7 @@
 //! A JSON payload `{"cmd": "COMMAND", ...}` runs COMMAND (the other fields are there for the
 //! host to read, an idempotency key say).
 //!
-//! "Answers" means a reply when the message is a request. Publications carry a `Sluice-Tag`
+//! "Answers" means a reply when the message is a request. Publications carry a `Test-Tag`
 //! header with the `tag` config value when one is set (tests use it to tell runtimes apart).
 
 use sluice_guest::{Error, Headers, Message, Result};
@@ -63,6 +64,15 @@ fn handle(msg: Message) -> Result {
         }
         "publish" => {
             let result = match publish(arg, "from misbehave") {
+                Ok(()) => "published".to_owned(),
+                Err(e) => format!("refused: {e}"),
+            };
+            answer(&msg, &result)?;
+        }
+        "publish-header" => {
+            let mut headers = Headers::new();
+            headers.insert(arg, "x");
+            let result = match sluice_guest::publish_with_headers("allowed.header", &headers, "with a header") {
                 Ok(()) => "published".to_owned(),
                 Err(e) => format!("refused: {e}"),
             };
@@ -159,7 +169,7 @@ fn answer(msg: &Message, text: &str) -> Result {
 fn publish(subject: &str, text: &str) -> std::result::Result<(), sluice_guest::PublishError> {
     let mut headers = Headers::new();
     if let Some(tag) = sluice_guest::config("tag") {
-        headers.insert("Sluice-Tag", tag);
+        headers.insert("Test-Tag", tag);
     }
     sluice_guest::publish_with_headers(subject, &headers, text)
 }

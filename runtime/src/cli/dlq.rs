@@ -24,9 +24,8 @@ pub struct Selection {
     /// Only messages that failed with this kind (rejected, retries-exhausted, ...).
     #[arg(long)]
     pub kind: Option<String>,
-    /// NATS server URL.
-    #[arg(long, env = "SLUICE_NATS_URL", default_value = super::DEFAULT_NATS_URL)]
-    pub nats: String,
+    #[command(flatten)]
+    pub nats: crate::connect::NatsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -62,7 +61,7 @@ fn filter(s: &Selection, limit: Option<usize>) -> Filter {
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<()> {
-    let client = super::connect(&args.selection.nats).await?;
+    let client = super::connect_args(&args.selection.nats).await?;
     let js = async_nats::jetstream::new(client);
     let entries = admin::list(&js, &args.selection.stream, &filter(&args.selection, None)).await?;
     println!(
@@ -87,7 +86,7 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
-    let client = super::connect(&args.selection.nats).await?;
+    let client = super::connect_args(&args.selection.nats).await?;
     let sender = OutputSender::new(client.clone());
     let options =
         ReplayOptions { filter: filter(&args.selection, args.limit), to: args.to.clone(), dry_run: args.dry_run };

@@ -11,6 +11,7 @@ use anyhow::Context;
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::connect::{NatsArgs, Target};
 use crate::engine::EngineOptions;
 use crate::manifest::{ByteSize, HumanDuration};
 use crate::metrics::Metrics;
@@ -64,6 +65,9 @@ pub struct StatusArgs {
     /// The admin listener of the Sluice to ask.
     #[arg(long, env = "SLUICE_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
     pub admin: String,
+    /// The bearer token the admin listener requires (sluice run --admin-token).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -71,9 +75,8 @@ pub struct RunArgs {
     /// Manifest files or folders of manifests.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
-    /// NATS server URL. Default: nats://127.0.0.1:4222, or an embedded server if none answers.
-    #[arg(long, env = "SLUICE_NATS_URL")]
-    pub nats: Option<String>,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// Do not watch the manifests and components for changes (SIGHUP still reloads).
     #[arg(long)]
     pub no_watch: bool,
@@ -85,6 +88,10 @@ pub struct RunArgs {
     /// logs what it abandons and exits with an error; a second signal exits at once.
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: HumanDuration,
+    /// Require `Authorization: Bearer TOKEN` on /handlers and POST /reload (/metrics,
+    /// /healthz and /readyz stay open).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -158,9 +165,8 @@ pub struct SendArgs {
     /// A header, as NAME:VALUE (repeatable).
     #[arg(short = 'H', long = "header", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
-    /// NATS server URL.
-    #[arg(long, env = "SLUICE_NATS_URL", default_value = DEFAULT_NATS_URL)]
-    pub nats: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -197,11 +203,19 @@ pub async fn run_command(cli: Cli) -> u8 {
     };
     match result {
         Ok(()) => 0,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            1
-        }
+        Err(e) => failed(&e),
     }
+}
+
+/// Prints `e`; exit code 2 when NATS refused the connection (or its settings are unusable),
+/// so scripts can tell "cannot connect" from a failed command.
+fn failed(e: &anyhow::Error) -> u8 {
+    if let Some(refused) = e.downcast_ref::<crate::connect::ConnectError>() {
+        eprintln!("error: {refused}");
+        return 2;
+    }
+    eprintln!("error: {e:#}");
+    1
 }
 
 fn validate(args: &ValidateArgs) -> u8 {
@@ -266,7 +280,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {addr} for the admin routes"))?;
             // The address actually bound: with port 0 the system picks one.
             let bound = listener.local_addr().unwrap_or(addr);
-            let state = crate::admin::AdminState::new(runtime.metrics(), runtime.status());
+            let state =
+                crate::admin::AdminState::new(runtime.metrics(), runtime.status()).with_token(args.admin_token.clone());
             let task = crate::admin::serve(listener, state.clone());
             tracing::info!("admin listener on http://{bound} (/metrics, /healthz, /readyz, /handlers, POST /reload)");
             Some((state, AbortOnDrop(task)))
@@ -275,7 +290,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Keep the embedded server (if any) alive until Sluice has shut down.
     let metrics = runtime.metrics();
-    let (client, _embedded) = connect_or_embed(args.nats.as_deref(), Some(&metrics)).await?;
+    let (client, _embedded) = connect_or_embed(&args.nats, Some(&metrics)).await?;
     let running = runtime.bind(client).await?;
     if let Some((state, _)) = &admin {
         state.bound(running.client(), running.reloader());
@@ -295,18 +310,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     running.shutdown_within(args.shutdown_timeout.0, signals.next()).await
 }
 
-/// Connects to `url`; with no URL, to the default one, starting an embedded server when
-/// nothing answers there.
+/// Connects as `nats` says; with no URL or context, to the default URL, starting an embedded
+/// server when nothing answers there.
 async fn connect_or_embed(
-    url: Option<&str>,
+    nats: &NatsArgs,
     metrics: Option<&Arc<Metrics>>,
 ) -> anyhow::Result<(Client, Option<NatsServer>)> {
-    if let Some(url) = url {
-        let client = connect_observed(url, metrics).await?;
-        tracing::info!("connected to NATS url={url}");
+    if !nats.is_default() {
+        let target = nats.target(DEFAULT_NATS_URL)?;
+        let client = connect_observed(&target, metrics).await?;
+        tracing::info!("connected to NATS url={}", target.shown());
         return Ok((client, None));
     }
-    if let Ok(client) = connect_observed(DEFAULT_NATS_URL, metrics).await {
+    let target = nats.target(DEFAULT_NATS_URL)?;
+    if let Ok(client) = connect_observed(&target, metrics).await {
         tracing::info!("connected to NATS url={DEFAULT_NATS_URL}");
         return Ok((client, None));
     }
@@ -318,19 +335,24 @@ async fn connect_or_embed(
         data = %server.dir().display(),
         "no NATS server answered on {DEFAULT_NATS_URL}; started an embedded nats-server with JetStream (stopped when Sluice exits)"
     );
-    let client = connect_observed(&server.url(), metrics).await?;
+    let client = connect_observed(&Target::url(&server.url()), metrics).await?;
     tracing::info!("connected to NATS url={}", server.url());
     Ok((client, Some(server)))
 }
 
 /// Connects with Sluice's options: a name, a short initial timeout, endless reconnects.
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
-    connect_observed(url, None).await
+    connect_observed(&Target::url(url), None).await
+}
+
+/// Connects as the NATS flags say (for `publish`, `request` and `dlq`).
+pub async fn connect_args(nats: &NatsArgs) -> anyhow::Result<Client> {
+    connect_observed(&nats.target(DEFAULT_NATS_URL)?, None).await
 }
 
 /// Like [`connect`], counting the connection's state and reconnects in `metrics`.
-pub async fn connect_observed(url: &str, metrics: Option<&Arc<Metrics>>) -> anyhow::Result<Client> {
-    let mut options = ConnectOptions::new().name("sluice").connection_timeout(Duration::from_secs(2));
+pub async fn connect_observed(target: &Target, metrics: Option<&Arc<Metrics>>) -> anyhow::Result<Client> {
+    let mut options: ConnectOptions = target.options().await?;
     if let Some(metrics) = metrics.cloned() {
         let seen_connect = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let drops_warned = Arc::new(Mutex::new(None::<std::time::Instant>));
@@ -371,7 +393,7 @@ pub async fn connect_observed(url: &str, metrics: Option<&Arc<Metrics>>) -> anyh
             }
         });
     }
-    options.connect(url).await.with_context(|| format!("cannot connect to NATS at {url}"))
+    Ok(target.connect(options).await?)
 }
 
 /// Reloads on every SIGHUP, until the returned task is dropped with the runtime.
@@ -463,7 +485,11 @@ impl ShutdownSignals {
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let url = format!("{}/handlers", args.admin.trim_end_matches('/'));
     let report: crate::admin::HandlersReport = tokio::task::spawn_blocking(move || {
-        let mut response = ureq::get(&url).call().with_context(|| format!("cannot reach {url}"))?;
+        let mut request = ureq::get(&url);
+        if let Some(token) = &args.admin_token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
+        let mut response = request.call().with_context(|| format!("cannot reach {url}"))?;
         let body = response.body_mut().read_to_string().with_context(|| format!("cannot read the answer of {url}"))?;
         serde_json::from_str::<crate::admin::HandlersReport>(&body)
             .with_context(|| format!("unexpected answer from {url}"))
@@ -517,7 +543,7 @@ fn header_map(pairs: &[(String, String)]) -> anyhow::Result<HeaderMap> {
 }
 
 async fn publish(args: SendArgs) -> anyhow::Result<()> {
-    let client = connect(&args.nats).await?;
+    let client = connect_args(&args.nats).await?;
     let headers = header_map(&args.headers)?;
     client.publish_with_headers(args.subject, headers, args.payload.into_bytes().into()).await?;
     client.flush().await?;
@@ -527,15 +553,12 @@ async fn publish(args: SendArgs) -> anyhow::Result<()> {
 async fn request(args: RequestArgs) -> u8 {
     match request_inner(args).await {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            1
-        }
+        Err(e) => failed(&e),
     }
 }
 
 async fn request_inner(args: RequestArgs) -> anyhow::Result<u8> {
-    let client = connect(&args.send.nats).await?;
+    let client = connect_args(&args.send.nats).await?;
     let request = async_nats::Request::new()
         .headers(header_map(&args.send.headers)?)
         .payload(args.send.payload.into_bytes().into())

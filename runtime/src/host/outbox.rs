@@ -81,10 +81,16 @@ impl Host for HostState {
         if let Err(e) = self.outputs.admit(&self.spec.limits, &headers, &payload, true) {
             return Ok(Err(e));
         }
-        let headers = match header_map(headers) {
+        let mut headers = match header_map(headers) {
             Ok(h) => h,
             Err(e) => return Ok(Err(e)),
         };
+        // Scoped by handler name: otherwise a handler could pick the id another handler's
+        // output will carry, and a shared stream's duplicate window would drop that output.
+        if let Some(id) = headers.get(MSG_ID) {
+            let scoped = format!("{}/{}", self.spec.name, id.as_str());
+            headers.insert(MSG_ID, scoped.as_str());
+        }
         self.outputs.published.push(Output { subject, headers, payload: payload.into() });
         Ok(Ok(()))
     }
@@ -108,13 +114,42 @@ impl Host for HostState {
     }
 }
 
-/// Checks guest-supplied headers (the NATS client would panic on a bad name, and a value
-/// with CR or LF would corrupt the protocol stream).
+/// The JetStream dedup header; a guest's value is prefixed with the handler name.
+const MSG_ID: &str = "Nats-Msg-Id";
+
+/// Headers a guest may not set, by prefix (compared without regard to case). The `Nats-`
+/// ones make a stream do something to data that is not the handler's: `Nats-Rollup` purges a
+/// subject or the whole stream, `Nats-Expected-*` and `Nats-Batch-*` steer optimistic
+/// concurrency and atomic batches, `Nats-TTL` and `Nats-Marker-Reason` expire or tombstone
+/// messages. `Sluice-` headers are Sluice's own failure and replay record: a forged one would
+/// make an ordinary output look like a dead letter to `sluice dlq`.
+const REFUSED_HEADERS: [&str; 6] =
+    ["Nats-Rollup", "Nats-Expected-", "Nats-TTL", "Nats-Marker-Reason", "Nats-Batch-", "Sluice-"];
+
+/// The refused prefix `name` falls under, if any.
+fn refused_header(name: &str) -> Option<&'static str> {
+    REFUSED_HEADERS.into_iter().find(|prefix| {
+        name.len() >= prefix.len()
+            && name.is_char_boundary(prefix.len())
+            && name[..prefix.len()].eq_ignore_ascii_case(prefix)
+    })
+}
+
+/// Checks guest-supplied headers (the NATS client would panic on a bad name, a value with CR
+/// or LF would corrupt the protocol stream, and some headers are refused; see
+/// [`REFUSED_HEADERS`]).
 fn header_map(pairs: Vec<(String, String)>) -> Result<HeaderMap, String> {
     let mut map = HeaderMap::new();
     for (name, value) in pairs {
         if name.is_empty() {
             return Err("empty header name".to_owned());
+        }
+        if let Some(prefix) = refused_header(&name) {
+            let what = if prefix.ends_with('-') { format!("{prefix}*") } else { prefix.to_owned() };
+            return Err(format!(
+                "header {name:?} is not allowed ({what} headers are reserved: they change what a stream does with \
+                 existing data or dedup, or forge Sluice's own failure records)"
+            ));
         }
         let name = HeaderName::from_str(&name)
             .map_err(|_| format!("invalid header name {name:?}: expected printable ASCII without ':' or spaces"))?;
@@ -123,4 +158,30 @@ fn header_map(pairs: Vec<(String, String)>) -> Result<HeaderMap, String> {
         map.append(name, value);
     }
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_headers_are_refused() {
+        for name in [
+            "Nats-Rollup",
+            "nats-rollup",
+            "Nats-Expected-Last-Sequence",
+            "Nats-Expected-Stream",
+            "Nats-TTL",
+            "Nats-Marker-Reason",
+            "Nats-Batch-Id",
+            "Sluice-Failure-Kind",
+            "SLUICE-HANDLER",
+        ] {
+            let err = header_map(vec![(name.to_owned(), "x".to_owned())]).expect_err(name);
+            assert!(err.contains(name), "{err}");
+        }
+        for name in ["Nats-Msg-Id", "traceparent", "Content-Type", "Nats", "Sluic"] {
+            assert!(header_map(vec![(name.to_owned(), "x".to_owned())]).is_ok(), "{name}");
+        }
+    }
 }

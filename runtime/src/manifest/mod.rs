@@ -44,6 +44,8 @@ pub struct Manifest {
     pub idempotency: Option<Idempotency>,
     pub store: StoreConfig,
     pub publish: Vec<SubjectPattern>,
+    /// Reply subjects accepted besides the reply inboxes (`[capabilities] reply_to`).
+    pub reply_to: Vec<SubjectPattern>,
     pub config: BTreeMap<String, String>,
     /// Where values sit in the file, for errors found after parsing.
     pub spans: Spans,
@@ -181,12 +183,31 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         return Err(ManifestError::at(&file, raw.handler.component.span(), why));
     }
 
-    let mut publish = Vec::with_capacity(raw.capabilities.publish.len());
-    for pattern in &raw.capabilities.publish {
-        let parsed =
-            SubjectPattern::parse(pattern.get_ref()).map_err(|e| ManifestError::at(&file, pattern.span(), e))?;
-        publish.push(parsed);
-    }
+    let caps = &raw.capabilities;
+    let grants = |key: &str, patterns: &[toml::Spanned<String>]| {
+        let mut parsed = Vec::with_capacity(patterns.len());
+        for pattern in patterns {
+            let p =
+                SubjectPattern::parse(pattern.get_ref()).map_err(|e| ManifestError::at(&file, pattern.span(), e))?;
+            if p.names_reserved() && !caps.allow_system_subjects {
+                return Err(ManifestError::at(
+                    &file,
+                    pattern.span(),
+                    format!(
+                        "{key} names {:?}, a NATS system namespace ($JS, $KV, $O, $SYS, ...): a handler could \
+                         administer streams, consumers or buckets with Sluice's credentials; set \
+                         `allow_system_subjects = true` in [capabilities] if that is intended",
+                        p.as_str()
+                    ),
+                ));
+            }
+            parsed.push((p, pattern.span()));
+        }
+        Ok(parsed)
+    };
+    let publish = grants("publish", &caps.publish)?;
+    let reply_to = grants("reply_to", &caps.reply_to)?;
+    let allow_publish_to_source = caps.allow_publish_to_source;
 
     let name = raw.handler.name.get_ref().0.clone();
     let limits = Limits {
@@ -214,7 +235,16 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
     let source_span = raw.source.span();
     let source = resolve_source(&file, source_span, raw.source.into_inner(), &name, &limits)?;
     let retry = resolve_retry(&file, raw.retry)?;
+    let dead_letter_span = raw.dead_letter.as_ref().map(|d| d.subject.span());
     let dead_letter = raw.dead_letter.map(|d| resolve_dead_letter(&file, d)).transpose()?;
+    if let (Some(dl), Some(span)) = (&dead_letter, dead_letter_span) {
+        check_dead_letter_loop(&file, &source, dl, span)?;
+    }
+    if !allow_publish_to_source {
+        check_publish_to_source(&file, &source, &publish)?;
+    }
+    let publish: Vec<SubjectPattern> = publish.into_iter().map(|(p, _)| p).collect();
+    let reply_to: Vec<SubjectPattern> = reply_to.into_iter().map(|(p, _)| p).collect();
     let idempotency = raw.idempotency.map(|i| Idempotency {
         key: i.key.unwrap_or_default(),
         ttl: i.ttl.map_or(DEFAULT_IDEMPOTENCY_TTL, |t| t.0),
@@ -239,6 +269,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         idempotency,
         store,
         publish,
+        reply_to,
         config: raw.config.into_iter().map(|(k, v)| (k, v.0)).collect(),
     })
 }
@@ -440,6 +471,67 @@ fn resolve_store(file: &SourceText, raw: schema::StoreSection) -> Result<StoreCo
         replicas: bounded(raw.replicas, "replicas", 5, 1)?,
         max_entries: bounded(raw.max_entries, "max_entries", 100_000_000, 100_000)?,
     })
+}
+
+/// The subjects a source receives, as far as the manifest says: the core subject, or the
+/// consumer's filters (none: the whole stream, whose subjects only the server knows).
+fn source_subjects(source: &Source) -> &[SubjectPattern] {
+    match source {
+        Source::Core { subject, .. } => std::slice::from_ref(subject),
+        Source::JetStream(js) => &js.filters,
+    }
+}
+
+/// A dead letter the handler's own source receives again would fail again, be dead-lettered
+/// again, and so on forever: refused.
+fn check_dead_letter_loop(
+    file: &SourceText,
+    source: &Source,
+    dl: &DeadLetter,
+    span: std::ops::Range<usize>,
+) -> Result<(), ManifestError> {
+    let caught = source_subjects(source).iter().find(|p| p.matches(&dl.subject));
+    let why = match (source, caught) {
+        (_, Some(p)) => format!("this handler's source subject {:?} receives it", p.as_str()),
+        (Source::JetStream(js), None) if js.filters.is_empty() && dl.stream.as_deref() == Some(&js.stream) => {
+            format!("it is stored in stream {}, which this handler consumes whole", js.stream)
+        }
+        _ => return Ok(()),
+    };
+    Err(ManifestError::at(
+        file,
+        span,
+        format!(
+            "dead-letter subject {:?} loops back: {why}, so a dead letter would be handled (and fail) again; \
+             choose a subject outside the source",
+            dl.subject
+        ),
+    ))
+}
+
+/// A grant covering the handler's own source lets one message fan out into itself for ever;
+/// refused unless `allow_publish_to_source = true` says the re-queueing is deliberate.
+fn check_publish_to_source(
+    file: &SourceText,
+    source: &Source,
+    publish: &[(SubjectPattern, std::ops::Range<usize>)],
+) -> Result<(), ManifestError> {
+    for (grant, span) in publish {
+        if let Some(own) = source_subjects(source).iter().find(|s| grant.overlaps(s)) {
+            return Err(ManifestError::at(
+                file,
+                span.clone(),
+                format!(
+                    "publish grant {:?} covers this handler's own source subject {:?}: its outputs would come \
+                     back to it as input; narrow the grant, or set `allow_publish_to_source = true` in \
+                     [capabilities] if the handler re-queues on purpose",
+                    grant.as_str(),
+                    own.as_str()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn resolve_dead_letter(file: &SourceText, raw: schema::DeadLetterSection) -> Result<DeadLetter, ManifestError> {

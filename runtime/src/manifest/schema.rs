@@ -196,6 +196,19 @@ pub struct CapabilitiesSection {
     /// Checked after parsing, so that an error points at the element, not the array.
     #[serde(default)]
     pub publish: Vec<Spanned<String>>,
+    /// `reply_to = ["replies.>"]`: reply subjects accepted besides the reply inboxes
+    /// (`_INBOX.>` and the connection's inbox prefix). A reply to anything else is dropped,
+    /// so that a forged reply subject cannot make Sluice publish where the requester may not.
+    #[serde(default)]
+    pub reply_to: Vec<Spanned<String>>,
+    /// `allow_system_subjects = true`: lets `publish` and `reply_to` name a `$`-namespace
+    /// (`$KV.prices.>`) explicitly; wildcards never reach one either way.
+    #[serde(default)]
+    pub allow_system_subjects: bool,
+    /// `allow_publish_to_source = true`: lets a `publish` grant cover the handler's own source
+    /// subject, for a handler that re-queues messages on purpose.
+    #[serde(default)]
+    pub allow_publish_to_source: bool,
 }
 
 /// A handler name: `[A-Za-z0-9][A-Za-z0-9_-]*`, at most 64 characters.

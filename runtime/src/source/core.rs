@@ -117,7 +117,11 @@ async fn process(
                     if let Err(e) = Box::pin(super::dead_letter(&ctx, &verdict, &original)).await {
                         tracing::error!("message lost: {e}");
                     }
-                    if let Some(reply) = &msg.reply {
+                    // A refused reply subject gets no failure reply either: that too would be
+                    // published with Sluice's credentials.
+                    if let Some(reply) = &msg.reply
+                        && super::reply_allowed(&ctx, reply.as_str())
+                    {
                         Box::pin(reply_failure(ctx.sender.client(), reply.clone(), &ctx, &verdict, &original)).await;
                     }
                 };

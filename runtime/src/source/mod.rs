@@ -186,10 +186,17 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
     ctx.metrics.call_ended(started.elapsed());
     let result = match outcome {
         Outcome::Success(mut outputs) => {
+            if let Some(reply) = &outputs.reply
+                && !reply_allowed(ctx, &reply.subject)
+            {
+                // Dropped, not failed: the message was handled; only its answer has
+                // nowhere safe to go.
+                outputs.reply = None;
+            }
             if outputs.is_empty() {
                 Ok(())
             } else {
-                annotate(&mut outputs, key.as_ref().map(|(k, _)| k.as_str()), d.original.headers);
+                annotate(&mut outputs, &spec.name, key.as_ref().map(|(k, _)| k.as_str()), d.original.headers);
                 // Boxed, like the other rarer or larger steps below: every message's task
                 // holds its future, and a smaller task is cheaper to spawn.
                 Box::pin(ctx.sender.send(outputs)).await.map_err(|reason| Failure {
@@ -240,10 +247,21 @@ async fn acquire(scope: &Scope, key: &str, lease: Duration) -> Result<Begin, Sto
     }
 }
 
-/// Stamps each publication `Nats-Msg-Id = <key>/<index>` (unless the handler set one), so a
-/// stream downstream drops a re-send after a crash or a redelivery; and carries the
+/// Whether a reply (or a failure reply) may go to `subject`; counts a refusal.
+pub fn reply_allowed(ctx: &Context, subject: &str) -> bool {
+    let allowed = ctx.sender.reply_allowed(&ctx.handler.spec, subject);
+    if !allowed {
+        ctx.metrics.reply_refused();
+    }
+    allowed
+}
+
+/// Stamps each publication `Nats-Msg-Id = <handler>/<key>/<index>` (unless the handler set
+/// one, which the host has already prefixed with `<handler>/`), so a stream downstream drops
+/// a re-send after a crash or a redelivery; the handler name keeps two handlers that see the
+/// same key from suppressing each other's outputs in a shared stream. Also carries the
 /// message's W3C trace context (`traceparent`, `tracestate`) to every output it causes.
-fn annotate(outputs: &mut Outputs, key: Option<&str>, incoming: Option<&HeaderMap>) {
+fn annotate(outputs: &mut Outputs, handler: &str, key: Option<&str>, incoming: Option<&HeaderMap>) {
     let trace: Vec<(&str, &async_nats::HeaderValue)> = ["traceparent", "tracestate"]
         .into_iter()
         .filter_map(|name| incoming.and_then(|h| h.get(name)).map(|v| (name, v)))
@@ -252,7 +270,7 @@ fn annotate(outputs: &mut Outputs, key: Option<&str>, incoming: Option<&HeaderMa
         if let Some(key) = key
             && out.headers.get("Nats-Msg-Id").is_none()
         {
-            out.headers.insert("Nats-Msg-Id", format!("{key}/{i}"));
+            out.headers.insert("Nats-Msg-Id", format!("{handler}/{key}/{i}"));
         }
     }
     for out in outputs.published.iter_mut().chain(outputs.reply.as_mut()) {

@@ -1,0 +1,101 @@
+//! The `sluice` binary against a nats-server that requires a password: a wrong one is one
+//! line on stderr naming the server, exit code 2, and the secret is nowhere in the output.
+
+#![allow(clippy::unwrap_used)]
+
+// Shared with the other binary tests; this one needs only part of it.
+#[allow(dead_code)]
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{build_plugins, repo_root};
+use sluice::nats_server::NatsServer;
+
+fn sluice() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.current_dir(repo_root());
+    cmd
+}
+
+#[test]
+fn a_wrong_password_is_one_line_and_exit_code_2_for_every_command() {
+    build_plugins();
+    let server =
+        NatsServer::start_with_config("authorization { users = [ { user: sluice, password: \"pw-right\" } ] }")
+            .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let url = format!("nats://sluice:pw-wrong@127.0.0.1:{}", server.port());
+    let data_dir = data.path().display().to_string();
+    let runs: [Vec<&str>; 4] = [
+        vec!["run", "manifests/", "--no-watch", "--data-dir", &data_dir, "--nats", &url],
+        vec!["request", "echo", "hi", "--nats", &url],
+        vec!["publish", "echo", "hi", "--nats", &url],
+        vec!["dlq", "list", "DLQ", "--nats", &url],
+    ];
+    for args in runs {
+        let started = Instant::now();
+        let out = sluice().args(&args).env("RUST_LOG", "warn").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{args:?} took {:?}", started.elapsed());
+        assert!(!stderr.contains("pw-wrong") && !stdout.contains("pw-wrong"), "{args:?} shows the password: {stderr}");
+        // async-nats logs its own line about the refusal; Sluice's is the one error line.
+        assert_eq!(stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{args:?}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert_eq!(
+            last,
+            format!(
+                "error: cannot connect to NATS at nats://127.0.0.1:{}: authorization violation: the server refused \
+                 these credentials (user/password, token, NKey or creds)",
+                server.port()
+            ),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_nats_cli_context_and_a_list_of_urls_are_used() {
+    let server =
+        NatsServer::start_with_config("authorization { users = [ { user: sluice, password: \"pw-right\" } ] }")
+            .unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let contexts = config.path().join("nats/context");
+    std::fs::create_dir_all(&contexts).unwrap();
+    let context = |name: &str, password: &str| {
+        let text = format!(
+            r#"{{"description": "test", "url": "nats://127.0.0.1:{}", "user": "sluice", "password": "{password}"}}"#,
+            server.port()
+        );
+        std::fs::write(contexts.join(format!("{name}.json")), text).unwrap();
+    };
+    context("good", "pw-right");
+    context("bad", "pw-wrong");
+    let publish = |extra: &[&str]| {
+        let out = sluice()
+            .args(["publish", "x", "hi"])
+            .args(extra)
+            .env("XDG_CONFIG_HOME", config.path())
+            .env_remove("SLUICE_NATS_URL")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = publish(&["--context", "good"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = publish(&["--context", "bad"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!stderr.contains("pw-wrong"), "{stderr}");
+    // A flag given wins over the context.
+    let (code, stderr) = publish(&["--context", "bad", "--password", "pw-right"]);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // A cluster's URLs, comma-separated: the first does not answer, the second does.
+    let urls = format!("nats://127.0.0.1:1,nats://sluice:pw-right@127.0.0.1:{}", server.port());
+    let (code, stderr) = publish(&["--nats", &urls]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("pw-right"), "{stderr}");
+}
