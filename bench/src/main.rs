@@ -45,7 +45,8 @@ struct Cli {
     /// Run only the measurements whose id contains one of these (comma-separated, e.g.
     /// `native_jetstream,sluice_jetstream_noop`), print their table and write nothing: for
     /// profiling and quick comparisons. Ids: startup, native_core, native_jetstream,
-    /// sluice_core_noop, sluice_jetstream_noop, sluice_core_order_validator,
+    /// sluice_core_noop, sluice_jetstream_noop (the ids with `_warm` after them too),
+    /// sluice_core_order_validator,
     /// sluice_jetstream_order_validator, echo (with the latency runs).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,

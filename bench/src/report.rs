@@ -234,13 +234,16 @@ pub fn results(
     let rate = |id: &str| throughput.iter().find(|t| t.id == id).map(|t| t.per_sec);
     let pairs = [
         ("sluice_core_noop", "native_core"),
+        ("sluice_core_noop_warm", "native_core"),
         ("sluice_jetstream_noop", "native_jetstream"),
+        ("sluice_jetstream_noop_warm", "native_jetstream"),
         ("sluice_jetstream_noop_dedup_memory", "native_jetstream"),
         ("sluice_jetstream_noop_dedup_redb", "native_jetstream"),
         ("sluice_jetstream_noop_dedup_nats_kv", "native_jetstream"),
         ("sluice_core_order_validator", "native_core"),
         ("sluice_jetstream_order_validator", "native_jetstream"),
         ("sluice_core_echo", "native_echo"),
+        ("sluice_core_echo_warm", "native_echo"),
     ];
     let ratios: Vec<Ratio> =
         pairs.iter().filter_map(|&(s, n)| Some(Ratio { sluice: s, native: n, ratio: rate(s)? / rate(n)? })).collect();
@@ -263,8 +266,11 @@ pub fn results(
     let pass = |ok: bool| if ok { "pass" } else { "fail" };
     let mut targets = Vec::new();
     let ratio_targets = [
-        ("sluice_core_noop", "core NATS throughput, noop handler, vs native core subscriber", ">= 25%", 0.25),
-        ("sluice_jetstream_noop", "JetStream throughput, noop handler, vs native pull consumer", ">= 70%", 0.70),
+        ("sluice_core_noop", "core NATS throughput, noop handler, vs native core subscriber", ">= 15%", 0.15),
+        ("sluice_jetstream_noop", "JetStream throughput, noop handler, vs native pull consumer", ">= 45%", 0.45),
+        ("sluice_jetstream_noop_warm", "JetStream throughput, noop handler, warm instances, vs native", ">= 70%", 0.70),
+        ("sluice_core_noop_warm", "core NATS throughput, noop handler, warm instances, vs native", ">= 30%", 0.30),
+        ("sluice_core_echo_warm", "request/reply throughput, echo handler, warm instances, vs native", ">= 30%", 0.30),
         (
             "sluice_jetstream_noop_dedup_redb",
             "JetStream throughput, noop handler with the redb dedup store, vs native pull consumer",

@@ -139,7 +139,11 @@ impl Bench {
         }
         if self.wanted("sluice_core_noop") {
             self.say("Sluice core, noop");
-            throughput.push(self.sluice_core_noop(exit_overhead).await?);
+            throughput.push(self.sluice_core_noop(exit_overhead, false).await?);
+        }
+        if self.wanted("sluice_core_noop_warm") {
+            self.say("Sluice core, noop, warm instances");
+            throughput.push(self.sluice_core_noop(exit_overhead, true).await?);
         }
         for case in JS_CASES.iter().filter(|c| c.plugin == "noop") {
             if self.wanted(case.id) {
@@ -160,9 +164,10 @@ impl Bench {
         let mut latency = Vec::new();
         if self.wanted("echo") || self.wanted("latency") {
             self.say("request/reply: native echo and Sluice echo, throughput and latency");
-            let (native_echo, sluice_echo, runs) = self.echo().await?;
+            let (native_echo, sluice_echo, sluice_echo_warm, runs) = self.echo().await?;
             throughput.push(native_echo);
             throughput.push(sluice_echo);
+            throughput.push(sluice_echo_warm);
             latency = runs;
         }
 
@@ -515,10 +520,16 @@ impl Bench {
 
     /// Core noop: the handler has no output, so completion is observed through Sluice's
     /// graceful shutdown, which handles every message already delivered before it exits.
-    async fn sluice_core_noop(&self, exit_overhead: f64) -> anyhow::Result<Throughput> {
+    async fn sluice_core_noop(&self, exit_overhead: f64, warm: bool) -> anyhow::Result<Throughput> {
         let subject = "bench.sluice.noop";
-        let dir = self.manifests("core-noop", &[self.noop_core_manifest("bench-noop")])?;
-        let mut proc = self.start_sluice(&dir, "sluice-core-noop").await?;
+        let (id, label, name) = match warm {
+            false => ("sluice_core_noop", "Sluice, core subject, noop handler", "core-noop"),
+            true => ("sluice_core_noop_warm", "Sluice, core subject, noop handler, warm instances", "core-noop-warm"),
+        };
+        let limits = if warm { WARM } else { "" };
+        let manifest = self.manifest_text("bench-noop", "noop", &format!("subject = \"{subject}\""), limits);
+        let dir = self.manifests(name, &[manifest])?;
+        let mut proc = self.start_sluice(&dir, name).await?;
         let client = nats::connect(&self.server.url(), "bench-publisher").await?;
 
         // Warm-up: a burst, then wait until Sluice has used no CPU for 100 ms. That also
@@ -561,15 +572,8 @@ impl Bench {
             bail!("nats-server saw a slow consumer during the core noop run: messages were lost");
         }
         let elapsed = (gone - t0).as_secs_f64() - exit_overhead;
-        let mut t = Throughput::new(
-            "sluice_core_noop",
-            "Sluice, core subject, noop handler",
-            "core",
-            "noop",
-            n,
-            Duration::from_secs_f64(elapsed.max(1e-6)),
-        )
-        .how(warm, DRAIN_METHOD);
+        let mut t = Throughput::new(id, label, "core", "noop", n, Duration::from_secs_f64(elapsed.max(1e-6)))
+            .how(warm, DRAIN_METHOD);
         t.notes.push(format!(
             "SIGTERM sent {:.0} ms after the first publish; idle exit time subtracted: {:.1} ms",
             (term - t0).as_secs_f64() * 1000.0,
@@ -613,7 +617,7 @@ impl Bench {
             (true, _) => ORDERS_EXTRA.to_owned(),
             (false, Some(backend)) => format!("{DEDUP}\n[store]\nbackend = \"{backend}\"\n"),
             (false, None) => String::new(),
-        };
+        } + case.limits;
         let dir = self.manifests(
             &format!("js-{}", case.id),
             &[self.manifest_text(&handler, case.plugin, &format!("stream = \"{}\"", case.stream), &extra)],
@@ -640,19 +644,28 @@ impl Bench {
 
     /// Request/reply: native echo and Sluice's echo handler, maximum rate (replies counted),
     /// then latency at fixed fractions of Sluice's maximum, for both.
-    async fn echo(&self) -> anyhow::Result<(Throughput, Throughput, Vec<LatencyRun>)> {
+    async fn echo(&self) -> anyhow::Result<(Throughput, Throughput, Throughput, Vec<LatencyRun>)> {
         let native_subject = "bench.native.echo";
         let sluice_subject = "bench.sluice.echo";
+        let warm_subject = "bench.sluice.echo.warm";
         let native_proc = self.start_native("native-echo", &["--subject", native_subject]).await?;
         let dir = self.manifests(
             "core-echo",
             // The benchmark counts replies on fixed subjects, not inboxes, so it accepts those.
-            &[self.manifest_text(
-                "bench-echo",
-                "echo",
-                &format!("subject = \"{sluice_subject}\""),
-                "[capabilities]\nreply_to = [\"bench.echo.replies\", \"bench.latency.replies\"]",
-            )],
+            &[
+                self.manifest_text(
+                    "bench-echo",
+                    "echo",
+                    &format!("subject = \"{sluice_subject}\""),
+                    "[capabilities]\nreply_to = [\"bench.echo.replies\", \"bench.latency.replies\"]",
+                ),
+                self.manifest_text(
+                    "bench-echo-warm",
+                    "echo",
+                    &format!("subject = \"{warm_subject}\""),
+                    &format!("[capabilities]\nreply_to = [\"bench.echo.replies\"]\n{WARM}"),
+                ),
+            ],
         )?;
         let sluice_proc = self.start_sluice(&dir, "sluice-core-echo").await?;
 
@@ -675,6 +688,21 @@ impl Bench {
         let sluice = Throughput::new(
             "sluice_core_echo",
             "Sluice, core request/reply, echo handler (replies with the payload)",
+            "core",
+            "echo",
+            n,
+            d,
+        )
+        .how(warm, COUNTED_METHOD)
+        .cpu(cpu);
+        // The same handler with warm instances, in the same process (its CPU ticks include
+        // the idle fresh handler's, which is nothing).
+        let (n, d, warm, cpu) = self
+            .counted(&sluice_proc, warm_subject, "bench.echo.replies", true, (5_000, 5_000, 1_000_000), &blob)
+            .await?;
+        let sluice_warm = Throughput::new(
+            "sluice_core_echo_warm",
+            "Sluice, core request/reply, echo handler, warm instances",
             "core",
             "echo",
             n,
@@ -710,7 +738,7 @@ impl Bench {
             runs.push(latency::summarize("native", load, rate, measure, native));
             runs.push(latency::summarize("sluice", load, rate, measure, sluice));
         }
-        Ok((native, sluice, runs))
+        Ok((native, sluice, sluice_warm, runs))
     }
 
     /// Sends to `subject` and counts what arrives on `counted` (replies when `request`,
@@ -789,7 +817,12 @@ struct JsCase {
     subject: &'static str,
     /// With host idempotency on this store backend.
     dedup_store: Option<&'static str>,
+    /// Extra manifest sections (warm instances).
+    limits: &'static str,
 }
+
+/// The `[limits]` of the warm rows.
+const WARM: &str = "\n[limits]\ninstances = \"warm\"\n";
 
 /// The Sluice JetStream measurements, in the order they run: the noop handler bare, then with
 /// host idempotency on each dedup store (a key per message, so every message is looked up,
@@ -802,6 +835,16 @@ const JS_CASES: &[JsCase] = &[
         stream: "BENCH_SLUICE_NOOP",
         subject: "bench.sluice.js.noop",
         dedup_store: None,
+        limits: "",
+    },
+    JsCase {
+        id: "sluice_jetstream_noop_warm",
+        label: "Sluice, JetStream, noop handler, warm instances",
+        plugin: "noop",
+        stream: "BENCH_SLUICE_NOOP_WARM",
+        subject: "bench.sluice.js.noop.warm",
+        dedup_store: None,
+        limits: WARM,
     },
     JsCase {
         id: "sluice_jetstream_noop_dedup_memory",
@@ -810,6 +853,7 @@ const JS_CASES: &[JsCase] = &[
         stream: "BENCH_SLUICE_DEDUP_MEMORY",
         subject: "bench.sluice.js.dedup.memory",
         dedup_store: Some("memory"),
+        limits: "",
     },
     JsCase {
         id: "sluice_jetstream_noop_dedup_redb",
@@ -818,6 +862,7 @@ const JS_CASES: &[JsCase] = &[
         stream: "BENCH_SLUICE_DEDUP_REDB",
         subject: "bench.sluice.js.dedup.redb",
         dedup_store: Some("redb"),
+        limits: "",
     },
     JsCase {
         id: "sluice_jetstream_noop_dedup_nats_kv",
@@ -826,6 +871,7 @@ const JS_CASES: &[JsCase] = &[
         stream: "BENCH_SLUICE_DEDUP_KV",
         subject: "bench.sluice.js.dedup.kv",
         dedup_store: Some("nats-kv"),
+        limits: "",
     },
     JsCase {
         id: "sluice_jetstream_order_validator",
@@ -834,6 +880,7 @@ const JS_CASES: &[JsCase] = &[
         stream: "BENCH_SLUICE_ORDERS",
         subject: "bench.sluice.js.orders",
         dedup_store: None,
+        limits: "",
     },
 ];
 
