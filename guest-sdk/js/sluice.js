@@ -124,9 +124,9 @@ export function publish(subject, payload, headers = []) {
   }
 }
 
-/** `publish` with `value` as JSON. */
+/** `publish` with `value` as JSON and `Content-Type: application/json` (as the Rust SDK). */
 export function publishJson(subject, value, headers = []) {
-  publish(subject, JSON.stringify(value), headers);
+  publish(subject, JSON.stringify(value), [["Content-Type", "application/json"], ...headers]);
 }
 
 /** Queue the reply to the message being handled (request-reply). */

@@ -132,8 +132,10 @@ def publish(subject: str, payload: "bytes | str", headers: Optional[Headers] = N
 
 
 def publish_json(subject: str, value: Any, headers: Optional[Headers] = None) -> None:
-    """`publish` with `value` serialised as compact JSON."""
-    publish(subject, _json.dumps(value, separators=(",", ":")), headers)
+    """`publish` with `value` serialised as compact JSON and `Content-Type: application/json`
+    (as the Rust SDK's `publish_json`)."""
+    all_headers = [("Content-Type", "application/json"), *(headers or [])]
+    publish(subject, _json.dumps(value, separators=(",", ":")), all_headers)
 
 
 def reply(payload: "bytes | str", headers: Optional[Headers] = None) -> None:
