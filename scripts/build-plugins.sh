@@ -45,16 +45,18 @@ done
 # the component), so each is rebuilt only when its inputs changed: the plugin's files, the
 # SDK, the WIT and the tool pins, hashed into a stamp next to the built file.
 poly="$root/target/plugins-poly"
+# The Node.js install-tools.sh fetched when the machine had none (or too old a one).
+if [ -x .tools/node/bin/node ]; then export PATH="$root/.tools/node/bin:$PATH"; fi
 mkdir -p "$poly"
-stamp_of() { # plugin-dir sdk-dir pin-file
+stamp_of() { # plugin-dir sdk-dir tool-identity
   { find "$1" "$2" wit -type f -not -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
-    sha256sum "$3"; } | sha256sum | cut -d' ' -f1
+    echo "$3"; } | sha256sum | cut -d' ' -f1
 }
 build_poly() { # name lang
   local name=$1 lang=$2 out="$poly/$1.wasm" stamp
   case $lang in
-    py) stamp=$(stamp_of "plugins/$name" guest-sdk/python scripts/install-tools.sh) ;;
-    js) stamp=$(stamp_of "plugins/$name" guest-sdk/js scripts/js-tools/package-lock.json) ;;
+    py) stamp=$(stamp_of "plugins/$name" guest-sdk/python "$(.tools/py/bin/componentize-py --version 2>/dev/null)") ;;
+    js) stamp=$(stamp_of "plugins/$name" guest-sdk/js "$(sha256sum scripts/js-tools/package-lock.json)") ;;
   esac
   if [ -f "$out" ] && [ "$(cat "$poly/$name.stamp" 2>/dev/null)" = "$stamp" ]; then
     publish "$out" "plugins/dist/$name.wasm"

