@@ -39,3 +39,48 @@ for p in "${plugins[@]}"; do
     publish "target/plugins-v2/wasm32-wasip2/plugin/${p//-/_}.wasm" "plugins/dist/$p-v2.wasm"
   fi
 done
+
+# Python (plugins/NAME/app.py) and JavaScript (plugins/NAME/app.js) handlers, with the tools
+# scripts/install-tools.sh pins. Building one takes seconds (an interpreter is snapshotted into
+# the component), so each is rebuilt only when its inputs changed: the plugin's files, the
+# SDK, the WIT and the tool pins, hashed into a stamp next to the built file.
+poly="$root/target/plugins-poly"
+# The Node.js install-tools.sh fetched when the machine had none (or too old a one).
+if [ -x .tools/node/bin/node ]; then export PATH="$root/.tools/node/bin:$PATH"; fi
+mkdir -p "$poly"
+stamp_of() { # plugin-dir sdk-dir tool-identity
+  { find "$1" "$2" wit -type f -not -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
+    echo "$3"; } | sha256sum | cut -d' ' -f1
+}
+build_poly() { # name lang
+  local name=$1 lang=$2 out="$poly/$1.wasm" stamp
+  case $lang in
+    py) stamp=$(stamp_of "plugins/$name" guest-sdk/python "$(.tools/py/bin/componentize-py --version 2>/dev/null)") ;;
+    js) stamp=$(stamp_of "plugins/$name" guest-sdk/js "$(sha256sum scripts/js-tools/package-lock.json)") ;;
+  esac
+  if [ -f "$out" ] && [ "$(cat "$poly/$name.stamp" 2>/dev/null)" = "$stamp" ]; then
+    publish "$out" "plugins/dist/$name.wasm"
+    return
+  fi
+  case $lang in
+    py)
+      if [ ! -x .tools/py/bin/componentize-py ]; then
+        echo "error: componentize-py is missing (run \`make tools\`)" >&2; exit 1
+      fi
+      .tools/py/bin/componentize-py -d wit -w handler componentize \
+        -p guest-sdk/python -p "plugins/$name" app -o "$out.tmp" >/dev/null ;;
+    js)
+      if [ ! -x .tools/js/node_modules/.bin/componentize-js ]; then
+        echo "error: componentize-js is missing (run \`make tools\`)" >&2; exit 1
+      fi
+      # From the repository root: componentize-js resolves the SDK import under the working
+      # directory. `-d http fetch-event`: Sluice does not provide wasi:http.
+      .tools/js/node_modules/.bin/componentize-js "plugins/$name/app.js" --wit wit -n handler \
+        -d http fetch-event -o "$out.tmp" >/dev/null ;;
+  esac
+  mv "$out.tmp" "$out"
+  echo "$stamp" > "$poly/$name.stamp"
+  publish "$out" "plugins/dist/$name.wasm"
+}
+for src in plugins/*/app.py; do [ -e "$src" ] && build_poly "$(basename "$(dirname "$src")")" py; done
+for src in plugins/*/app.js; do [ -e "$src" ] && build_poly "$(basename "$(dirname "$src")")" js; done

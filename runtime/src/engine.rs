@@ -151,17 +151,52 @@ impl Engine {
         let component = self
             .compile(bytes, digest, &manifest.name)
             .map_err(|e| at_component(format!("cannot compile component: {}", chain(&e))))?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| at_component(format!("component imports something Sluice does not provide: {}", chain(&e))))?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            at_component(match self.unprovided_import(&component) {
+                Some(name) => unprovided_message(&name),
+                None => format!("component imports something Sluice does not provide: {}", chain(&e)),
+            })
+        })?;
         HandlerPre::new(pre).map_err(|e| {
             at_component(format!("component does not implement world sluice:handler/handler@0.1.0: {}", chain(&e)))
         })
     }
 }
 
+/// The interface packages Sluice's linker provides (see `host::add_to_linker`): the handler
+/// world and WASI 0.2's `p2` set, every dangerous operation refused. A component's import
+/// from any other package cannot be linked; the README lists these too.
+const PROVIDED_PACKAGES: &[&str] =
+    &["sluice:handler/", "wasi:io/", "wasi:clocks/", "wasi:cli/", "wasi:filesystem/", "wasi:random/", "wasi:sockets/"];
+
+/// What to say about a component importing `name`, which Sluice does not provide: the import
+/// itself, and how the usual toolchain that adds it is told not to.
+fn unprovided_message(name: &str) -> String {
+    let hint = if name.starts_with("wasi:http/") {
+        // componentize-js (and jco componentize) add wasi:http by default, for fetch() and an
+        // HTTP server export; a message handler needs neither, and outbound HTTP is not
+        // offered (yet), so the build flag that drops them is the fix.
+        "; outbound HTTP is not available to handlers. A JavaScript component built by \
+         componentize-js or `jco componentize` imports it unless built with `-d http fetch-event`"
+    } else {
+        "; a handler may import only sluice:handler and the WASI 0.2 interfaces listed in the README \
+         (io, clocks, cli, filesystem, random, sockets)"
+    };
+    format!("component imports `{name}`, which Sluice does not provide{hint}")
+}
+
 impl Engine {
+    /// The first import of `component` from a package Sluice does not provide, if any. Asked
+    /// of the component's type rather than read out of the linker's error, so the message
+    /// can name the import and say what to do about it.
+    fn unprovided_import(&self, component: &Component) -> Option<String> {
+        component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .find(|name| !PROVIDED_PACKAGES.iter().any(|p| name.starts_with(p)))
+    }
+
     /// Compiles `bytes`, the component of handler `name`, or loads the result of an earlier
     /// compilation from the cache.
     fn compile(&self, bytes: &[u8], digest: &str, name: &str) -> wasmtime::Result<Component> {

@@ -38,8 +38,18 @@ fn a_component_importing_an_unknown_interface_is_refused() {
     let wat = r#"(component
         (import "acme:db/query@1.0.0" (instance (export "run" (func (param "q" string) (result string))))))"#;
     let text = load_error(&wat::parse_str(wat).unwrap());
-    assert!(text.contains("imports something Sluice does not provide"), "{text}");
-    assert!(text.contains("acme:db/query@1.0.0"), "the missing import is named: {text}");
+    assert!(text.contains("imports `acme:db/query@1.0.0`, which Sluice does not provide"), "{text}");
+    assert!(!text.contains("fetch-event"), "the wasi:http hint is for wasi:http only: {text}");
+}
+
+#[test]
+fn a_component_importing_wasi_http_is_refused_with_the_flag_that_drops_it() {
+    // What componentize-js builds by default: an import of wasi:http, with its resources.
+    let wat = r#"(component
+        (import "wasi:http/types@0.2.10" (instance (export "fields" (type (sub resource))))))"#;
+    let text = load_error(&wat::parse_str(wat).unwrap());
+    assert!(text.contains("imports `wasi:http/types@0.2.10`, which Sluice does not provide"), "{text}");
+    assert!(text.contains("`-d http fetch-event`"), "the build flag is named: {text}");
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod dispatch;
 mod golden;
 mod idempotency;
 mod jetstream;
+mod polyglot;
 mod queue_group;
 mod reload;
 mod sandbox;
