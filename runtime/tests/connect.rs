@@ -28,8 +28,12 @@ fn a_wrong_password_is_one_line_and_exit_code_2_for_every_command() {
     let data = tempfile::tempdir().unwrap();
     let url = format!("nats://sluice:pw-wrong@127.0.0.1:{}", server.port());
     let data_dir = data.path().display().to_string();
+    // An empty folder: `run` loads (and compiles) its manifests before it connects, and
+    // what is timed here is the refusal.
+    let manifests = tempfile::tempdir().unwrap();
+    let manifests = manifests.path().display().to_string();
     let runs: [Vec<&str>; 4] = [
-        vec!["run", "manifests/", "--no-watch", "--data-dir", &data_dir, "--nats", &url],
+        vec!["run", &manifests, "--no-watch", "--data-dir", &data_dir, "--nats", &url],
         vec!["request", "echo", "hi", "--nats", &url],
         vec!["publish", "echo", "hi", "--nats", &url],
         vec!["dlq", "list", "DLQ", "--nats", &url],
