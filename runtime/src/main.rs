@@ -11,7 +11,9 @@ async fn main() {
     // their own output, not the NATS client's connection chatter.
     let default = match cli.command {
         Command::Run(_) => "info",
-        _ => "info,async_nats=warn",
+        // The client's own line about a refused connection repeats the one error Sluice
+        // prints for it.
+        _ => "info,async_nats=warn,async_nats::connector=off",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()

@@ -44,14 +44,7 @@ async fn user_and_password_in_the_url_are_used_and_never_shown() {
     let server =
         server("authorization { users = [ { user: sluice, password: \"pw-right\" }, { user: c, password: \"c\" } ] }");
     let nc = connect(urls(at(&server, "sluice:pw-right"))).await.unwrap();
-    let sluice = Sluice::start_connected(
-        nc,
-        &[("echo.toml", manifest("echo", "echo", "echo", ""))],
-        tempfile::tempdir().unwrap(),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let sluice = Sluice::echo_on(nc).await;
     let client = connect(NatsArgs {
         urls: vec![server.url()],
         user: Some("c".into()),

@@ -9,10 +9,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use nkeys::KeyPair;
 use serde_json::json;
+use sluice::cli;
 use sluice::connect::{ConnectError, NatsArgs};
 use sluice::nats_server::NatsServer;
-use sluice::{RuntimeOptions, cli};
-use sluice_tests::{Sluice, init_logging, manifest, request, text};
+use sluice_tests::{Sluice, init_logging, request, text};
 
 /// A JWT of `claims` (with `iss`, `sub`, `iat` and `jti` added) signed by `issuer`.
 fn jwt(issuer: &KeyPair, subject: &str, mut claims: serde_json::Value) -> String {
@@ -75,14 +75,7 @@ async fn a_creds_file_from_an_operator_signed_account_is_served_and_a_stranger_r
     let args = |creds| NatsArgs { urls: vec![server.url()], creds: Some(creds), ..NatsArgs::default() };
 
     let nc = cli::connect_args(&args(creds(dir.path(), "sluice.creds", &account))).await.unwrap();
-    let sluice = Sluice::start_connected(
-        nc,
-        &[("echo.toml", manifest("echo", "echo", "echo", ""))],
-        tempfile::tempdir().unwrap(),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let sluice = Sluice::echo_on(nc).await;
     let client = cli::connect_args(&args(creds(dir.path(), "client.creds", &account))).await.unwrap();
     assert_eq!(text(&request(&client, "echo", "with creds").await), "with creds");
 

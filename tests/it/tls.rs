@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use sluice::cli;
 use sluice::connect::{ConnectError, NatsArgs};
 use sluice::nats_server::NatsServer;
-use sluice::{RuntimeOptions, cli};
-use sluice_tests::{Sluice, init_logging, manifest, request, text};
+use sluice_tests::{Sluice, init_logging, request, text};
 
 /// A CA, and a certificate for 127.0.0.1 and localhost signed by it, written as PEM files.
 struct Pki {
@@ -56,14 +56,7 @@ async fn a_tls_server_is_served_when_its_ca_is_trusted_and_refused_otherwise() {
     let args = |ca: &Path| NatsArgs { urls: vec![server.url()], tls_ca: Some(ca.to_owned()), ..NatsArgs::default() };
 
     let nc = cli::connect_args(&args(&good.ca)).await.unwrap();
-    let sluice = Sluice::start_connected(
-        nc,
-        &[("echo.toml", manifest("echo", "echo", "echo", ""))],
-        tempfile::tempdir().unwrap(),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let sluice = Sluice::echo_on(nc).await;
     let client = cli::connect_args(&args(&good.ca)).await.unwrap();
     assert_eq!(text(&request(&client, "echo", "over tls").await), "over tls");
 

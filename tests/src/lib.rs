@@ -126,6 +126,14 @@ impl Sluice {
         self.metrics.render()
     }
 
+    /// The echo handler (on subject `echo`) served on a connection the test made.
+    pub async fn echo_on(nc: Client) -> Sluice {
+        let manifests = [("echo.toml", manifest("echo", "echo", "echo", ""))];
+        Self::start_connected(nc, &manifests, tempfile::tempdir().unwrap(), RuntimeOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("cannot start Sluice: {e:#}"))
+    }
+
     /// Stops abruptly, like a killed process: nothing in flight is finished or acked.
     pub async fn crash(mut self) {
         if let Some(running) = self.running.take() {
