@@ -26,6 +26,39 @@ const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// How long "does a stream capture this subject?" is remembered.
 const STREAM_LOOKUP_TTL: Duration = Duration::from_secs(10);
 
+/// Why a call's outputs were not all sent. The JetStream errors keep their kind (a stream
+/// that is missing, full or slow to answer), which is what an outage policy tells apart.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// A publication to a subject a stream captures could not be sent.
+    #[error("cannot publish to {subject}: {error}")]
+    Stream {
+        subject: String,
+        #[source]
+        error: jetstream::context::PublishError,
+    },
+    /// A core NATS publication could not be sent.
+    #[error("cannot publish to {subject}: {error}")]
+    Core {
+        subject: String,
+        #[source]
+        error: async_nats::PublishError,
+    },
+    /// The stream did not acknowledge a publication.
+    #[error("stream did not acknowledge the output to {subject}: {error}")]
+    NotAcknowledged {
+        subject: String,
+        #[source]
+        error: jetstream::context::PublishError,
+    },
+    /// The reply could not be sent.
+    #[error("cannot send the reply: {error}")]
+    Reply {
+        #[source]
+        error: async_nats::PublishError,
+    },
+}
+
 /// Sends outputs, knowing which subjects are stored by streams.
 #[derive(Debug)]
 pub struct OutputSender {
@@ -103,32 +136,31 @@ impl OutputSender {
     }
 
     /// Sends `outputs` in order; Ok once every stream has acknowledged its messages.
-    pub async fn send(&self, outputs: Outputs) -> Result<(), String> {
+    pub async fn send(&self, outputs: Outputs) -> Result<(), SendError> {
         let mut acks: Vec<(String, PublishAckFuture)> = Vec::new();
         for out in outputs.published {
             if self.is_captured(&out.subject).await {
-                let ack = self
-                    .js
-                    .publish_with_headers(out.subject.clone(), out.headers, out.payload)
-                    .await
-                    .map_err(|e| format!("cannot publish to {}: {e}", out.subject))?;
-                acks.push((out.subject, ack));
-            } else {
-                self.client
-                    .publish_with_headers(out.subject.clone(), out.headers, out.payload)
-                    .await
-                    .map_err(|e| format!("cannot publish to {}: {e}", out.subject))?;
+                match self.js.publish_with_headers(out.subject.clone(), out.headers, out.payload).await {
+                    Ok(ack) => acks.push((out.subject, ack)),
+                    Err(error) => return Err(SendError::Stream { subject: out.subject, error }),
+                }
+            } else if let Err(error) =
+                self.client.publish_with_headers(out.subject.clone(), out.headers, out.payload).await
+            {
+                return Err(SendError::Core { subject: out.subject, error });
             }
         }
         for (subject, ack) in acks {
-            ack.await.map_err(|e| format!("stream did not acknowledge the output to {subject}: {e}"))?;
+            if let Err(error) = ack.await {
+                return Err(SendError::NotAcknowledged { subject, error });
+            }
         }
         // The reply goes last: a requester that got its answer may rely on the rest.
         if let Some(reply) = outputs.reply {
             self.client
                 .publish_with_headers(reply.subject, reply.headers, reply.payload)
                 .await
-                .map_err(|e| format!("cannot send the reply: {e}"))?;
+                .map_err(|error| SendError::Reply { error })?;
         }
         Ok(())
     }

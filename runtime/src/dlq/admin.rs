@@ -154,7 +154,7 @@ pub async fn replay(
                 payload: entry.payload,
             };
             if let Err(e) = sender.send(Outputs { published: vec![output], ..Outputs::default() }).await {
-                report.failed = Some((entry.sequence, e));
+                report.failed = Some((entry.sequence, e.to_string()));
                 break;
             }
             if let Err(e) = s.delete_message(entry.sequence).await {

@@ -87,7 +87,7 @@ pub async fn publish(
     spec: &HandlerSpec,
     verdict: &Verdict,
     original: &Original<'_>,
-) -> Result<(), String> {
+) -> Result<(), DeadLetterError> {
     let mut headers = verdict_headers(spec, verdict, original);
     // The original headers travel along, except the ones JetStream acts on (a copied
     // `Nats-Expected-*` would make the publish fail; the message id is kept under our name).
@@ -116,14 +116,32 @@ pub async fn publish(
         None => format!("sluice-dlq:{}:{}", spec.name, humantime::format_rfc3339_nanos(verdict.last_failure_at)),
     };
     headers.insert("Nats-Msg-Id", HeaderValue::from(id.as_str()));
+    let subject = || target.subject.clone();
     let ack = js
         .publish_with_headers(target.subject.clone(), headers, original.payload.clone())
         .await
-        .map_err(|e| format!("cannot publish to dead-letter subject {}: {e}", target.subject))?;
-    ack.await.map_err(|e| {
-        format!("dead-letter subject {} was not stored by a stream ({e}); is a stream capturing it?", target.subject)
-    })?;
+        .map_err(|error| DeadLetterError::Publish { subject: subject(), error })?;
+    ack.await.map_err(|error| DeadLetterError::NotStored { subject: subject(), error })?;
     Ok(())
+}
+
+/// Why a dead letter was not stored (the message it describes is then kept).
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// The publish could not be sent.
+    #[error("cannot publish to dead-letter subject {subject}: {error}")]
+    Publish {
+        subject: String,
+        #[source]
+        error: jetstream::context::PublishError,
+    },
+    /// No stream acknowledged it.
+    #[error("dead-letter subject {subject} was not stored by a stream ({error}); is a stream capturing it?")]
+    NotStored {
+        subject: String,
+        #[source]
+        error: jetstream::context::PublishError,
+    },
 }
 
 /// Creates the dead-letter stream when the manifest asks for it and it is missing.

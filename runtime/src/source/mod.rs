@@ -199,9 +199,9 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
                 annotate(&mut outputs, &spec.name, key.as_ref().map(|(k, _)| k.as_str()), d.original.headers);
                 // Boxed, like the other rarer or larger steps below: every message's task
                 // holds its future, and a smaller task is cheaper to spawn.
-                Box::pin(ctx.sender.send(outputs)).await.map_err(|reason| Failure {
+                Box::pin(ctx.sender.send(outputs)).await.map_err(|e| Failure {
                     kind: FailureKind::OutputFailed,
-                    reason,
+                    reason: e.to_string(),
                     retry_after: None,
                 })
             }
@@ -355,7 +355,11 @@ pub fn decide(ctx: &Context, failure: &Failure, attempt: u32) -> Decision {
 
 /// Dead-letters a message given up on. `Ok` when it is safely parked (or there is nowhere
 /// to park it, which is logged); `Err` when the publish failed and the message must be kept.
-pub async fn dead_letter(ctx: &Context, verdict: &Verdict, original: &Original<'_>) -> Result<(), String> {
+pub async fn dead_letter(
+    ctx: &Context,
+    verdict: &Verdict,
+    original: &Original<'_>,
+) -> Result<(), dlq::DeadLetterError> {
     let spec = &ctx.handler.spec;
     let Some(target) = &spec.dead_letter else {
         tracing::error!(
