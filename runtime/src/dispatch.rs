@@ -12,9 +12,10 @@ use crate::bindings::{Delivery, Failure as WitFailure, Message};
 use crate::engine::{Engine, chain};
 use crate::failure::{Failure, FailureKind};
 use crate::handler::Handler;
-use crate::host::{HostState, Outputs};
+use crate::host::HostState;
 use crate::instance::WarmInstance;
 use crate::manifest::Instances;
+use crate::outputs::Outputs;
 use crate::store::Scope;
 
 /// How one call ended.

@@ -22,7 +22,7 @@
 //! | [`idempotency`] | idempotency keys: deriving them from a message |
 //! | [`retry`] | the retry policy: attempts, backoff with jitter, retryable kinds |
 //! | [`source`] | where messages come from (core NATS queue groups, JetStream consumers), and settling outcomes |
-//! | [`outputs`] | sending a successful call's outputs (stream acks awaited) |
+//! | [`outputs`] | a call's outputs (`Output`, `Outputs`, header checks) and sending them (stream acks awaited, replies only to inboxes) |
 //! | [`store`] | handler state (dedup records, guest dedup and kv) on memory, redb or NATS KV |
 //! | [`dlq`] | dead-letter headers, publishing, the dead-letter stream |
 //! | [`runtime`] | load, bind, serve, swap versions, graceful shutdown |

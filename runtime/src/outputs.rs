@@ -12,10 +12,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use async_nats::Client;
-use async_nats::jetstream::{self, context::PublishAckFuture};
+use std::str::FromStr;
 
-use crate::host::Outputs;
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::{Client, HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+
 use crate::spec::HandlerSpec;
 use crate::subject::SubjectPattern;
 
@@ -25,6 +27,74 @@ const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// How long "does a stream capture this subject?" is remembered.
 const STREAM_LOOKUP_TTL: Duration = Duration::from_secs(10);
+
+/// One buffered message, already in the form the NATS client sends.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+/// What one call asked to send, in order.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    pub published: Vec<Output>,
+    pub reply: Option<Output>,
+    /// Bytes queued so far (payloads and headers).
+    pub bytes: u64,
+    /// Set when the call went past `max_outputs` or `max_output_bytes`: the call fails with
+    /// `output-limit` whatever it returns.
+    pub over_limit: Option<String>,
+}
+
+impl Outputs {
+    /// Nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.published.is_empty() && self.reply.is_none()
+    }
+
+    /// Accounts for one more output, or says which limit it breaks.
+    pub(crate) fn admit(
+        &mut self,
+        limits: &crate::manifest::Limits,
+        headers: &[(String, String)],
+        payload: &[u8],
+        counts: bool,
+    ) -> Result<(), String> {
+        let size = payload.len() as u64 + headers.iter().map(|(n, v)| (n.len() + v.len() + 4) as u64).sum::<u64>();
+        let error = if counts && self.published.len() as u64 >= u64::from(limits.max_outputs) {
+            Some(format!("more than {} outputs (limits.max_outputs)", limits.max_outputs))
+        } else if self.bytes + size > limits.max_output_bytes {
+            Some(format!("outputs over {} bytes (limits.max_output_bytes)", limits.max_output_bytes))
+        } else {
+            None
+        };
+        if let Some(e) = error {
+            self.over_limit.get_or_insert_with(|| e.clone());
+            return Err(e);
+        }
+        self.bytes += size;
+        Ok(())
+    }
+}
+
+/// Headers from text pairs, checked as the NATS client needs them (it would panic on a bad
+/// name, and a value with CR or LF would corrupt the protocol stream).
+pub fn header_map(pairs: impl IntoIterator<Item = (String, String)>) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        if name.is_empty() {
+            return Err("empty header name".to_owned());
+        }
+        let name = HeaderName::from_str(&name)
+            .map_err(|_| format!("invalid header name {name:?}: expected printable ASCII without ':' or spaces"))?;
+        let value = HeaderValue::from_str(&value)
+            .map_err(|_| format!("invalid value for header {name}: CR and LF are not allowed"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
 
 /// Why a call's outputs were not all sent. The JetStream errors keep their kind (a stream
 /// that is missing, full or slow to answer), which is what an outage policy tells apart.

@@ -532,14 +532,7 @@ fn indent(text: &str) -> String {
 }
 
 fn header_map(pairs: &[(String, String)]) -> anyhow::Result<HeaderMap> {
-    let mut map = HeaderMap::new();
-    for (name, value) in pairs {
-        let name: async_nats::HeaderName = name.parse().map_err(|_| anyhow::anyhow!("invalid header name {name:?}"))?;
-        let value: async_nats::HeaderValue =
-            value.parse().map_err(|_| anyhow::anyhow!("invalid header value {value:?}"))?;
-        map.append(name, value);
-    }
-    Ok(map)
+    crate::outputs::header_map(pairs.iter().cloned()).map_err(anyhow::Error::msg)
 }
 
 async fn publish(args: SendArgs) -> anyhow::Result<()> {

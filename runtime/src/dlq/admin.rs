@@ -13,8 +13,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::header;
-use crate::host::{Output, Outputs};
 use crate::outputs::OutputSender;
+use crate::outputs::{Output, Outputs};
 
 /// One parked message.
 #[derive(Debug, Clone)]

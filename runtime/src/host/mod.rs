@@ -13,10 +13,10 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use outbox::{Output, Outputs};
 pub use stdio::{GuestOutput, LogBudget};
 
 use crate::bindings;
+use crate::outputs::Outputs;
 use crate::spec::HandlerSpec;
 use crate::store::Scope;
 

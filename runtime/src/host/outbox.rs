@@ -1,65 +1,12 @@
 //! `sluice:handler/outbox`: outputs are checked against the publish allowlist and buffered
 //! in the store; the dispatcher sends them only after `handle` returns `ok`.
 
-use std::str::FromStr;
-
-use async_nats::{HeaderMap, HeaderName, HeaderValue};
-use bytes::Bytes;
+use async_nats::HeaderMap;
 
 use super::HostState;
 use crate::bindings::sluice::handler::outbox::Host;
+use crate::outputs::Output;
 use crate::subject;
-
-/// One buffered message, already in the form the NATS client sends.
-#[derive(Debug, Clone)]
-pub struct Output {
-    pub subject: String,
-    pub headers: HeaderMap,
-    pub payload: Bytes,
-}
-
-/// What one call asked to send, in order.
-#[derive(Debug, Default)]
-pub struct Outputs {
-    pub published: Vec<Output>,
-    pub reply: Option<Output>,
-    /// Bytes queued so far (payloads and headers).
-    pub bytes: u64,
-    /// Set when the call went past `max_outputs` or `max_output_bytes`: the call fails with
-    /// `output-limit` whatever it returns.
-    pub over_limit: Option<String>,
-}
-
-impl Outputs {
-    /// Nothing to send.
-    pub fn is_empty(&self) -> bool {
-        self.published.is_empty() && self.reply.is_none()
-    }
-
-    /// Accounts for one more output, or says which limit it breaks.
-    fn admit(
-        &mut self,
-        limits: &crate::manifest::Limits,
-        headers: &[(String, String)],
-        payload: &[u8],
-        counts: bool,
-    ) -> Result<(), String> {
-        let size = payload.len() as u64 + headers.iter().map(|(n, v)| (n.len() + v.len() + 4) as u64).sum::<u64>();
-        let error = if counts && self.published.len() as u64 >= u64::from(limits.max_outputs) {
-            Some(format!("more than {} outputs (limits.max_outputs)", limits.max_outputs))
-        } else if self.bytes + size > limits.max_output_bytes {
-            Some(format!("outputs over {} bytes (limits.max_output_bytes)", limits.max_output_bytes))
-        } else {
-            None
-        };
-        if let Some(e) = error {
-            self.over_limit.get_or_insert_with(|| e.clone());
-            return Err(e);
-        }
-        self.bytes += size;
-        Ok(())
-    }
-}
 
 impl Host for HostState {
     fn publish(
@@ -135,29 +82,19 @@ fn refused_header(name: &str) -> Option<&'static str> {
     })
 }
 
-/// Checks guest-supplied headers (the NATS client would panic on a bad name, a value with CR
-/// or LF would corrupt the protocol stream, and some headers are refused; see
-/// [`REFUSED_HEADERS`]).
+/// Checks guest-supplied headers: refused ones first (see [`REFUSED_HEADERS`]), then what
+/// every header must be ([`crate::outputs::header_map`]).
 fn header_map(pairs: Vec<(String, String)>) -> Result<HeaderMap, String> {
-    let mut map = HeaderMap::new();
-    for (name, value) in pairs {
-        if name.is_empty() {
-            return Err("empty header name".to_owned());
-        }
-        if let Some(prefix) = refused_header(&name) {
+    for (name, _) in &pairs {
+        if let Some(prefix) = refused_header(name) {
             let what = if prefix.ends_with('-') { format!("{prefix}*") } else { prefix.to_owned() };
             return Err(format!(
                 "header {name:?} is not allowed ({what} headers are reserved: they change what a stream does with \
                  existing data or dedup, or forge Sluice's own failure records)"
             ));
         }
-        let name = HeaderName::from_str(&name)
-            .map_err(|_| format!("invalid header name {name:?}: expected printable ASCII without ':' or spaces"))?;
-        let value = HeaderValue::from_str(&value)
-            .map_err(|_| format!("invalid value for header {name}: CR and LF are not allowed"))?;
-        map.append(name, value);
     }
-    Ok(map)
+    crate::outputs::header_map(pairs)
 }
 
 #[cfg(test)]

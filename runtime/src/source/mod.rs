@@ -17,10 +17,10 @@ use crate::dlq::{self, Original, Verdict};
 use crate::engine::Engine;
 use crate::failure::{Failure, FailureKind};
 use crate::handler::Handler;
-use crate::host::Outputs;
 use crate::idempotency::{self, OnMissing};
 use crate::metrics::HandlerMetrics;
 use crate::outputs::OutputSender;
+use crate::outputs::Outputs;
 use crate::retry::Decision;
 use crate::store::{Begin, Scope, StoreError};
 
