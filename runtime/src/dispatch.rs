@@ -72,8 +72,8 @@ pub async fn dispatch(
     delivery: &Delivery,
 ) -> Outcome {
     let spec = &handler.spec;
-    let timeout = spec.limits.timeout;
-    let recycle_after = match spec.limits.instances {
+    let timeout = spec.manifest.limits.timeout;
+    let recycle_after = match spec.manifest.limits.instances {
         Instances::Fresh => None,
         Instances::Warm { recycle_after } => Some(recycle_after),
     };
@@ -156,7 +156,10 @@ fn classify(error: &wasmtime::Error, instantiating: bool, state: &HostState, tim
     } else if state.limits.memory_exceeded {
         (
             FailureKind::MemoryLimit,
-            format!("handler tried to grow its memory past {}", crate::manifest::ByteSize(state.spec.limits.memory)),
+            format!(
+                "handler tried to grow its memory past {}",
+                crate::manifest::ByteSize(state.spec.manifest.limits.memory)
+            ),
         )
     } else if let Some(trap) = error.downcast_ref::<Trap>() {
         (FailureKind::Trap, trap.to_string())

@@ -92,7 +92,7 @@ impl Handler {
     /// Whether the handler needs a state store: for idempotency, or for the guest's own
     /// dedup and kv.
     pub fn needs_state(&self) -> bool {
-        self.spec.idempotency.is_some() || self.imports_state
+        self.spec.manifest.idempotency.is_some() || self.imports_state
     }
 
     /// The first 12 hex digits of the digest, for logs.

@@ -166,7 +166,7 @@ impl OutputSender {
     /// manifest accepts (`[capabilities] reply_to`). A refusal is logged, at most once a
     /// minute per handler and subject prefix (the first two tokens).
     pub fn reply_allowed(&self, handler: &HandlerSpec, subject: &str) -> bool {
-        if self.inboxes.iter().chain(&handler.reply_to).any(|p| p.matches(subject)) {
+        if self.inboxes.iter().chain(&handler.manifest.reply_to).any(|p| p.matches(subject)) {
             return true;
         }
         let prefix: String = subject.split('.').take(2).collect::<Vec<_>>().join(".");

@@ -253,7 +253,7 @@ impl Running {
             .lock()
             .await
             .values()
-            .map(|s| (s.name(), matches!(s.handler.spec.source, Source::Core { .. })))
+            .map(|s| (s.name(), matches!(s.handler.spec.manifest.source, Source::Core { .. })))
             .collect();
         let cut = tokio::select! {
             done = tokio::time::timeout(limit, self.shutdown()) => match done {
@@ -378,10 +378,10 @@ impl Supervisor {
 
     async fn bind_source(&self, ctx: &Context) -> anyhow::Result<Binding> {
         let spec = &ctx.handler.spec;
-        if let Some(target) = &spec.dead_letter {
+        if let Some(target) = &spec.manifest.dead_letter {
             dlq::ensure_stream(self.sender.jetstream(), target).await?;
         }
-        Ok(match &spec.source {
+        Ok(match &spec.manifest.source {
             Source::Core { .. } => Binding::Core(source::core::subscribe(&self.client, ctx).await?),
             Source::JetStream(_) => {
                 Binding::JetStream(Box::new(source::jetstream::bind(self.sender.jetstream(), ctx).await?))
@@ -393,7 +393,7 @@ impl Supervisor {
         let Prepared { ctx, binding } = prepared;
         let handler = ctx.handler.clone();
         let spec = &handler.spec;
-        tracing::info!(handler = &*spec.name, source = %spec.source, digest = handler.short_digest(), "serving");
+        tracing::info!(handler = &*spec.name, source = %spec.manifest.source, digest = handler.short_digest(), "serving");
         self.status.serving(&handler);
         self.metrics.version(&spec.name, &spec.digest, true);
         let (ctx_tx, ctx_rx) = watch::channel(ctx);
@@ -448,8 +448,8 @@ impl Supervisor {
         for (manifest, bytes) in wanted {
             let name = manifest.name.clone();
             let unchanged = self.served.lock().await.get(&name).is_some_and(|s| {
-                s.handler.spec.manifest.text == manifest.file.text
-                    && s.handler.spec.manifest_path == manifest.file.path
+                s.handler.spec.manifest.file.text == manifest.file.text
+                    && s.handler.spec.manifest.file.path == manifest.file.path
                     && s.handler.spec.digest == handler::digest(&bytes)
             });
             if unchanged {
@@ -490,7 +490,7 @@ impl Supervisor {
             let served = self.served.lock().await;
             served
                 .iter()
-                .filter(|(name, s)| !names.contains(*name) && !failed.contains(&s.handler.spec.manifest_path))
+                .filter(|(name, s)| !names.contains(*name) && !failed.contains(&s.handler.spec.manifest.file.path))
                 .map(|(name, _)| name.clone())
                 .collect()
         };
@@ -526,8 +526,8 @@ impl Supervisor {
             self.served.lock().await.insert(name, served);
             return Ok(Installed::Started);
         };
-        let rebind = old.spec.source != handler.spec.source
-            || old.spec.limits.max_concurrency != handler.spec.limits.max_concurrency;
+        let rebind = old.spec.manifest.source != handler.spec.manifest.source
+            || old.spec.manifest.limits.max_concurrency != handler.spec.manifest.limits.max_concurrency;
         if rebind {
             let prepared = self.prepare(handler.clone()).await?;
             let fresh = self.spawn(prepared);
@@ -565,7 +565,7 @@ impl Supervisor {
             }
         }
         for s in self.served.lock().await.values() {
-            watched.files.push(s.handler.spec.component_path.clone());
+            watched.files.push(s.handler.spec.manifest.component.clone());
         }
         watched.files.sort();
         watched.files.dedup();
@@ -594,8 +594,8 @@ impl Stores {
 
     async fn scope_for(&mut self, handler: &Handler) -> anyhow::Result<Scope> {
         let spec = &handler.spec;
-        let store = match spec.store.backend {
-            Backend::Memory => store::Store::Memory(Arc::new(store::MemoryStore::new(spec.store.max_entries))),
+        let store = match spec.manifest.store.backend {
+            Backend::Memory => store::Store::Memory(Arc::new(store::MemoryStore::new(spec.manifest.store.max_entries))),
             Backend::Redb => {
                 if self.redb.is_none() {
                     let dir = self.data_dir.as_ref().ok_or_else(|| {
@@ -608,10 +608,10 @@ impl Stores {
                 store::Store::Redb(self.redb.clone().ok_or_else(|| anyhow::anyhow!("redb store missing"))?)
             }
             Backend::NatsKv => {
-                let max_age = spec.idempotency.as_ref().map_or(manifest::DEFAULT_IDEMPOTENCY_TTL, |i| i.ttl)
-                    + spec.limits.timeout
+                let max_age = spec.manifest.idempotency.as_ref().map_or(manifest::DEFAULT_IDEMPOTENCY_TTL, |i| i.ttl)
+                    + spec.manifest.limits.timeout
                     + source::LEASE_GRACE;
-                let kv = store::KvStore::new(self.js.clone(), spec.store.replicas, max_age);
+                let kv = store::KvStore::new(self.js.clone(), spec.manifest.store.replicas, max_age);
                 kv.prepare(&spec.name).await.map_err(|e| anyhow::anyhow!("handler {}: {e}", spec.name))?;
                 store::Store::Kv(Box::new(kv))
             }

@@ -51,9 +51,9 @@ impl Status {
         let status = HandlerStatus {
             name: spec.name.to_string(),
             digest: spec.digest.clone(),
-            source: spec.source.to_string(),
-            manifest: spec.manifest_path.display().to_string(),
-            component: spec.component_path.display().to_string(),
+            source: spec.manifest.source.to_string(),
+            manifest: spec.manifest.file.path.display().to_string(),
+            component: spec.manifest.component.display().to_string(),
             since: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             last_reload_error: None,
         };

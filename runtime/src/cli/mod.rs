@@ -235,8 +235,8 @@ fn validate(args: &ValidateArgs) -> u8 {
                 println!(
                     "ok: {} ({}) serves {} with {}",
                     h.spec.name,
-                    h.spec.manifest_path.display(),
-                    h.spec.source,
+                    h.spec.manifest.file.path.display(),
+                    h.spec.manifest.source,
                     h.spec.digest
                 );
             }

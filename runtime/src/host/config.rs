@@ -5,6 +5,6 @@ use crate::bindings::sluice::handler::config::Host;
 
 impl Host for HostState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.spec.config.get(&key).cloned())
+        Ok(self.spec.manifest.config.get(&key).cloned())
     }
 }

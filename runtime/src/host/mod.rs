@@ -48,8 +48,8 @@ impl std::fmt::Debug for HostState {
 impl HostState {
     pub(crate) fn new(spec: Arc<HandlerSpec>, reply_to: Option<String>, scope: Option<Scope>) -> Self {
         HostState {
-            limits: GuestLimits::new(spec.limits.memory),
-            log_budget: LogBudget::new(spec.limits.max_log_bytes),
+            limits: GuestLimits::new(spec.manifest.limits.memory),
+            log_budget: LogBudget::new(spec.manifest.limits.max_log_bytes),
             spec,
             wasi: None,
             table: ResourceTable::new(),
@@ -66,7 +66,7 @@ impl HostState {
         self.outputs = Outputs::default();
         self.reply_to = reply_to;
         self.scope = scope;
-        self.log_budget.reset(self.spec.limits.max_log_bytes);
+        self.log_budget.reset(self.spec.manifest.limits.max_log_bytes);
     }
 
     /// Ends a call: says how many of its log bytes were dropped, if any.
@@ -77,7 +77,7 @@ impl HostState {
                 target: "sluice::guest",
                 handler = &*self.spec.name,
                 "{dropped} bytes of guest logs dropped: over limits.max_log_bytes ({}) for one message",
-                self.spec.limits.max_log_bytes
+                self.spec.manifest.limits.max_log_bytes
             );
             self.log_budget.reset(0);
         }

@@ -18,14 +18,14 @@ impl Host for HostState {
         if let Err(e) = subject::validate_literal(&subject) {
             return Ok(Err(e));
         }
-        if !self.spec.publish.iter().any(|p| p.matches(&subject)) {
+        if !self.spec.manifest.publish.iter().any(|p| p.matches(&subject)) {
             return Ok(Err(format!(
                 "publishing to {subject:?} is not allowed: handler {} may publish to [{}] (capabilities.publish)",
                 self.spec.name,
-                self.spec.publish.iter().map(|p| format!("{:?}", p.as_str())).collect::<Vec<_>>().join(", ")
+                self.spec.manifest.publish.iter().map(|p| format!("{:?}", p.as_str())).collect::<Vec<_>>().join(", ")
             )));
         }
-        if let Err(e) = self.outputs.admit(&self.spec.limits, &headers, &payload, true) {
+        if let Err(e) = self.outputs.admit(&self.spec.manifest.limits, &headers, &payload, true) {
             return Ok(Err(e));
         }
         let mut headers = match header_map(headers) {
@@ -49,7 +49,7 @@ impl Host for HostState {
         if self.outputs.reply.is_some() {
             return Ok(Err("a reply was already queued for this message".to_owned()));
         }
-        if let Err(e) = self.outputs.admit(&self.spec.limits, &headers, &payload, false) {
+        if let Err(e) = self.outputs.admit(&self.spec.manifest.limits, &headers, &payload, false) {
             return Ok(Err(e));
         }
         let headers = match header_map(headers) {

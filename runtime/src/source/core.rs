@@ -21,7 +21,7 @@ use crate::manifest::Source;
 /// Subscribes the handler of `ctx` to its subject in its queue group.
 pub async fn subscribe(client: &Client, ctx: &Context) -> anyhow::Result<Subscriber> {
     let spec = &ctx.handler.spec;
-    let Source::Core { subject, queue } = &spec.source else {
+    let Source::Core { subject, queue } = &spec.manifest.source else {
         anyhow::bail!("handler {} does not have a core NATS source", spec.name);
     };
     client
@@ -38,7 +38,7 @@ pub async fn subscribe(client: &Client, ctx: &Context) -> anyhow::Result<Subscri
 pub async fn serve(versions: watch::Receiver<Context>, mut subscription: Subscriber, mut stop: watch::Receiver<bool>) {
     let (name, concurrency) = {
         let ctx = versions.borrow();
-        (ctx.handler.spec.name.clone(), ctx.handler.spec.limits.max_concurrency as usize)
+        (ctx.handler.spec.name.clone(), ctx.handler.spec.manifest.limits.max_concurrency as usize)
     };
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut in_flight = JoinSet::new();
@@ -91,7 +91,7 @@ async fn process(
     };
     loop {
         let ctx = versions.borrow().clone();
-        let max_attempts = ctx.handler.spec.retry.max_attempts;
+        let max_attempts = ctx.handler.spec.manifest.retry.max_attempts;
         let span = super::span(&ctx.handler.spec.name, &msg, attempt);
         let delivered = Delivered { original, wit: &wit, attempt };
         let (settle, seen) = super::handle_delivery(&ctx, delivered, history.take()).instrument(span.clone()).await;

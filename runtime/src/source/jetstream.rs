@@ -52,7 +52,7 @@ pub fn consumer_config(src: &JetStreamSource) -> pull::Config {
 /// refused; a different ack wait or ack-pending limit is updated in place.
 pub async fn bind(js: &jetstream::Context, ctx: &Context) -> anyhow::Result<PullConsumer> {
     let spec = &ctx.handler.spec;
-    let Source::JetStream(src) = &spec.source else {
+    let Source::JetStream(src) = &spec.manifest.source else {
         anyhow::bail!("handler {} does not have a JetStream source", spec.name);
     };
     let what = format!("handler {}: consumer {} on stream {}", spec.name, src.consumer, src.stream);
@@ -121,7 +121,7 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// it); redeliveries naturally get the version current then.
 pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
     let spec = versions.borrow().handler.spec.clone();
-    let concurrency = spec.limits.max_concurrency as usize;
+    let concurrency = spec.manifest.limits.max_concurrency as usize;
     let permits = Arc::new(Semaphore::new(concurrency));
     let histories: Histories = Arc::default();
     let mut in_flight = JoinSet::new();
@@ -196,7 +196,7 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
     };
     let take_history = || histories.lock().ok().and_then(|mut h| h.remove(&seq));
 
-    let (settle, history) = if attempt > spec.retry.max_attempts {
+    let (settle, history) = if attempt > spec.manifest.retry.max_attempts {
         // Already given up on: an earlier dead-letter publish failed, or the process died
         // between publishing the dead letter and terming. The dead letter's id makes a second
         // publish harmless.
@@ -222,7 +222,7 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
         let wit = Arc::new(wit);
         let delivered = Delivered { original, wit: &wit, attempt };
         let work = super::handle_delivery(&ctx, delivered, take_history());
-        with_progress_acks(&msg, ack_wait(&spec.source), work).await
+        with_progress_acks(&msg, ack_wait(&spec.manifest.source), work).await
     };
     super::count(&ctx, &settle, received);
     match settle {
@@ -275,7 +275,7 @@ async fn give_up(
             }
         }
         Err(e) => {
-            let delay = ctx.handler.spec.retry.max;
+            let delay = ctx.handler.spec.manifest.retry.max;
             tracing::error!("dead-letter failed, keeping the message (back in {delay:?}): {e}");
             if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                 tracing::warn!("cannot nak: {e}");

@@ -131,7 +131,7 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
         (Settle::GiveUp(history.verdict(kind, d.attempt)), Some(history))
     };
 
-    if let Some(max) = spec.limits.max_payload
+    if let Some(max) = spec.manifest.limits.max_payload
         && d.original.payload.len() as u64 > max
     {
         let reason = format!("payload of {} bytes is over limits.max_payload ({max} bytes)", d.original.payload.len());
@@ -140,7 +140,7 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
 
     // The gate: derive the key, and take the lease on it unless it was handled already.
     let mut key = None;
-    if let (Some(idem), Some(scope)) = (&spec.idempotency, &ctx.scope) {
+    if let (Some(idem), Some(scope)) = (&spec.manifest.idempotency, &ctx.scope) {
         match idem.key.derive(d.original.subject, d.original.headers, d.original.payload) {
             Err(why) if idem.on_missing == OnMissing::DeadLetter => {
                 return final_failure(
@@ -152,7 +152,7 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
             Err(why) => tracing::debug!("processing without dedup: {why}"),
             Ok(k) => {
                 let fingerprint = idem.fingerprint.then(|| idempotency::fingerprint(d.original.payload));
-                let lease = spec.limits.timeout + LEASE_GRACE;
+                let lease = spec.manifest.limits.timeout + LEASE_GRACE;
                 match Box::pin(acquire(scope, &k, lease)).await {
                     Err(e) => {
                         let reason = format!("state store: {e}");
@@ -176,7 +176,7 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
 
     let delivery = Delivery {
         attempt: d.attempt,
-        max_attempts: spec.retry.max_attempts,
+        max_attempts: spec.manifest.retry.max_attempts,
         idempotency_key: key.as_ref().map(|(k, _)| k.clone()),
         stream_sequence: d.original.stream.map(|(_, seq)| seq),
     };
@@ -213,7 +213,7 @@ pub async fn handle_delivery(ctx: &Context, d: Delivered<'_>, history: Option<Hi
         return (Settle::Halt, history);
     }
     // Order: outputs sent (and stored), then the key marked completed, then the ack.
-    if let (Some((k, fingerprint)), Some(scope), Some(idem)) = (key, &ctx.scope, &spec.idempotency) {
+    if let (Some((k, fingerprint)), Some(scope), Some(idem)) = (key, &ctx.scope, &spec.manifest.idempotency) {
         let bookkeeping = match &result {
             Ok(()) => Box::pin(scope.complete(&k, idem.ttl, fingerprint)).await,
             Err(_) => Box::pin(scope.release(&k)).await,
@@ -332,7 +332,7 @@ impl History {
 
 /// Logs the failed attempt and decides what comes next.
 pub fn decide(ctx: &Context, failure: &Failure, attempt: u32) -> Decision {
-    let decision = ctx.handler.spec.retry.decide(failure, attempt);
+    let decision = ctx.handler.spec.manifest.retry.decide(failure, attempt);
     match &decision {
         Decision::Retry(delay) => tracing::info!(
             kind = %failure.kind,
@@ -361,7 +361,7 @@ pub async fn dead_letter(
     original: &Original<'_>,
 ) -> Result<(), dlq::DeadLetterError> {
     let spec = &ctx.handler.spec;
-    let Some(target) = &spec.dead_letter else {
+    let Some(target) = &spec.manifest.dead_letter else {
         tracing::error!(
             kind = %verdict.kind,
             reason = %verdict.reason,
