@@ -284,13 +284,10 @@ fn resolve_source(
 ) -> Result<Source, ManifestError> {
     let err = |span: std::ops::Range<usize>, m: &str| ManifestError::at(file, span, m);
     match (raw.subject, raw.stream) {
-        (Some(subject), Some(stream)) => {
-            let _ = subject;
-            Err(err(
-                stream.span(),
-                "conflicting sources: `subject` (core NATS) and `stream` (JetStream) are both set; choose one",
-            ))
-        }
+        (Some(_), Some(stream)) => Err(err(
+            stream.span(),
+            "conflicting sources: `subject` (core NATS) and `stream` (JetStream) are both set; choose one",
+        )),
         (None, None) => {
             Err(err(span, "[source] needs `subject = \"...\"` (core NATS) or `stream = \"...\"` (JetStream)"))
         }
