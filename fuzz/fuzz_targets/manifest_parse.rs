@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use sluice::manifest::{self, Source};
-use sluice::source::LEASE_GRACE;
+use sluice::pipeline::LEASE_GRACE;
 use sluice::store::Backend;
 
 fn manifest_path() -> &'static Path {

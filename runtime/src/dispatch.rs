@@ -39,27 +39,93 @@ impl fmt::Display for DeadlineExceeded {
 
 impl std::error::Error for DeadlineExceeded {}
 
-/// Runs `msg` through an instance of `handler`, on the engine's guest threads when it
-/// has them (see [`Engine::guests`]), where it is called otherwise.
-pub async fn run(
-    engine: &Arc<Engine>,
-    handler: &Arc<Handler>,
-    scope: Option<Scope>,
-    msg: &Arc<Message>,
-    delivery: Delivery,
-) -> Outcome {
-    let Some(guests) = engine.guests() else {
-        return dispatch(engine, handler, scope, msg, &delivery).await;
+/// One call of a batch: which entry of the batch it is, and what the call needs.
+#[derive(Debug)]
+pub struct Call {
+    /// The entry's index in its batch, given back with its outcome.
+    pub index: usize,
+    pub scope: Option<Scope>,
+    pub msg: Arc<Message>,
+    pub delivery: Delivery,
+    /// The message's span: the call's log lines (the guest's included) are inside it.
+    pub span: tracing::Span,
+}
+
+/// The outcome of one call of a batch, and how long the call took.
+#[derive(Debug)]
+pub struct Ended {
+    pub index: usize,
+    pub outcome: Outcome,
+    pub took: Duration,
+}
+
+/// The outcomes of a batch, each as soon as its call ends.
+#[derive(Debug)]
+pub struct Outcomes {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Ended>,
+    /// Calls whose outcome has not come back yet, by index.
+    pending: Vec<usize>,
+}
+
+impl Outcomes {
+    /// The next outcome to end, or `None` once every call's has been given. A call whose
+    /// guest task ended without an outcome (a panic in the host) is given as a trap.
+    pub async fn next(&mut self) -> Option<Ended> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let ended = match self.rx.recv().await {
+            Some(ended) => ended,
+            None => Ended {
+                index: self.pending[0],
+                outcome: Outcome::Failed(Failure {
+                    kind: FailureKind::Trap,
+                    reason: "the call ended abnormally".to_owned(),
+                    retry_after: None,
+                }),
+                took: Duration::ZERO,
+            },
+        };
+        if let Some(at) = self.pending.iter().position(|&i| i == ended.index) {
+            self.pending.swap_remove(at);
+        }
+        Some(ended)
+    }
+}
+
+/// Runs a batch of calls of `handler` and returns their outcomes as they end.
+///
+/// On the engine's guest threads (see [`Engine::guests`]) the batch crosses to them in one
+/// hand-off, not one per call: waking a guest thread from the I/O threads is the costly part
+/// of a hop. There each call becomes a task of its own, so that the guest runtime's
+/// scheduler shares the threads between calls as it did call by call (a call spinning until
+/// its deadline yields at every epoch tick and is stolen away from a busy thread like any
+/// task). Without guest threads the calls are tasks on the current runtime.
+pub fn run_batch(engine: &Arc<Engine>, handler: &Arc<Handler>, calls: Vec<Call>) -> Outcomes {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let pending: Vec<usize> = calls.iter().map(|c| c.index).collect();
+    let spawn_all = {
+        let (engine, handler) = (engine.clone(), handler.clone());
+        move || {
+            for call in calls {
+                let (engine, handler, tx) = (engine.clone(), handler.clone(), tx.clone());
+                // The receiver is gone only when the batch was abandoned (shutdown).
+                drop(tokio::spawn(async move { drop(tx.send(one(&engine, &handler, call).await)) }));
+            }
+        }
     };
-    let (engine, handler, msg) = (engine.clone(), handler.clone(), msg.clone());
-    let call = async move { dispatch(&engine, &handler, scope, &msg, &delivery).await };
-    guests.spawn(call).await.unwrap_or_else(|e| {
-        Outcome::Failed(Failure {
-            kind: FailureKind::Trap,
-            reason: format!("the call ended abnormally: {e}"),
-            retry_after: None,
-        })
-    })
+    match engine.guests() {
+        Some(guests) => drop(guests.spawn(async move { spawn_all() })),
+        None => spawn_all(),
+    }
+    Outcomes { rx, pending }
+}
+
+async fn one(engine: &Engine, handler: &Handler, call: Call) -> Ended {
+    use tracing::Instrument;
+    let started = Instant::now();
+    let outcome = dispatch(engine, handler, call.scope, &call.msg, &call.delivery).instrument(call.span).await;
+    Ended { index: call.index, outcome, took: started.elapsed() }
 }
 
 /// Runs `msg` through an instance of `handler`, here: a fresh one, or with warm instances

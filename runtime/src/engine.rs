@@ -59,6 +59,8 @@ pub struct Engine {
     /// its calm rate during a storm of spinning calls, against 2% with guests on the I/O
     /// threads; the hop costs about a third of the core noop throughput (bench/HISTORY.md).
     guests: Option<tokio::runtime::Runtime>,
+    /// How many threads `guests` has (0: none).
+    guest_threads: usize,
     _ticker: EpochTicker,
 }
 
@@ -114,7 +116,7 @@ impl Engine {
                     .context("cannot start the guest threads")?,
             ),
         };
-        Ok(Arc::new(Engine { engine, linker, options, guests, _ticker: ticker }))
+        Ok(Arc::new(Engine { engine, linker, options, guests, guest_threads: threads, _ticker: ticker }))
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
@@ -124,6 +126,11 @@ impl Engine {
     /// The runtime guest calls are spawned on; `None`: they run where they are called.
     pub fn guests(&self) -> Option<&tokio::runtime::Handle> {
         self.guests.as_ref().map(tokio::runtime::Runtime::handle)
+    }
+
+    /// How many guest threads there are (0: calls run on the I/O threads).
+    pub fn guest_threads(&self) -> usize {
+        if self.guests.is_some() { self.guest_threads } else { 0 }
     }
 
     /// Compiles the manifest's component and checks it against the world: it must export

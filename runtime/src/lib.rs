@@ -18,10 +18,11 @@
 //! | [`handler`] | a loaded handler: spec, digest, pre-instantiated component |
 //! | [`instance`] | warm instances kept between messages, per handler version |
 //! | [`failure`] | the failure vocabulary: kinds and reasons (a leaf) |
-//! | [`dispatch`] | one message through one fresh instance, with a typed outcome |
+//! | [`dispatch`] | calls: one message through one instance (fresh or warm), with a typed outcome; a batch of calls handed to the guest threads at once |
 //! | [`idempotency`] | idempotency keys: deriving them from a message |
 //! | [`retry`] | the retry policy: attempts, backoff with jitter, retryable kinds |
-//! | [`source`] | where messages come from (core NATS queue groups, JetStream consumers), and settling outcomes |
+//! | [`pipeline`] | the delivery pipeline, per batch: gate (payload, key, lease), call, commit (outputs, record), settle (retry policy, dead letters, metrics) |
+//! | [`source`] | the transports: core NATS queue groups and JetStream consumers, receiving batches and acting on each message's settlement |
 //! | [`outputs`] | a call's outputs (`Output`, `Outputs`, header checks) and sending them (stream acks awaited, replies only to inboxes) |
 //! | [`store`] | handler state (dedup records, guest dedup and kv) on memory, redb or NATS KV |
 //! | [`dlq`] | dead-letter headers, publishing, the dead-letter stream |
@@ -50,6 +51,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod nats_server;
 pub mod outputs;
+pub mod pipeline;
 pub mod reload;
 pub mod retry;
 pub mod runtime;

@@ -232,8 +232,12 @@ impl HandlerMetrics {
     }
 
     pub fn received(&self) {
-        self.received.increment(1);
-        self.counts.received.fetch_add(1, Ordering::Relaxed);
+        self.received_many(1);
+    }
+    /// `n` deliveries at once (a batch).
+    pub fn received_many(&self, n: u64) {
+        self.received.increment(n);
+        self.counts.received.fetch_add(n, Ordering::Relaxed);
     }
     pub fn succeeded(&self) {
         self.succeeded.increment(1);
@@ -263,8 +267,14 @@ impl HandlerMetrics {
         self.counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
     }
     pub fn call_started(&self) {
-        self.in_flight.increment(1.0);
-        self.counts.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.calls_started(1);
+    }
+    /// `n` calls handed to the guest threads at once (a batch).
+    pub fn calls_started(&self, n: u64) {
+        if n > 0 {
+            self.in_flight.increment(n as f64);
+            self.counts.in_flight.fetch_add(n, Ordering::Relaxed);
+        }
     }
     pub fn call_ended(&self, took: Duration) {
         self.in_flight.decrement(1.0);

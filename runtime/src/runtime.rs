@@ -18,7 +18,8 @@ use crate::handler::{self, Handler, read_component};
 use crate::manifest::{self, Manifest, ManifestError, Source};
 use crate::metrics::Metrics;
 use crate::outputs::OutputSender;
-use crate::source::{self, Context, Fault};
+use crate::pipeline::{Fault, LEASE_GRACE, Lane};
+use crate::source;
 use crate::status::{ReloadReport, Status};
 use crate::store::{self, Backend, Scope};
 
@@ -310,7 +311,7 @@ pub struct Watched {
 /// is the handler's own, read once with the manifest.
 struct Served {
     handler: Arc<Handler>,
-    ctx: watch::Sender<Context>,
+    ctx: watch::Sender<Lane>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -323,7 +324,7 @@ impl Served {
 
 /// A handler set up (store, streams, subscription or consumer) but not yet serving.
 struct Prepared {
-    ctx: Context,
+    ctx: Lane,
     binding: Binding,
 }
 
@@ -351,13 +352,13 @@ impl fmt::Debug for Served {
 }
 
 impl Supervisor {
-    async fn context(&self, handler: Arc<Handler>) -> anyhow::Result<Context> {
+    async fn context(&self, handler: Arc<Handler>) -> anyhow::Result<Lane> {
         let scope = match handler.needs_state() {
             true => Some(self.stores.lock().await.scope_for(&handler).await?),
             false => None,
         };
         let metrics = self.metrics.handler(&handler.spec.name);
-        Ok(Context {
+        Ok(Lane {
             scope,
             fault: self.options.fault,
             engine: self.engine.clone(),
@@ -376,7 +377,7 @@ impl Supervisor {
         Ok(Prepared { ctx, binding })
     }
 
-    async fn bind_source(&self, ctx: &Context) -> anyhow::Result<Binding> {
+    async fn bind_source(&self, ctx: &Lane) -> anyhow::Result<Binding> {
         let spec = &ctx.handler.spec;
         if let Some(target) = &spec.manifest.dead_letter {
             dlq::ensure_stream(self.sender.jetstream(), target).await?;
@@ -610,7 +611,7 @@ impl Stores {
             Backend::NatsKv => {
                 let max_age = spec.manifest.idempotency.as_ref().map_or(manifest::DEFAULT_IDEMPOTENCY_TTL, |i| i.ttl)
                     + spec.manifest.limits.timeout
-                    + source::LEASE_GRACE;
+                    + LEASE_GRACE;
                 let kv = store::KvStore::new(self.js.clone(), spec.manifest.store.replicas, max_age);
                 kv.prepare(&spec.name).await.map_err(|e| anyhow::anyhow!("handler {}: {e}", spec.name))?;
                 store::Store::Kv(Box::new(kv))

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use sluice::RuntimeOptions;
-use sluice::source::Fault;
+use sluice::pipeline::Fault;
 use sluice_tests::{
     Sluice, client, collect_quiet, js_publish, manifest, nats, request, stream, stream_messages, sync, text,
 };

@@ -7,20 +7,22 @@
 //! and is dead-lettered if it fails again. Use a JetStream source where that matters.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_nats::{Client, Subscriber};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
-use tracing::Instrument;
 
-use super::{Context, Delivered, History, Settle};
+use crate::bindings::Message;
 use crate::dlq::{self, Original};
 use crate::manifest::Source;
+use crate::metrics::Held;
+use crate::pipeline::{self, Entry, History, Lane, Settle};
 
-/// Subscribes the handler of `ctx` to its subject in its queue group.
-pub async fn subscribe(client: &Client, ctx: &Context) -> anyhow::Result<Subscriber> {
-    let spec = &ctx.handler.spec;
+/// Subscribes the handler of `lane` to its subject in its queue group.
+pub async fn subscribe(client: &Client, lane: &Lane) -> anyhow::Result<Subscriber> {
+    let spec = &lane.handler.spec;
     let Source::Core { subject, queue } = &spec.manifest.source else {
         anyhow::bail!("handler {} does not have a core NATS source", spec.name);
     };
@@ -33,12 +35,14 @@ pub async fn subscribe(client: &Client, ctx: &Context) -> anyhow::Result<Subscri
 /// Serves `subscription` until `stop` turns true, then drains it: messages already
 /// delivered to this process are processed, in-flight calls finish, then it returns.
 ///
-/// Each message is handled by the version in `versions` when it arrives (a hot reload swaps
-/// it); a retry uses the version current at that attempt.
-pub async fn serve(versions: watch::Receiver<Context>, mut subscription: Subscriber, mut stop: watch::Receiver<bool>) {
+/// What the subscription has buffered when a message arrives travels with it as one batch
+/// through the pipeline (up to the free concurrency). Each message is handled by the version
+/// in `versions` when its batch forms (a hot reload swaps it); a retry uses the version
+/// current at that attempt.
+pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber, mut stop: watch::Receiver<bool>) {
     let (name, concurrency) = {
-        let ctx = versions.borrow();
-        (ctx.handler.spec.name.clone(), ctx.handler.spec.manifest.limits.max_concurrency as usize)
+        let lane = versions.borrow();
+        (lane.handler.spec.name.clone(), lane.handler.spec.manifest.limits.max_concurrency as usize)
     };
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut in_flight = JoinSet::new();
@@ -59,7 +63,15 @@ pub async fn serve(versions: watch::Receiver<Context>, mut subscription: Subscri
                 // Waiting for a permit here is the backpressure: at the concurrency limit we
                 // stop reading, and the queue group hands messages to other processes.
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                let task = process(versions.clone(), msg, permits.clone(), permit, stop.clone());
+                let mut batch = vec![(msg, permit)];
+                while batch.len() < concurrency {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+                    match subscription.next().now_or_never() {
+                        Some(Some(msg)) => batch.push((msg, permit)),
+                        Some(None) | None => break,
+                    }
+                }
+                let task = process(versions.clone(), batch, permits.clone(), stop.clone());
                 // Boxed: the task then holds a pointer, not the whole state machine.
                 in_flight.spawn(Box::pin(task));
                 while in_flight.try_join_next().is_some() {}
@@ -70,64 +82,147 @@ pub async fn serve(versions: watch::Receiver<Context>, mut subscription: Subscri
     tracing::debug!(handler = &*name, "stopped");
 }
 
-/// Every attempt of one message, until it succeeds or is given up on.
+/// What a message holds until it is settled: its concurrency permit, and its place in the
+/// count of messages this process holds.
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    _held: Held,
+}
+
+/// The first attempt of each message of a batch, as one batch; a message to retry then goes
+/// on alone, inside this task, until it succeeds or is given up on.
 async fn process(
-    versions: watch::Receiver<Context>,
-    msg: async_nats::Message,
+    versions: watch::Receiver<Lane>,
+    batch: Vec<(async_nats::Message, OwnedSemaphorePermit)>,
     permits: Arc<Semaphore>,
-    mut permit: OwnedSemaphorePermit,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let wit = Arc::new(super::to_wit(&msg));
-    let original =
-        Original { subject: msg.subject.as_str(), headers: msg.headers.as_ref(), payload: &msg.payload, stream: None };
-    let mut history: Option<History> = None;
+    let lane = versions.borrow().clone();
+    let received = Instant::now();
+    let (msgs, permits_held): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    // Counted once: a retry in this process is not a new delivery.
+    lane.metrics.received_many(msgs.len() as u64);
+    let wits: Vec<Arc<Message>> = msgs.iter().map(|m| Arc::new(pipeline::to_wit(m))).collect();
+    let entries = msgs
+        .iter()
+        .zip(&wits)
+        .zip(permits_held)
+        .map(|((msg, wit), permit)| {
+            let slot = Slot { permit: Some(permit), _held: lane.metrics.hold() };
+            (entry(&lane, msg, wit, 1, None, received), slot)
+        })
+        .collect();
+    let (versions, permits, stop) = (&versions, &permits, &stop);
+    pipeline::run_batch(&lane, entries, |i, slot, settle, history| {
+        let (lane, msg, wit) = (&lane, &msgs[i], &wits[i]);
+        async move {
+            if let Some((delay, history)) = apply(lane, msg, settle, history).await {
+                Box::pin(retry(versions, msg, wit, slot, delay, history, permits, stop.clone(), received)).await;
+            }
+        }
+    })
+    .await;
+}
+
+fn entry<'a>(
+    lane: &Lane,
+    msg: &'a async_nats::Message,
+    wit: &Arc<Message>,
+    attempt: u32,
+    history: Option<History>,
+    received: Instant,
+) -> Entry<'a> {
+    Entry {
+        original: Original {
+            subject: msg.subject.as_str(),
+            headers: msg.headers.as_ref(),
+            payload: &msg.payload,
+            stream: None,
+        },
+        wit: wit.clone(),
+        attempt,
+        history,
+        received,
+        span: lane.span(msg, attempt),
+    }
+}
+
+/// The attempts after the first: each after its backoff (holding no concurrency permit
+/// meanwhile), alone through the pipeline. On shutdown the last attempt runs at once rather
+/// than being lost.
+#[allow(clippy::too_many_arguments)]
+async fn retry(
+    versions: &watch::Receiver<Lane>,
+    msg: &async_nats::Message,
+    wit: &Arc<Message>,
+    mut slot: Slot,
+    mut delay: Duration,
+    mut history: Option<History>,
+    permits: &Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+    received: Instant,
+) {
     let mut attempt = 1;
-    let received = std::time::Instant::now();
-    let _held = {
-        let ctx = versions.borrow();
-        ctx.metrics.received();
-        ctx.metrics.hold()
-    };
     loop {
-        let ctx = versions.borrow().clone();
-        let max_attempts = ctx.handler.spec.manifest.retry.max_attempts;
-        let span = super::span(&ctx.handler.spec.name, &msg, attempt);
-        let delivered = Delivered { original, wit: &wit, attempt };
-        let (settle, seen) = super::handle_delivery(&ctx, delivered, history.take()).instrument(span.clone()).await;
-        history = seen;
-        span.in_scope(|| super::count(&ctx, &settle, received));
-        match settle {
-            Settle::Done | Settle::Skipped | Settle::Halt => return,
-            Settle::Retry(delay) => {
-                drop(permit);
-                // On shutdown, the last attempt runs at once rather than being lost.
-                let last_chance = tokio::select! {
-                    _ = tokio::time::sleep(delay) => false,
-                    _ = stop.wait_for(|stopping| *stopping) => true,
-                };
-                permit = match permits.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => return,
-                };
-                attempt = if last_chance { max_attempts.max(attempt + 1) } else { attempt + 1 };
+        slot.permit = None;
+        let last_chance = tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = stop.wait_for(|stopping| *stopping) => true,
+        };
+        slot.permit = match permits.clone().acquire_owned().await {
+            Ok(p) => Some(p),
+            Err(_) => return,
+        };
+        let lane = versions.borrow().clone();
+        let max_attempts = lane.handler.spec.manifest.retry.max_attempts;
+        attempt = if last_chance { max_attempts.max(attempt + 1) } else { attempt + 1 };
+        let next = std::sync::Mutex::new(None);
+        let entries = vec![(entry(&lane, msg, wit, attempt, history.take(), received), ())];
+        pipeline::run_batch(&lane, entries, |_, (), settle, history| {
+            let (lane, next) = (&lane, &next);
+            async move {
+                let again = apply(lane, msg, settle, history).await;
+                if let Ok(mut next) = next.lock() {
+                    *next = again;
+                }
             }
-            Settle::GiveUp(verdict) => {
-                let give_up = async {
-                    if let Err(e) = Box::pin(super::dead_letter(&ctx, &verdict, &original)).await {
-                        tracing::error!("message lost: {e}");
-                    }
-                    // A refused reply subject gets no failure reply either: that too would be
-                    // published with Sluice's credentials.
-                    if let Some(reply) = &msg.reply
-                        && super::reply_allowed(&ctx, reply.as_str())
-                    {
-                        Box::pin(reply_failure(ctx.sender.client(), reply.clone(), &ctx, &verdict, &original)).await;
-                    }
-                };
-                give_up.instrument(span).await;
-                return;
+        })
+        .await;
+        match next.into_inner().ok().flatten() {
+            Some((d, h)) => (delay, history) = (d, h),
+            None => return,
+        }
+    }
+}
+
+/// Acts on a settlement; returns the delay and history of a retry to run.
+async fn apply(
+    lane: &Lane,
+    msg: &async_nats::Message,
+    settle: Settle,
+    history: Option<History>,
+) -> Option<(Duration, Option<History>)> {
+    match settle {
+        Settle::Done | Settle::Skipped | Settle::Halt => None,
+        Settle::Retry(delay) => Some((delay, history)),
+        Settle::GaveUp { verdict, parked } => {
+            if !parked {
+                tracing::error!("message lost: its dead letter could not be stored");
             }
+            // A refused reply subject gets no failure reply either: that too would be
+            // published with Sluice's credentials.
+            if let Some(reply) = &msg.reply
+                && lane.reply_allowed(reply.as_str())
+            {
+                let original = Original {
+                    subject: msg.subject.as_str(),
+                    headers: msg.headers.as_ref(),
+                    payload: &msg.payload,
+                    stream: None,
+                };
+                Box::pin(reply_failure(lane.sender.client(), reply.clone(), lane, &verdict, &original)).await;
+            }
+            None
         }
     }
 }
@@ -137,11 +232,11 @@ async fn process(
 async fn reply_failure(
     client: &Client,
     reply: async_nats::Subject,
-    ctx: &Context,
+    lane: &Lane,
     verdict: &dlq::Verdict,
     original: &Original<'_>,
 ) {
-    let mut headers = dlq::verdict_headers(&ctx.handler.spec, verdict, original);
+    let mut headers = dlq::verdict_headers(&lane.handler.spec, verdict, original);
     headers.insert("Nats-Service-Error-Code", "500");
     headers.insert("Nats-Service-Error", dlq::one_line(&verdict.reason));
     if let Err(e) = client.publish_with_headers(reply, headers, Default::default()).await {

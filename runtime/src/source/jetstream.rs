@@ -8,21 +8,21 @@
 //! later and is dead-lettered then, without running the handler again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
-use tracing::Instrument;
 
-use super::{Context, Delivered, History, Settle};
-use crate::dlq::{Original, Verdict};
-use crate::failure::FailureKind;
+use crate::dlq::Original;
 use crate::manifest::{JetStreamSource, Source};
+use crate::metrics::Held;
+use crate::pipeline::{self, Entry, History, Lane, Settle};
 
 /// Failure histories of messages in a retry sequence, by stream sequence.
 type Histories = Arc<Mutex<HashMap<u64, History>>>;
@@ -50,8 +50,8 @@ pub fn consumer_config(src: &JetStreamSource) -> pull::Config {
 /// Finds or creates the handler's durable consumer. An existing consumer whose filter, ack
 /// policy or type differs is a conflict (another deployment uses it differently) and is
 /// refused; a different ack wait or ack-pending limit is updated in place.
-pub async fn bind(js: &jetstream::Context, ctx: &Context) -> anyhow::Result<PullConsumer> {
-    let spec = &ctx.handler.spec;
+pub async fn bind(js: &jetstream::Context, lane: &Lane) -> anyhow::Result<PullConsumer> {
+    let spec = &lane.handler.spec;
     let Source::JetStream(src) = &spec.manifest.source else {
         anyhow::bail!("handler {} does not have a JetStream source", spec.name);
     };
@@ -117,9 +117,11 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// calls in flight finish (and ack). Messages pulled but not started are not acked and come
 /// back after the ack wait.
 ///
-/// Each message is handled by the version in `versions` when it is pulled (a hot reload swaps
-/// it); redeliveries naturally get the version current then.
-pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
+/// What one pull has delivered travels as one batch through the pipeline: once a message is
+/// here, every further message already received (up to the free concurrency) joins it.
+/// Each message is handled by the version in `versions` when its batch forms (a hot reload
+/// swaps it); redeliveries naturally get the version current then.
+pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
     let spec = versions.borrow().handler.spec.clone();
     let concurrency = spec.manifest.limits.max_concurrency as usize;
     let permits = Arc::new(Semaphore::new(concurrency));
@@ -158,14 +160,22 @@ pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, m
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Some(Ok(msg)) => {
-                // JetStream's delivery count is the attempt (and `process` reports a
-                // message without metadata).
-                let attempt = msg.info().map_or(0, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
-                let span = super::span(&spec.name, &msg.message, attempt);
-                let ctx = versions.borrow().clone();
+                let mut batch = vec![(msg, permit)];
+                while batch.len() < concurrency {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+                    match messages.next().now_or_never() {
+                        Some(Some(Ok(msg))) => batch.push((msg, permit)),
+                        Some(Some(Err(e))) => {
+                            tracing::warn!(handler = &*spec.name, "pulling messages: {e}");
+                            break;
+                        }
+                        Some(None) | None => break,
+                    }
+                }
+                let lane = versions.borrow().clone();
                 // Boxed: the task then holds a pointer, not the whole state machine, which
                 // tokio would otherwise copy as it creates, finishes and reads the task.
-                in_flight.spawn(Box::pin(process(ctx, msg, histories.clone(), permit).instrument(span)));
+                in_flight.spawn(Box::pin(process(lane, batch, histories.clone())));
                 while in_flight.try_join_next().is_some() {}
             }
         }
@@ -175,56 +185,87 @@ pub async fn serve(versions: watch::Receiver<Context>, consumer: PullConsumer, m
     tracing::debug!(handler = &*spec.name, "stopped");
 }
 
-async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _permit: OwnedSemaphorePermit) {
-    let spec = ctx.handler.spec.clone();
-    let (stream, seq, delivered) = match msg.info() {
-        Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
-        Err(e) => {
-            tracing::error!("message without JetStream metadata: {e}");
-            return;
+/// What a message of a batch holds until it is settled: its concurrency permit, and its
+/// place in the count of messages this process holds.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _held: Held,
+}
+
+/// Runs one batch through the pipeline and settles each message as soon as its outcome is
+/// known.
+async fn process(lane: Lane, batch: Vec<(jetstream::Message, OwnedSemaphorePermit)>, histories: Histories) {
+    let spec = lane.handler.spec.clone();
+    let received = Instant::now();
+    let mut msgs = Vec::with_capacity(batch.len());
+    let mut metas = Vec::with_capacity(batch.len());
+    let mut slots = Vec::with_capacity(batch.len());
+    for (msg, permit) in batch {
+        match msg.info() {
+            Ok(info) => {
+                metas.push((info.stream.to_owned(), info.stream_sequence, info.delivered));
+                slots.push(Slot { _permit: permit, _held: lane.metrics.hold() });
+                msgs.push(msg);
+            }
+            Err(e) => tracing::error!(handler = &*spec.name, "message without JetStream metadata: {e}"),
+        }
+    }
+    lane.metrics.received_many(msgs.len() as u64);
+    let entries: Vec<(Entry<'_>, Slot)> = {
+        let mut taken = histories.lock().ok();
+        msgs.iter()
+            .zip(&metas)
+            .zip(slots)
+            .map(|((msg, (stream, seq, delivered)), slot)| {
+                let attempt = u32::try_from(*delivered).unwrap_or(u32::MAX);
+                let mut wit = pipeline::to_wit(&msg.message);
+                // A stream message's reply subject is JetStream's ack subject, not a
+                // requester: a handler's `reply` there would ack, nak or term its own message.
+                wit.reply_to = None;
+                let entry = Entry {
+                    original: Original {
+                        subject: msg.subject.as_str(),
+                        headers: msg.headers.as_ref(),
+                        payload: &msg.payload,
+                        stream: Some((stream.as_str(), *seq)),
+                    },
+                    wit: Arc::new(wit),
+                    attempt,
+                    history: taken.as_mut().and_then(|h| h.remove(seq)),
+                    received,
+                    span: lane.span(&msg.message, attempt),
+                };
+                (entry, slot)
+            })
+            .collect()
+    };
+    let settled: Vec<AtomicBool> = msgs.iter().map(|_| AtomicBool::new(false)).collect();
+    let work = pipeline::run_batch(&lane, entries, |i, slot, settle, history| {
+        let (msg, seq, settled, histories, lane) = (&msgs[i], metas[i].1, &settled[i], &histories, &lane);
+        async move {
+            apply(lane, msg, seq, histories, settle, history).await;
+            settled.store(true, Ordering::Relaxed);
+            drop(slot);
+        }
+    });
+    with_progress_acks(&msgs, &settled, ack_wait(&spec.manifest.source), work).await;
+}
+
+/// Acts on a message's settlement: ack, nak with the retry delay, term after its dead letter,
+/// or keep it (nak) when the dead letter could not be stored.
+async fn apply(
+    lane: &Lane,
+    msg: &jetstream::Message,
+    seq: u64,
+    histories: &Histories,
+    settle: Settle,
+    history: Option<History>,
+) {
+    let keep = |history: Option<History>| {
+        if let (Some(history), Ok(mut h)) = (history, histories.lock()) {
+            h.insert(seq, history);
         }
     };
-    let attempt = u32::try_from(delivered).unwrap_or(u32::MAX);
-    let received = std::time::Instant::now();
-    ctx.metrics.received();
-    let _held = ctx.metrics.hold();
-    let original = Original {
-        subject: msg.subject.as_str(),
-        headers: msg.headers.as_ref(),
-        payload: &msg.payload,
-        stream: Some((stream.as_str(), seq)),
-    };
-    let take_history = || histories.lock().ok().and_then(|mut h| h.remove(&seq));
-
-    let (settle, history) = if attempt > spec.manifest.retry.max_attempts {
-        // Already given up on: an earlier dead-letter publish failed, or the process died
-        // between publishing the dead letter and terming. The dead letter's id makes a second
-        // publish harmless.
-        let verdict = match take_history() {
-            Some(h) => h.verdict(FailureKind::RetriesExhausted, attempt - 1),
-            None => Verdict {
-                kind: FailureKind::RetriesExhausted,
-                last_kind: None,
-                reason: format!(
-                    "delivered {delivered} times; the last failure was seen before a restart or by another process"
-                ),
-                attempts: attempt - 1,
-                first_failure_at: std::time::SystemTime::now(),
-                last_failure_at: std::time::SystemTime::now(),
-            },
-        };
-        (Settle::GiveUp(verdict), None)
-    } else {
-        let mut wit = super::to_wit(&msg.message);
-        // A stream message's reply subject is JetStream's ack subject, not a requester: a
-        // handler's `reply` there would ack, nak or term its own message.
-        wit.reply_to = None;
-        let wit = Arc::new(wit);
-        let delivered = Delivered { original, wit: &wit, attempt };
-        let work = super::handle_delivery(&ctx, delivered, take_history());
-        with_progress_acks(&msg, ack_wait(&spec.manifest.source), work).await
-    };
-    super::count(&ctx, &settle, received);
     match settle {
         Settle::Done | Settle::Skipped => {
             if let Err(e) = msg.ack().await {
@@ -233,18 +274,23 @@ async fn process(ctx: Context, msg: jetstream::Message, histories: Histories, _p
         }
         Settle::Halt => {}
         Settle::Retry(delay) => {
-            if let (Some(history), Ok(mut h)) = (history, histories.lock()) {
-                h.insert(seq, history);
-            }
+            keep(history);
             if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                 tracing::warn!("cannot nak (it will be redelivered after the ack wait): {e}");
             }
         }
-        Settle::GiveUp(verdict) => {
-            if let (Some(history), Ok(mut h)) = (history, histories.lock()) {
-                h.insert(seq, history);
+        Settle::GaveUp { parked: true, .. } => {
+            if let Err(e) = msg.ack_with(AckKind::Term).await {
+                tracing::warn!("cannot term the dead-lettered message: {e}");
             }
-            Box::pin(give_up(&ctx, &msg, verdict, &original, &histories, seq)).await;
+        }
+        Settle::GaveUp { parked: false, .. } => {
+            keep(history);
+            let delay = lane.handler.spec.manifest.retry.max;
+            tracing::error!("keeping the message that could not be dead-lettered (back in {delay:?})");
+            if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                tracing::warn!("cannot nak: {e}");
+            }
         }
     }
 }
@@ -256,37 +302,15 @@ fn ack_wait(source: &Source) -> Duration {
     }
 }
 
-/// Dead-letters, then terms; if the dead letter cannot be stored, keeps the message.
-async fn give_up(
-    ctx: &Context,
-    msg: &jetstream::Message,
-    verdict: Verdict,
-    original: &Original<'_>,
-    histories: &Histories,
-    seq: u64,
-) {
-    match super::dead_letter(ctx, &verdict, original).await {
-        Ok(()) => {
-            if let Ok(mut h) = histories.lock() {
-                h.remove(&seq);
-            }
-            if let Err(e) = msg.ack_with(AckKind::Term).await {
-                tracing::warn!("cannot term the dead-lettered message: {e}");
-            }
-        }
-        Err(e) => {
-            let delay = ctx.handler.spec.manifest.retry.max;
-            tracing::error!("dead-letter failed, keeping the message (back in {delay:?}): {e}");
-            if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
-                tracing::warn!("cannot nak: {e}");
-            }
-        }
-    }
-}
-
-/// Runs `work`, telling JetStream the message is still in progress every half ack wait so
-/// that a long run (slow outputs, a slow dead-letter stream) is not redelivered meanwhile.
-async fn with_progress_acks<T>(msg: &jetstream::Message, ack_wait: Duration, work: impl Future<Output = T>) -> T {
+/// Runs `work`, telling JetStream every half ack wait that the messages of the batch not yet
+/// settled are still in progress, so that a long run (slow outputs, a slow dead-letter
+/// stream) is not redelivered meanwhile.
+async fn with_progress_acks<T>(
+    msgs: &[jetstream::Message],
+    settled: &[AtomicBool],
+    ack_wait: Duration,
+    work: impl Future<Output = T>,
+) -> T {
     tokio::pin!(work);
     let period = ack_wait / 2;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -294,8 +318,12 @@ async fn with_progress_acks<T>(msg: &jetstream::Message, ack_wait: Duration, wor
         tokio::select! {
             result = &mut work => return result,
             _ = ticker.tick() => {
-                if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                    tracing::warn!("cannot send an in-progress ack: {e}");
+                for (msg, settled) in msgs.iter().zip(settled) {
+                    if !settled.load(Ordering::Relaxed)
+                        && let Err(e) = msg.ack_with(AckKind::Progress).await
+                    {
+                        tracing::warn!("cannot send an in-progress ack: {e}");
+                    }
                 }
             }
         }

@@ -1,0 +1,120 @@
+//! The gate: whether a message is called at all. It checks the payload against
+//! `limits.max_payload`, stops a delivery past the retry budget (its dead letter could not
+//! be stored before), derives the idempotency key and takes its lease, or finds the key
+//! handled already.
+
+use std::time::Duration;
+
+use super::{Entry, LEASE_GRACE, Lane, Step};
+use crate::dlq::Verdict;
+use crate::failure::{Failure, FailureKind};
+use crate::idempotency::{self, OnMissing};
+use crate::store::Begin;
+
+/// What the gate decided.
+#[derive(Debug)]
+pub enum Gate {
+    /// Call the handler.
+    Run(Admitted),
+    /// Do not; settle with this step.
+    Stop(Step),
+    /// Another delivery of the same key holds its lease (in this batch, or in another
+    /// process); it lapses within this long. Try again later ([`admit_waiting`]): never at
+    /// the same time, never dead-lettered for that.
+    Busy(Duration),
+}
+
+/// A message let through, with its idempotency key and payload fingerprint when it has one
+/// (and then this process holds the key's lease).
+#[derive(Debug, Default)]
+pub struct Admitted {
+    pub key: Option<(String, Option<String>)>,
+}
+
+fn final_failure(kind: FailureKind, reason: String) -> Gate {
+    Gate::Stop(Step::Final(Failure { kind, reason, retry_after: None }))
+}
+
+/// The gate for one entry.
+pub async fn admit(lane: &Lane, entry: &Entry<'_>) -> Gate {
+    let spec = &lane.handler.spec;
+    let manifest = &spec.manifest;
+    if entry.attempt > manifest.retry.max_attempts {
+        // Already given up on: an earlier dead-letter publish failed, or the process died
+        // between publishing the dead letter and settling. The dead letter's id makes a
+        // second publish harmless.
+        let attempts = entry.attempt - 1;
+        let verdict = match &entry.history {
+            Some(h) => h.verdict(FailureKind::RetriesExhausted, attempts),
+            None => Verdict {
+                kind: FailureKind::RetriesExhausted,
+                last_kind: None,
+                reason: format!(
+                    "delivered {} times; the last failure was seen before a restart or by another process",
+                    entry.attempt
+                ),
+                attempts,
+                first_failure_at: std::time::SystemTime::now(),
+                last_failure_at: std::time::SystemTime::now(),
+            },
+        };
+        return Gate::Stop(Step::Exhausted(verdict));
+    }
+    let original = &entry.original;
+    if let Some(max) = manifest.limits.max_payload
+        && original.payload.len() as u64 > max
+    {
+        let reason = format!("payload of {} bytes is over limits.max_payload ({max} bytes)", original.payload.len());
+        return final_failure(FailureKind::PayloadTooLarge, reason);
+    }
+    let (Some(idem), Some(scope)) = (&manifest.idempotency, &lane.scope) else {
+        return Gate::Run(Admitted::default());
+    };
+    let k = match idem.key.derive(original.subject, original.headers, original.payload) {
+        Ok(k) => k,
+        Err(why) if idem.on_missing == OnMissing::DeadLetter => {
+            return final_failure(FailureKind::MissingIdempotencyKey, format!("no idempotency key: {why}"));
+        }
+        Err(why) => {
+            tracing::debug!("processing without dedup: {why}");
+            return Gate::Run(Admitted::default());
+        }
+    };
+    let fingerprint = idem.fingerprint.then(|| idempotency::fingerprint(original.payload));
+    let lease = manifest.limits.timeout + LEASE_GRACE;
+    match Box::pin(scope.begin(&k, lease)).await {
+        Err(e) => Gate::Stop(Step::Failed(Failure {
+            kind: FailureKind::StoreError,
+            reason: format!("state store: {e}"),
+            retry_after: None,
+        })),
+        Ok(Begin::Completed { fingerprint: seen }) => {
+            if let (Some(now), Some(seen)) = (&fingerprint, &seen)
+                && now != seen
+            {
+                let reason = format!("key {k:?} was handled before with a different payload");
+                return final_failure(FailureKind::IdempotencyConflict, reason);
+            }
+            tracing::debug!(key = %k, "duplicate of a handled message; skipped");
+            Gate::Stop(Step::Skipped)
+        }
+        Ok(Begin::InProgress { remaining }) => {
+            tracing::debug!(key = %k, "in progress elsewhere; waiting up to {remaining:?}");
+            Gate::Busy(remaining)
+        }
+        Ok(Begin::Acquired) => Gate::Run(Admitted { key: Some((k, fingerprint)) }),
+    }
+}
+
+/// The gate for an entry whose key was busy: tries again, waiting a little between tries,
+/// until the lease is ours (`Ok`) or the message is stopped (the key found handled, say).
+pub async fn admit_waiting(lane: &Lane, entry: &Entry<'_>, mut remaining: Duration) -> Result<Admitted, Step> {
+    loop {
+        tokio::time::sleep(remaining.clamp(Duration::from_millis(20), Duration::from_millis(500))).await;
+        match admit(lane, entry).await {
+            Gate::Busy(r) => remaining = r,
+            Gate::Run(admitted) => return Ok(admitted),
+            Gate::Stop(step) => return Err(step),
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The delivery pipeline: what happens to a message between its receipt by a transport
+//! ([`source`](crate::source)) and its settlement, the same for every source. Messages travel
+//! in batches (what one JetStream pull returned, what a core subscription had buffered);
+//! each message of a batch still has its own outcome, retry, dead letter, idempotency record
+//! and outputs, and is settled as soon as its own stages are done.
+//!
+//! | stage | module | outcome |
+//! |---|---|---|
+//! | gate: payload limit, exhausted redeliveries, idempotency key, lease | [`gate`] | [`gate::Gate`] |
+//! | call: the guest, on the guest threads, one hand-off per batch | [`dispatch`](crate::dispatch) | [`dispatch::Outcome`](crate::dispatch::Outcome) |
+//! | commit: reply check, outputs, the dedup record | [`commit`] | [`Step`] |
+//! | settle: the retry policy, dead letters, metrics | [`settle`] | [`Settle`] |
+//!
+//! The transport acts on a [`Settle`] (ack, nak, term; a local retry; a failure reply).
+//!
+//! Imports: the vocabulary ([`failure`](crate::failure), [`spec`](crate::spec)), the call
+//! ([`dispatch`](crate::dispatch), [`engine`](crate::engine), [`handler`](crate::handler)),
+//! its effects ([`outputs`](crate::outputs), [`store`](crate::store), [`dlq`](crate::dlq)),
+//! the policies ([`idempotency`](crate::idempotency), [`retry`](crate::retry)) and
+//! [`metrics`](crate::metrics); never a transport, the runtime or the CLI.
+
+pub mod commit;
+pub mod gate;
+pub mod settle;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tracing::Instrument;
+
+use crate::bindings::{Delivery, Message};
+use crate::dispatch::{self, Call};
+use crate::dlq::{Original, Verdict};
+use crate::engine::Engine;
+use crate::failure::Failure;
+use crate::handler::Handler;
+use crate::metrics::HandlerMetrics;
+use crate::outputs::OutputSender;
+use crate::store::Scope;
+
+pub use self::settle::History;
+
+/// Extra time a lease lasts beyond the handler's timeout: sending outputs and marking the key.
+pub const LEASE_GRACE: Duration = Duration::from_secs(10);
+
+/// What every delivery of one version of a handler needs.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    pub engine: Arc<Engine>,
+    pub handler: Arc<Handler>,
+    pub sender: Arc<OutputSender>,
+    /// The handler's state store (dedup records, the guest's marks and kv).
+    pub scope: Option<Scope>,
+    /// Fault injection for tests; `None` in production.
+    pub fault: Option<Fault>,
+    /// The handler's counters and histograms.
+    pub metrics: Arc<HandlerMetrics>,
+}
+
+/// Faults a test can inject, to stop where a crash would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// After the outputs of a successful call are sent: no completion mark, no ack.
+    HaltAfterOutputs,
+}
+
+/// One message of a batch, as its transport received it.
+#[derive(Debug)]
+pub struct Entry<'a> {
+    pub original: Original<'a>,
+    /// The WIT view of the message, shared with the call on the guest threads.
+    pub wit: Arc<Message>,
+    /// The attempt this delivery is (1 for the first).
+    pub attempt: u32,
+    /// What this process saw of the message's earlier attempts.
+    pub history: Option<History>,
+    /// When the transport received it (for the latency histogram).
+    pub received: Instant,
+    /// The message's span: every log line about it is inside.
+    pub span: tracing::Span,
+}
+
+/// How a delivery ended, for the transport to act on.
+#[derive(Debug)]
+pub enum Settle {
+    /// Handled: ack.
+    Done,
+    /// A duplicate of a handled message: ack without running.
+    Skipped,
+    /// Run it again after this delay (the failure is in the returned history).
+    Retry(Duration),
+    /// Given up on with this verdict; `parked` when the dead letter is stored (or there is no
+    /// dead-letter subject, which is logged). When it is not, the message must be kept: a
+    /// durable source redelivers it later and it is dead-lettered then.
+    GaveUp { verdict: Verdict, parked: bool },
+    /// Fault injection ([`Fault::HaltAfterOutputs`]): leave the message as a crash would.
+    Halt,
+}
+
+/// Where a message's stages got to: the commit stage's outcome, and the gate's when it stops
+/// a message before its call. The settle stage turns it into a [`Settle`].
+#[derive(Debug)]
+pub enum Step {
+    /// Handled, effects committed.
+    Done,
+    /// A duplicate of a handled message.
+    Skipped,
+    /// A failed attempt: the retry policy decides.
+    Failed(Failure),
+    /// A failure no retry can help (payload too large, no key, a conflicting payload).
+    Final(Failure),
+    /// Delivered past the retry budget already (an earlier dead letter could not be stored).
+    Exhausted(Verdict),
+    /// Fault injection: stop here.
+    Halt,
+}
+
+impl Lane {
+    /// The span of one attempt at a message: handler, subject, the trace id of an incoming
+    /// `traceparent`, the attempt, and (recorded once known) the outcome. One span per
+    /// attempt, so a retried message's log lines do not pile up fields.
+    pub fn span(&self, msg: &async_nats::Message, attempt: u32) -> tracing::Span {
+        let trace_id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .and_then(|v| v.as_str().split('-').nth(1))
+            .unwrap_or_default();
+        tracing::info_span!(
+            "message",
+            handler = &*self.handler.spec.name,
+            subject = msg.subject.as_str(),
+            trace_id,
+            attempt,
+            outcome = tracing::field::Empty,
+        )
+    }
+
+    /// Whether a reply (or a failure reply) may go to `subject`; counts a refusal.
+    pub fn reply_allowed(&self, subject: &str) -> bool {
+        let allowed = self.sender.reply_allowed(&self.handler.spec, subject);
+        if !allowed {
+            self.metrics.reply_refused();
+        }
+        allowed
+    }
+}
+
+/// The WIT view of a NATS message.
+pub fn to_wit(msg: &async_nats::Message) -> Message {
+    Message {
+        subject: msg.subject.to_string(),
+        reply_to: msg.reply.as_ref().map(ToString::to_string),
+        headers: msg.headers.as_ref().map(header_pairs).unwrap_or_default(),
+        payload: msg.payload.to_vec(),
+    }
+}
+
+fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
+    let mut pairs = Vec::with_capacity(headers.len());
+    for (name, values) in headers.iter() {
+        for value in values {
+            pairs.push((name.to_string(), value.to_string()));
+        }
+    }
+    pairs
+}
+
+/// Runs a batch through the pipeline. Every entry is gated (their leases taken together),
+/// the admitted ones are called as one batch on the guest threads, and each is committed
+/// and settled as soon as its own call ends: `settled(index, tag, settle, history)` is
+/// awaited for it then, inside its span, concurrently with the rest of the batch, so a slow
+/// message holds back no other's ack. `history` is the updated failure history, for the next
+/// attempt. Returns when every entry is settled.
+pub async fn run_batch<T, S, F>(lane: &Lane, entries: Vec<(Entry<'_>, T)>, settled: S)
+where
+    T: Send,
+    S: Fn(usize, T, Settle, Option<History>) -> F + Sync,
+    F: Future<Output = ()> + Send,
+{
+    let spec = &lane.handler.spec;
+    let n = entries.len();
+    let (mut entries, mut tags): (Vec<Entry<'_>>, Vec<Option<T>>) =
+        entries.into_iter().map(|(e, t)| (e, Some(t))).unzip();
+    let gates =
+        futures::future::join_all(entries.iter().map(|e| gate::admit(lane, e).instrument(e.span.clone()))).await;
+    let mut histories: Vec<Option<History>> = entries.iter_mut().map(|e| e.history.take()).collect();
+    let entries = entries;
+
+    type Pending<'f> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'f>>;
+    let call_of = |i: usize, admitted: &gate::Admitted| {
+        let entry = &entries[i];
+        Call {
+            index: i,
+            scope: lane.scope.clone(),
+            msg: entry.wit.clone(),
+            delivery: Delivery {
+                attempt: entry.attempt,
+                max_attempts: spec.manifest.retry.max_attempts,
+                idempotency_key: admitted.key.as_ref().map(|(k, _)| k.clone()),
+                stream_sequence: entry.original.stream.map(|(_, seq)| seq),
+            },
+            span: entry.span.clone(),
+        }
+    };
+    // A message's last stages, in its span: (waiting for its key, then its own call,)
+    // commit, settle.
+    let finish = |i: usize, then: Then, history, tag: T| -> Pending<'_> {
+        let entry = &entries[i];
+        let (settled, call_of) = (&settled, &call_of);
+        let span = entry.span.clone();
+        Box::pin(
+            async move {
+                let step = match then {
+                    Then::Settle(step) => step,
+                    Then::Commit(admitted, outcome) => commit::commit(lane, entry, admitted, outcome).await,
+                    Then::Wait(remaining) => match gate::admit_waiting(lane, entry, remaining).await {
+                        Ok(admitted) => {
+                            lane.metrics.calls_started(1);
+                            let mut alone =
+                                dispatch::run_batch(&lane.engine, &lane.handler, vec![call_of(i, &admitted)]);
+                            match alone.next().await {
+                                Some(ended) => {
+                                    lane.metrics.call_ended(ended.took);
+                                    commit::commit(lane, entry, admitted, ended.outcome).await
+                                }
+                                None => Step::Failed(Failure {
+                                    kind: crate::failure::FailureKind::Trap,
+                                    reason: "the call ended abnormally".to_owned(),
+                                    retry_after: None,
+                                }),
+                            }
+                        }
+                        Err(step) => step,
+                    },
+                };
+                let (settle, history) = settle::settle(lane, entry, step, history).await;
+                settled(i, tag, settle, history).await;
+            }
+            .instrument(span),
+        )
+    };
+
+    let mut after: FuturesUnordered<Pending<'_>> = FuturesUnordered::new();
+    let mut admitted: Vec<Option<gate::Admitted>> = (0..n).map(|_| None).collect();
+    let mut calls = Vec::with_capacity(n);
+    for (i, gate) in gates.into_iter().enumerate() {
+        let then = match gate {
+            gate::Gate::Run(a) => {
+                calls.push(call_of(i, &a));
+                admitted[i] = Some(a);
+                continue;
+            }
+            gate::Gate::Stop(step) => Then::Settle(step),
+            // Typically a duplicate in this very batch: it waits for the first to settle.
+            gate::Gate::Busy(remaining) => Then::Wait(remaining),
+        };
+        if let Some(tag) = tags[i].take() {
+            after.push(finish(i, then, histories[i].take(), tag));
+        }
+    }
+
+    lane.metrics.calls_started(calls.len() as u64);
+    let mut outcomes = dispatch::run_batch(&lane.engine, &lane.handler, calls);
+    let mut calls_done = false;
+    loop {
+        tokio::select! {
+            ended = outcomes.next(), if !calls_done => match ended {
+                None => calls_done = true,
+                Some(ended) => {
+                    lane.metrics.call_ended(ended.took);
+                    let i = ended.index;
+                    if let (Some(a), Some(tag)) = (admitted[i].take(), tags[i].take()) {
+                        after.push(finish(i, Then::Commit(a, ended.outcome), histories[i].take(), tag));
+                    }
+                }
+            },
+            Some(()) = after.next() => {}
+            else => break,
+        }
+    }
+}
+
+/// What is left to do for a message when it leaves the batch's shared part.
+enum Then {
+    /// Settle it with this step.
+    Settle(Step),
+    /// Commit its call's outcome, then settle.
+    Commit(gate::Admitted, dispatch::Outcome),
+    /// Its key was busy: wait for the lease, call it alone, commit, settle.
+    Wait(Duration),
+}

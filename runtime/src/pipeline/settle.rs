@@ -1,0 +1,149 @@
+//! The settlement: the retry policy's decision on a failed attempt, the dead letter of a
+//! message given up on, the failure history kept for the next attempt, and the counting of
+//! how each delivery ended.
+
+use std::time::SystemTime;
+
+use super::{Entry, Lane, Settle, Step};
+use crate::dlq::{self, Verdict};
+use crate::failure::{Failure, FailureKind};
+use crate::retry::Decision;
+
+/// The failures of one message seen by this process.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub first_failure_at: SystemTime,
+    pub last_failure_at: SystemTime,
+    pub last: Failure,
+}
+
+impl History {
+    pub fn record(previous: Option<History>, failure: Failure) -> History {
+        let now = SystemTime::now();
+        History { first_failure_at: previous.map_or(now, |h| h.first_failure_at), last_failure_at: now, last: failure }
+    }
+
+    /// The verdict when the policy gives up with `kind` after `attempts`.
+    pub fn verdict(&self, kind: FailureKind, attempts: u32) -> Verdict {
+        Verdict {
+            kind,
+            last_kind: (kind != self.last.kind).then_some(self.last.kind),
+            reason: self.last.reason.clone(),
+            attempts,
+            first_failure_at: self.first_failure_at,
+            last_failure_at: self.last_failure_at,
+        }
+    }
+}
+
+/// Settles one entry whose stages ended at `step`: decides, dead-letters when giving up,
+/// counts. Returns the settlement and the history to keep for the next attempt.
+pub async fn settle(lane: &Lane, entry: &Entry<'_>, step: Step, history: Option<History>) -> (Settle, Option<History>) {
+    let (settle, history) = match step {
+        Step::Done => (Settle::Done, None),
+        Step::Skipped => (Settle::Skipped, history),
+        Step::Halt => (Settle::Halt, history),
+        Step::Exhausted(verdict) => {
+            let parked = Box::pin(park(lane, &verdict, entry)).await;
+            (Settle::GaveUp { verdict, parked }, None)
+        }
+        Step::Final(failure) => {
+            lane.metrics.failed(failure.kind);
+            let kind = failure.kind;
+            let history = History::record(history, failure);
+            tracing::warn!(kind = %kind, reason = %history.last.reason, "giving up on the message");
+            let verdict = history.verdict(kind, entry.attempt);
+            let parked = Box::pin(park(lane, &verdict, entry)).await;
+            (Settle::GaveUp { verdict, parked }, Some(history))
+        }
+        Step::Failed(failure) => {
+            lane.metrics.failed(failure.kind);
+            let decision = decide(lane, &failure, entry.attempt);
+            let history = History::record(history, failure);
+            match decision {
+                Decision::Retry(delay) => (Settle::Retry(delay), Some(history)),
+                Decision::GiveUp(kind) => {
+                    let verdict = history.verdict(kind, entry.attempt);
+                    let parked = Box::pin(park(lane, &verdict, entry)).await;
+                    (Settle::GaveUp { verdict, parked }, Some(history))
+                }
+            }
+        }
+    };
+    count(lane, &settle, entry);
+    (settle, history)
+}
+
+/// Logs the failed attempt and decides what comes next.
+fn decide(lane: &Lane, failure: &Failure, attempt: u32) -> Decision {
+    let decision = lane.handler.spec.manifest.retry.decide(failure, attempt);
+    match &decision {
+        Decision::Retry(delay) => tracing::info!(
+            kind = %failure.kind,
+            reason = %failure.reason,
+            attempt,
+            retry_in = ?delay,
+            "attempt failed; will retry"
+        ),
+        Decision::GiveUp(kind) => tracing::warn!(
+            kind = %kind,
+            last_kind = %failure.kind,
+            reason = %failure.reason,
+            attempt,
+            digest = lane.handler.short_digest(),
+            "giving up on the message"
+        ),
+    }
+    decision
+}
+
+/// Dead-letters a message given up on: true when it is safely parked (or there is nowhere to
+/// park it, which is logged); false when the publish failed and the message must be kept.
+async fn park(lane: &Lane, verdict: &Verdict, entry: &Entry<'_>) -> bool {
+    let spec = &lane.handler.spec;
+    let Some(target) = &spec.manifest.dead_letter else {
+        tracing::error!(
+            kind = %verdict.kind,
+            reason = %verdict.reason,
+            "message dropped: handler {} has no [dead_letter] subject",
+            spec.name
+        );
+        return true;
+    };
+    match dlq::publish(lane.sender.jetstream(), target, spec, verdict, &entry.original).await {
+        Ok(()) => {
+            tracing::info!(subject = %target.subject, kind = %verdict.kind, "message dead-lettered");
+            true
+        }
+        Err(e) => {
+            tracing::error!("dead-letter failed: {e}");
+            false
+        }
+    }
+}
+
+/// Counts how a delivery settled, and how long it took since its receipt.
+fn count(lane: &Lane, settle: &Settle, entry: &Entry<'_>) {
+    let m = &lane.metrics;
+    let outcome = match settle {
+        Settle::Done => {
+            m.succeeded();
+            "succeeded"
+        }
+        Settle::Skipped => {
+            m.skipped();
+            "skipped-duplicate"
+        }
+        Settle::Retry(_) => {
+            m.retried();
+            "retry"
+        }
+        Settle::GaveUp { verdict, .. } => {
+            m.dead_lettered(verdict.kind);
+            "given-up"
+        }
+        Settle::Halt => "halted",
+    };
+    entry.span.record("outcome", outcome);
+    m.settled(entry.received.elapsed());
+}
