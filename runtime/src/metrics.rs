@@ -12,6 +12,7 @@
 //! | `sluice_replies_refused_total` | counter | handler | replies (and failure replies) not sent because the reply subject is not a reply inbox |
 //! | `sluice_handler_duration_seconds` | histogram | handler | one call of the handler, instantiation included |
 //! | `sluice_message_latency_seconds` | histogram | handler | from receipt to the message's settlement (ack, retry scheduled, dead letter) |
+//! | `sluice_batch_messages` | histogram | handler | messages per batch a transport handed to the pipeline (a pull's worth, or what a subscription had buffered) |
 //! | `sluice_in_flight` | gauge | handler | calls running now |
 //! | `sluice_handler_info` | gauge (1) | handler, digest | the version being served |
 //! | `sluice_nats_connected` | gauge | | 1 while the NATS connection is up |
@@ -35,6 +36,9 @@ const META: Metadata<'static> = Metadata::new("sluice", metrics::Level::INFO, So
 const BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
+/// Batch-size buckets: 1 to 1024 messages.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
 /// The metrics of one runtime.
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -54,11 +58,11 @@ impl std::fmt::Debug for Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let builder = PrometheusBuilder::new();
-        let builder =
-            builder.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS).unwrap_or_else(|_| {
-                // Only an empty bucket list fails; ours is not empty.
-                PrometheusBuilder::new()
-            });
+        // Only an empty bucket list fails; ours are not empty.
+        let builder = builder
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full("sluice_batch_messages".into()), BATCH_BUCKETS))
+            .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         describe(&recorder);
@@ -103,6 +107,11 @@ fn describe(r: &PrometheusRecorder) {
         Some(Unit::Seconds),
         "From receipt of a delivery to its settlement (ack, retry scheduled, or dead letter).".into(),
     );
+    r.describe_histogram(
+        "sluice_batch_messages".into(),
+        None,
+        "Messages per batch handed to the pipeline (a pull's worth, or what a subscription had buffered).".into(),
+    );
     r.describe_gauge("sluice_in_flight".into(), None, "Handler calls running now.".into());
     r.describe_gauge("sluice_handler_info".into(), None, "The version (component digest) being served.".into());
     r.describe_gauge("sluice_nats_connected".into(), None, "1 while the NATS connection is up.".into());
@@ -145,6 +154,7 @@ pub struct HandlerMetrics {
     replies_refused: Counter,
     duration: Histogram,
     latency: Histogram,
+    batch: Histogram,
     in_flight: Gauge,
     failures: HashMap<FailureKind, Counter>,
     dead_lettered: HashMap<FailureKind, Counter>,
@@ -224,6 +234,7 @@ impl HandlerMetrics {
             replies_refused: r.register_counter(&h("sluice_replies_refused_total"), &META),
             duration: r.register_histogram(&h("sluice_handler_duration_seconds"), &META),
             latency: r.register_histogram(&h("sluice_message_latency_seconds"), &META),
+            batch: r.register_histogram(&h("sluice_batch_messages"), &META),
             in_flight: r.register_gauge(&h("sluice_in_flight"), &META),
             failures: by_kind("sluice_failures_total"),
             dead_lettered: by_kind("sluice_messages_dead_lettered_total"),
@@ -238,6 +249,11 @@ impl HandlerMetrics {
     pub fn received_many(&self, n: u64) {
         self.received.increment(n);
         self.counts.received.fetch_add(n, Ordering::Relaxed);
+    }
+    /// A batch of `n` deliveries received: counted, and its size recorded.
+    pub fn batch(&self, n: u64) {
+        self.received_many(n);
+        self.batch.record(n as f64);
     }
     pub fn succeeded(&self) {
         self.succeeded.increment(1);

@@ -4,6 +4,7 @@
 
 mod admin;
 mod auth;
+mod batch;
 mod components;
 mod core_retry;
 mod creds;

@@ -101,7 +101,7 @@ async fn process(
     let received = Instant::now();
     let (msgs, permits_held): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
     // Counted once: a retry in this process is not a new delivery.
-    lane.metrics.received_many(msgs.len() as u64);
+    lane.metrics.batch(msgs.len() as u64);
     let wits: Vec<Arc<Message>> = msgs.iter().map(|m| Arc::new(pipeline::to_wit(m))).collect();
     let entries = msgs
         .iter()

@@ -210,7 +210,7 @@ async fn process(lane: Lane, batch: Vec<(jetstream::Message, OwnedSemaphorePermi
             Err(e) => tracing::error!(handler = &*spec.name, "message without JetStream metadata: {e}"),
         }
     }
-    lane.metrics.received_many(msgs.len() as u64);
+    lane.metrics.batch(msgs.len() as u64);
     let entries: Vec<(Entry<'_>, Slot)> = {
         let mut taken = histories.lock().ok();
         msgs.iter()
