@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         let start = Instant::now();
         for _ in 0..n {
             match dispatch(&engine, &handler, None, &msg, &delivery).await {
-                Outcome::Success(_) => {}
+                Outcome::Success(..) => {}
                 Outcome::Failed(f) => anyhow::bail!("call failed: {f:?}"),
             }
         }

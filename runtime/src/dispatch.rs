@@ -16,14 +16,14 @@ use crate::host::HostState;
 use crate::instance::WarmInstance;
 use crate::manifest::Instances;
 use crate::outputs::Outputs;
-use crate::store::Scope;
+use crate::store::{Scope, WriteSet};
 
 /// How one call ended.
 #[derive(Debug)]
 pub enum Outcome {
-    /// `handle` returned `ok`: send these.
-    Success(Outputs),
-    /// It did not; nothing it queued is sent.
+    /// `handle` returned `ok`: send these outputs and commit these writes.
+    Success(Outputs, WriteSet),
+    /// It did not; nothing it queued is sent, nothing it wrote is kept.
     Failed(Failure),
 }
 
@@ -192,7 +192,10 @@ pub async fn dispatch(
     let outcome = match (over_limit, result) {
         // Whatever the handler made of the refusal, the call broke a limit.
         (Some(reason), _) => Outcome::Failed(Failure { kind: FailureKind::OutputLimit, reason, retry_after: None }),
-        (None, Ok(Ok(()))) => Outcome::Success(std::mem::take(&mut store.data_mut().outputs)),
+        (None, Ok(Ok(()))) => {
+            let state = store.data_mut();
+            Outcome::Success(std::mem::take(&mut state.outputs), std::mem::take(&mut state.writes))
+        }
         (None, Ok(Err(WitFailure::Reject(reason)))) => {
             Outcome::Failed(Failure { kind: FailureKind::Rejected, reason, retry_after: None })
         }

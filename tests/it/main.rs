@@ -17,5 +17,6 @@ mod queue_group;
 mod reload;
 mod sandbox;
 mod security;
+mod state;
 mod tls;
 mod warm;

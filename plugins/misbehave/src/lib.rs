@@ -16,6 +16,7 @@
 //! | `work:MS:SUBJECT`             | sleeps MS milliseconds, then publishes `worked` to SUBJECT  |
 //! | `kv-set:KEY:VALUE`            | sets KEY in the handler's kv, answers `set`                 |
 //! | `kv-get:KEY`                  | answers the value of KEY, or `none`                         |
+//! | `count-flaky:KEY`             | adds 1 to KEY in kv (compare-and-swap), checks it reads it back, fails (retry) on odd attempts, answers the count |
 //! | `mark:KEY`                    | `dedup.check-and-mark(KEY, 1h)`: answers `first` or `seen`  |
 //! | `recurse`                     | recurses until the stack overflows                          |
 //! | `publish-big:N`               | publishes one N-byte message to `allowed.big`, answers what the host said |
@@ -101,6 +102,26 @@ fn handle(msg: Message) -> Result {
             let (key, value) = arg.split_once(':').unwrap_or((arg, ""));
             sluice_guest::kv::set(key, value)?;
             answer(&msg, "set")?;
+        }
+        "count-flaky" => {
+            // Counts this message in kv (a compare-and-swap: concurrent messages of one key
+            // must not lose counts), then fails on odd attempts: the count must only stick
+            // for the attempt that succeeds.
+            let parse =
+                |v: Option<&[u8]>| -> u64 { v.and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()).unwrap_or(0) };
+            let before = sluice_guest::kv::get(arg)?;
+            let n = parse(before.as_deref()) + 1;
+            if !sluice_guest::kv::compare_and_swap(arg, before.as_deref(), n.to_string())? {
+                return Err(Error::retry("another message changed the counter first"));
+            }
+            if parse(sluice_guest::kv::get(arg)?.as_deref()) != n {
+                return Err(Error::reject("the call does not read its own write"));
+            }
+            let attempt = msg.delivery().attempt;
+            if attempt % 2 == 1 {
+                return Err(Error::retry(format!("planned failure after kv.set on attempt {attempt}")));
+            }
+            answer(&msg, &n.to_string())?;
         }
         "kv-get" => {
             let value = sluice_guest::kv::get(arg)?;

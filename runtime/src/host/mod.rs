@@ -18,7 +18,7 @@ pub use stdio::{GuestOutput, LogBudget};
 use crate::bindings;
 use crate::outputs::Outputs;
 use crate::spec::HandlerSpec;
-use crate::store::Scope;
+use crate::store::{Scope, WriteSet};
 
 /// Everything one call of one handler can reach. A fresh one is built for every message and
 /// dropped with the store, unless the handler asks for warm instances: then it lives with
@@ -35,6 +35,8 @@ pub struct HostState {
     /// The handler's store, for the guest's dedup marks and kv.
     pub(crate) scope: Option<Scope>,
     pub(crate) outputs: Outputs,
+    /// The call's writes to its kv and dedup marks, committed only if it succeeds.
+    pub(crate) writes: WriteSet,
     /// What the call may still log.
     pub(crate) log_budget: LogBudget,
 }
@@ -56,6 +58,7 @@ impl HostState {
             reply_to,
             scope,
             outputs: Outputs::default(),
+            writes: WriteSet::default(),
         }
     }
 
@@ -64,6 +67,7 @@ impl HostState {
     /// WASI handles it holds) stays.
     pub(crate) fn next_call(&mut self, reply_to: Option<String>, scope: Option<Scope>) {
         self.outputs = Outputs::default();
+        self.writes = WriteSet::default();
         self.reply_to = reply_to;
         self.scope = scope;
         self.log_budget.reset(self.spec.manifest.limits.max_log_bytes);

@@ -1,5 +1,7 @@
 //! `sluice:handler/dedup` and `sluice:handler/kv`: the guest's own marks and bucket, on the
-//! handler's store, always inside the handler's namespace.
+//! handler's store, always inside the handler's namespace. A call's writes are its own until
+//! it succeeds: they are kept in the call's write set (the guest reads them back) and
+//! committed together with the message's idempotency record, or dropped with a failed call.
 
 use std::time::Duration;
 
@@ -33,59 +35,55 @@ fn check_value(value: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+// Reads go to the store (the call's own writes first); writes join the call's write set,
+// committed with its idempotency record when the call succeeds. No borrow of the state is
+// held across an await: the scope is cloned first.
+
 impl dedup::Host for HostState {
     async fn check_and_mark(&mut self, key: String, ttl_ms: u64) -> wasmtime::Result<Result<bool, String>> {
-        let scope = self.scope();
-        Ok(async move {
-            check_key(&key)?;
-            let scope = scope?;
-            let ttl = Duration::from_millis(ttl_ms.max(1));
-            scope.check_and_mark(&key, ttl).await.map_err(|e| e.to_string())
-        }
-        .await)
+        let scope = match check_key(&key).and_then(|()| self.scope()) {
+            Ok(scope) => scope,
+            Err(e) => return Ok(Err(e)),
+        };
+        let ttl = Duration::from_millis(ttl_ms.max(1));
+        Ok(scope.check_and_mark_in(&mut self.writes, &key, ttl).await.map_err(|e| e.to_string()))
     }
 
     async fn forget(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
-        let scope = self.scope();
-        Ok(async move {
-            check_key(&key)?;
-            let scope = scope?;
-            scope.forget(&key).await.map_err(|e| e.to_string())
-        }
-        .await)
+        let scope = match check_key(&key).and_then(|()| self.scope()) {
+            Ok(scope) => scope,
+            Err(e) => return Ok(Err(e)),
+        };
+        scope.forget_in(&mut self.writes, &key);
+        Ok(Ok(()))
     }
 }
 
 impl kv::Host for HostState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, String>> {
-        let scope = self.scope();
-        Ok(async move {
-            check_key(&key)?;
-            let scope = scope?;
-            scope.kv_get(&key).await.map_err(|e| e.to_string())
-        }
-        .await)
+        let scope = match check_key(&key).and_then(|()| self.scope()) {
+            Ok(scope) => scope,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(scope.kv_get_in(&self.writes, &key).await.map_err(|e| e.to_string()))
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
-        let scope = self.scope();
-        Ok(async move {
-            check_key(&key)?;
-            let scope = scope?;
-            check_value(&value)?;
-            scope.kv_put(&key, Some(value)).await.map_err(|e| e.to_string())
-        }
-        .await)
+        let scope = match check_key(&key).and_then(|()| check_value(&value)).and_then(|()| self.scope()) {
+            Ok(scope) => scope,
+            Err(e) => return Ok(Err(e)),
+        };
+        scope.kv_put_in(&mut self.writes, &key, Some(value));
+        Ok(Ok(()))
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
-        let scope = self.scope();
-        Ok(async move {
-            check_key(&key)?;
-            let scope = scope?;
-            scope.kv_put(&key, None).await.map_err(|e| e.to_string())
-        }
-        .await)
+        let scope = match check_key(&key).and_then(|()| self.scope()) {
+            Ok(scope) => scope,
+            Err(e) => return Ok(Err(e)),
+        };
+        scope.kv_put_in(&mut self.writes, &key, None);
+        Ok(Ok(()))
     }
 
     async fn compare_and_swap(
@@ -94,13 +92,10 @@ impl kv::Host for HostState {
         expected: Option<Vec<u8>>,
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<bool, String>> {
-        let scope = self.scope();
-        Ok(async move {
-            check_key(&key)?;
-            let scope = scope?;
-            check_value(&value)?;
-            scope.kv_cas(&key, expected.as_deref(), value).await.map_err(|e| e.to_string())
-        }
-        .await)
+        let scope = match check_key(&key).and_then(|()| check_value(&value)).and_then(|()| self.scope()) {
+            Ok(scope) => scope,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(scope.kv_cas_in(&mut self.writes, &key, expected.as_deref(), value).await.map_err(|e| e.to_string()))
     }
 }

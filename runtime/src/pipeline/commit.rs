@@ -1,11 +1,12 @@
 //! The commit: what a call's outcome leaves behind. A successful call's reply is checked
 //! against the reply rules, its publications are stamped (`Nats-Msg-Id`, trace context) and
-//! sent, each awaiting its stream's ack; then the idempotency record is marked completed (or,
-//! after a failure, the lease is given up so that a retry can take it at once).
+//! sent, each awaiting its stream's ack; then the call's state (its kv writes and dedup
+//! marks) and the key's completion record are committed in one write (after a failure
+//! nothing is committed and the lease is given up so that a retry can take it at once).
 //!
-//! Order: outputs stored, then the key completed, then (the transport) the ack. A crash
-//! between any two leaves a redelivery whose outputs carry the same ids, which a stream
-//! downstream drops.
+//! Order: outputs stored, then the commit, then (the transport) the ack. A crash between any
+//! two leaves a redelivery that runs the handler again: nothing of its state was kept, and
+//! its outputs carry the same ids, which a stream downstream drops.
 
 use async_nats::HeaderMap;
 
@@ -14,13 +15,14 @@ use super::{Entry, Fault, Lane, Step};
 use crate::dispatch::Outcome;
 use crate::failure::{Failure, FailureKind};
 use crate::outputs::Outputs;
+use crate::store::WriteSet;
 
 /// Commits the outcome of one call.
 pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome: Outcome) -> Step {
     let spec = &lane.handler.spec;
     let key = admitted.key;
-    let result = match outcome {
-        Outcome::Success(mut outputs) => {
+    let (result, writes) = match outcome {
+        Outcome::Success(mut outputs, writes) => {
             if let Some(reply) = &outputs.reply
                 && !lane.reply_allowed(&reply.subject)
             {
@@ -28,7 +30,7 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
                 // nowhere safe to go.
                 outputs.reply = None;
             }
-            if outputs.is_empty() {
+            let sent = if outputs.is_empty() {
                 Ok(())
             } else {
                 annotate(&mut outputs, &spec.name, key.as_ref().map(|(k, _)| k.as_str()), entry.original.headers);
@@ -37,28 +39,46 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
                     reason: e.to_string(),
                     retry_after: None,
                 })
-            }
+            };
+            (sent, writes)
         }
-        Outcome::Failed(failure) => Err(failure),
+        Outcome::Failed(failure) => (Err(failure), WriteSet::default()),
     };
 
     if result.is_ok() && lane.fault == Some(Fault::HaltAfterOutputs) {
         return Step::Halt;
     }
-    if let (Some((k, fingerprint)), Some(scope), Some(idem)) = (key, &lane.scope, &spec.manifest.idempotency) {
-        let bookkeeping = match &result {
-            Ok(()) => Box::pin(scope.complete(&k, idem.ttl, fingerprint)).await,
-            Err(_) => Box::pin(scope.release(&k)).await,
+    let Some(scope) = &lane.scope else {
+        return match result {
+            Ok(()) => Step::Done,
+            Err(failure) => Step::Failed(failure),
         };
-        if let Err(e) = bookkeeping {
-            // The lease lapses by itself; a later duplicate then runs again, and its outputs
-            // carry the same ids, which a downstream stream drops.
-            tracing::warn!(key = %k, "state store: {e}");
-        }
-    }
+    };
+    let completion = match (&key, &spec.manifest.idempotency) {
+        (Some((k, fingerprint)), Some(idem)) => Some((k.as_str(), idem.ttl, fingerprint.clone())),
+        _ => None,
+    };
     match result {
-        Ok(()) => Step::Done,
-        Err(failure) => Step::Failed(failure),
+        // One write: the guest's kv writes and marks, and the key's completion record.
+        Ok(()) => match Box::pin(scope.commit(writes, completion)).await {
+            Ok(()) => Step::Done,
+            // Nothing of the call's state was kept, and the key is not marked: the retry runs
+            // the handler again, and its outputs carry the same ids as those just sent.
+            Err(e) => Step::Failed(Failure {
+                kind: FailureKind::StoreError,
+                reason: format!("state store: {e}"),
+                retry_after: None,
+            }),
+        },
+        Err(failure) => {
+            if let Some((k, _)) = &key
+                && let Err(e) = Box::pin(scope.release(k)).await
+            {
+                // The lease lapses by itself.
+                tracing::warn!(key = %k, "state store: {e}");
+            }
+            Step::Failed(failure)
+        }
     }
 }
 

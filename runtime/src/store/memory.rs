@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use super::{Space, Versioned};
+use super::{Expect, Leases, Op, Space, Versioned};
 
 type Key = (String, Space, String);
 
@@ -12,6 +12,7 @@ type Key = (String, Space, String);
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     max_entries: usize,
+    pub(super) leases: Leases,
 }
 
 #[derive(Debug, Default)]
@@ -23,7 +24,7 @@ struct Inner {
 
 impl MemoryStore {
     pub fn new(max_entries: usize) -> Self {
-        MemoryStore { inner: Mutex::default(), max_entries: max_entries.max(1) }
+        MemoryStore { inner: Mutex::default(), max_entries: max_entries.max(1), leases: Leases::default() }
     }
 
     pub fn len(&self) -> usize {
@@ -49,6 +50,23 @@ impl MemoryStore {
         self.write(handler, space, key, None, value)
     }
 
+    /// Applies `ops` at once, under one lock, if every expectation holds (`Some(false)`
+    /// otherwise, nothing applied); `None` if the lock was poisoned.
+    pub(super) fn commit(&self, handler: &str, ops: &[Op]) -> Option<bool> {
+        let mut inner = self.inner.lock().ok()?;
+        for op in ops {
+            if let Expect::Is(expected) = op.expect
+                && inner.map.get(&(handler.to_owned(), op.space, op.key.clone())).map(|v| v.version) != expected
+            {
+                return Some(false);
+            }
+        }
+        for op in ops {
+            self.write_locked(&mut inner, handler, op.space, &op.key, None, op.value.clone());
+        }
+        Some(true)
+    }
+
     /// `expected`: the version the key must have (`Some(None)`: absent), or `None` for any.
     fn write(
         &self,
@@ -59,6 +77,18 @@ impl MemoryStore {
         value: Option<Vec<u8>>,
     ) -> bool {
         let Ok(mut inner) = self.inner.lock() else { return false };
+        self.write_locked(&mut inner, handler, space, key, expected, value)
+    }
+
+    fn write_locked(
+        &self,
+        inner: &mut Inner,
+        handler: &str,
+        space: Space,
+        key: &str,
+        expected: Option<Option<u64>>,
+        value: Option<Vec<u8>>,
+    ) -> bool {
         let k = (handler.to_owned(), space, key.to_owned());
         if expected.is_some_and(|expected| inner.map.get(&k).map(|v| v.version) != expected) {
             return false;
@@ -81,7 +111,7 @@ impl MemoryStore {
         }
         // Keys deleted above stay in `order` until they come up; skip those lazily.
         if inner.order.len() > self.max_entries * 2 {
-            let Inner { map, order, .. } = &mut *inner;
+            let Inner { map, order, .. } = inner;
             order.retain(|k| map.contains_key(k));
         }
         true

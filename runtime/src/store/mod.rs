@@ -81,6 +81,10 @@ pub enum StoreError {
     /// The memory store's lock was poisoned by a panic.
     #[error("the memory store is unusable after a panic")]
     Poisoned,
+    /// A call's commit found a key it read changed by another call since: nothing of it
+    /// was committed.
+    #[error("another call changed this call's state first; nothing was committed")]
+    Conflict,
 }
 
 impl StoreError {
@@ -134,6 +138,117 @@ impl Store {
             },
             Store::Redb(r) => r.put(handler, space, key, value).await,
             Store::Kv(k) => k.put(handler, space, key, value).await,
+        }
+    }
+
+    /// Applies `ops` together if every expectation holds: false (and nothing applied) when one
+    /// does not. On `memory` and `redb` this is one atomic write (on `redb` one durable
+    /// transaction, group-committed with whatever else waits); on `nats-kv` the ops are
+    /// applied one at a time in order, and a crash or a conflict part-way leaves the earlier
+    /// ones applied.
+    async fn commit(&self, handler: &str, ops: Vec<Op>) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => m.commit(handler, &ops).ok_or(StoreError::Poisoned),
+            Store::Redb(r) => r.commit(handler, ops).await,
+            Store::Kv(k) => {
+                for op in ops {
+                    let applied = match op.expect {
+                        Expect::Any => k.put(handler, op.space, &op.key, op.value).await.map(|()| true)?,
+                        Expect::Is(version) => k.swap(handler, op.space, &op.key, version, op.value).await?,
+                    };
+                    if !applied {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// The in-process leases of a store owned by this process alone (`memory`, `redb`).
+    fn local_leases(&self) -> Option<&Leases> {
+        match self {
+            Store::Memory(m) => Some(&m.leases),
+            Store::Redb(r) => Some(&*r.leases),
+            Store::Kv(_) => None,
+        }
+    }
+}
+
+/// What a write expects of the key's current version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Nothing: write whatever is there.
+    Any,
+    /// This version (`None`: the key absent).
+    Is(Option<u64>),
+}
+
+/// One write of a commit: `value` `None` deletes.
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub space: Space,
+    pub key: String,
+    pub expect: Expect,
+    pub value: Option<Vec<u8>>,
+}
+
+/// In-progress leases kept in memory, for a store only this process uses: a crash loses
+/// them with everything the call did, which is harmless (nothing of the call escaped the
+/// process before its commit but outputs with stable ids).
+#[derive(Debug, Default)]
+pub struct Leases {
+    held: std::sync::Mutex<std::collections::HashMap<(Arc<str>, String), u64>>,
+}
+
+impl Leases {
+    /// Takes the lease on `key` until `until_ms`, unless a live one is held: then the time
+    /// it has left.
+    fn take(&self, handler: &Arc<str>, key: &str, until_ms: u64) -> Result<(), Duration> {
+        let Ok(mut held) = self.held.lock() else { return Ok(()) };
+        let now = now_ms();
+        let k = (handler.clone(), key.to_owned());
+        if let Some(&until) = held.get(&k)
+            && until > now
+        {
+            return Err(Duration::from_millis(until - now));
+        }
+        held.insert(k, until_ms);
+        Ok(())
+    }
+
+    fn drop_lease(&self, handler: &Arc<str>, key: &str) {
+        if let Ok(mut held) = self.held.lock() {
+            held.remove(&(handler.clone(), key.to_owned()));
+        }
+    }
+}
+
+/// A call's effects on its handler's state (the guest's kv writes and dedup marks), kept
+/// aside while it runs and committed with its idempotency record when it succeeds, or
+/// dropped when it fails. The guest reads its own writes.
+#[derive(Debug, Default)]
+pub struct WriteSet {
+    pending: Vec<Op>,
+}
+
+impl WriteSet {
+    /// True when the call wrote nothing.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The call's own write of `key`, if it made one: `Some(None)` when it deleted it.
+    fn read(&self, space: Space, key: &str) -> Option<Option<&[u8]>> {
+        self.pending.iter().find(|op| op.space == space && op.key == key).map(|op| op.value.as_deref())
+    }
+
+    /// Records a write. A key written twice keeps the expectation of its first write (what
+    /// the call read first must still hold at the commit) and the value of its last.
+    fn write(&mut self, space: Space, key: &str, expect: Expect, value: Option<Vec<u8>>) {
+        match self.pending.iter_mut().find(|op| op.space == space && op.key == key) {
+            Some(op) => op.value = value,
+            None => self.pending.push(Op { space, key: key.to_owned(), expect, value }),
         }
     }
 }
@@ -205,7 +320,23 @@ impl Scope {
     }
 
     /// Takes the lease on `key` for `lease`, unless it is completed or leased elsewhere.
+    ///
+    /// On a store only this process uses (`memory`, `redb`) the lease is kept in memory: one
+    /// read of the record, no write. On `nats-kv` it is a record every process sees: a read
+    /// and a compare-and-swap.
     pub async fn begin(&self, key: &str, lease: Duration) -> Result<Begin, StoreError> {
+        if let Some(leases) = self.store.local_leases() {
+            let current = self.store.get(&self.handler, Space::Dedup, key).await?;
+            if let Some(Record::Completed { fingerprint, .. }) =
+                current.and_then(|v| Record::decode(&v.value)).filter(|r| r.live(now_ms()))
+            {
+                return Ok(Begin::Completed { fingerprint });
+            }
+            return Ok(match leases.take(&self.handler, key, after(lease)) {
+                Ok(()) => Begin::Acquired,
+                Err(remaining) => Begin::InProgress { remaining },
+            });
+        }
         for _ in 0..CAS_ROUNDS {
             let current = self.store.get(&self.handler, Space::Dedup, key).await?;
             let now = now_ms();
@@ -227,14 +358,12 @@ impl Scope {
         Err(StoreError::Contended { key: key.to_owned(), rounds: CAS_ROUNDS })
     }
 
-    /// Marks `key` completed for `ttl` (with the payload's fingerprint, when kept).
-    pub async fn complete(&self, key: &str, ttl: Duration, fingerprint: Option<String>) -> Result<(), StoreError> {
-        let record = Record::Completed { expires_ms: after(ttl), fingerprint }.encode();
-        self.put(Space::Dedup, key, Some(record)).await
-    }
-
     /// Gives up the lease on `key` so that a retry can take it at once.
     pub async fn release(&self, key: &str) -> Result<(), StoreError> {
+        if let Some(leases) = self.store.local_leases() {
+            leases.drop_lease(&self.handler, key);
+            return Ok(());
+        }
         let current = self.store.get(&self.handler, Space::Dedup, key).await?;
         if let Some(v) = current
             && matches!(Record::decode(&v.value), Some(Record::InProgress { .. }))
@@ -293,6 +422,96 @@ impl Scope {
     async fn put(&self, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         self.store.put(&self.handler, space, key, value).await
     }
+
+    /// Commits a successful call: its guest writes and, with an idempotency key, the key's
+    /// completion record (for `ttl`, with the payload's fingerprint), in one write where the
+    /// backend allows (see [`Store::commit`]: the record goes last). Conflicts (another call
+    /// changed what this one read) fail with [`StoreError::Conflict`] and commit nothing.
+    /// The key's lease is given up either way.
+    pub async fn commit(
+        &self,
+        writes: WriteSet,
+        completion: Option<(&str, Duration, Option<String>)>,
+    ) -> Result<(), StoreError> {
+        let mut ops = writes.pending;
+        if let Some((key, ttl, fingerprint)) = &completion {
+            let record = Record::Completed { expires_ms: after(*ttl), fingerprint: fingerprint.clone() }.encode();
+            ops.push(Op { space: Space::Dedup, key: (*key).to_owned(), expect: Expect::Any, value: Some(record) });
+        }
+        let result = if ops.is_empty() { Ok(true) } else { self.store.commit(&self.handler, ops).await };
+        if let (Some((key, ..)), Some(leases)) = (&completion, self.store.local_leases()) {
+            leases.drop_lease(&self.handler, key);
+        }
+        match result? {
+            true => Ok(()),
+            false => Err(StoreError::Conflict),
+        }
+    }
+
+    /// The guest's `check-and-mark`, inside a call: the mark joins the call's writes.
+    pub async fn check_and_mark_in(&self, writes: &mut WriteSet, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let live = |bytes: &[u8]| Record::decode(bytes).is_some_and(|r| r.live(now_ms()));
+        if let Some(own) = writes.read(Space::GuestDedup, key) {
+            if own.is_some_and(live) {
+                return Ok(false);
+            }
+        } else {
+            let current = self.store.get(&self.handler, Space::GuestDedup, key).await?;
+            if current.as_ref().is_some_and(|v| live(&v.value)) {
+                return Ok(false);
+            }
+            writes.write(Space::GuestDedup, key, Expect::Is(current.map(|v| v.version)), None);
+        }
+        let mark = Record::Completed { expires_ms: after(ttl), fingerprint: None }.encode();
+        writes.write(Space::GuestDedup, key, Expect::Any, Some(mark));
+        Ok(true)
+    }
+
+    /// The guest's `forget`, inside a call.
+    pub fn forget_in(&self, writes: &mut WriteSet, key: &str) {
+        writes.write(Space::GuestDedup, key, Expect::Any, None);
+    }
+
+    /// The guest's `kv.get`, inside a call: its own writes first.
+    pub async fn kv_get_in(&self, writes: &WriteSet, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match writes.read(Space::Kv, key) {
+            Some(own) => Ok(own.map(<[u8]>::to_vec)),
+            None => self.kv_get(key).await,
+        }
+    }
+
+    /// The guest's `kv.set` (`None` deletes), inside a call.
+    pub fn kv_put_in(&self, writes: &mut WriteSet, key: &str, value: Option<Vec<u8>>) {
+        writes.write(Space::Kv, key, Expect::Any, value);
+    }
+
+    /// The guest's `kv.compare-and-swap`, inside a call: compared with what the call sees
+    /// (its own writes first); the version read must still be current at the commit.
+    pub async fn kv_cas_in(
+        &self,
+        writes: &mut WriteSet,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let expect = match writes.read(Space::Kv, key) {
+            Some(own) => {
+                if own != expected {
+                    return Ok(false);
+                }
+                Expect::Any // the first write's expectation stands
+            }
+            None => {
+                let current = self.store.get(&self.handler, Space::Kv, key).await?;
+                if current.as_ref().map(|v| v.value.as_slice()) != expected {
+                    return Ok(false);
+                }
+                Expect::Is(current.map(|v| v.version))
+            }
+        };
+        writes.write(Space::Kv, key, expect, Some(new));
+        Ok(true)
+    }
 }
 
 /// The protocol every backend must follow, as one test routine: the unit tests run it on
@@ -302,12 +521,13 @@ impl Scope {
 pub mod conformance {
     use std::time::Duration;
 
-    use super::{Begin, Scope, Store};
+    use super::{Begin, Scope, Store, WriteSet};
 
     pub async fn protocol(store: Store) {
         let a = Scope::new(store.clone(), "a".into());
         let b = Scope::new(store, "b".into());
-        let lease = Duration::from_millis(200);
+        // Generous times: a durable commit on a loaded machine can take a good part of a second.
+        let lease = Duration::from_millis(600);
 
         assert_eq!(a.begin("k", lease).await.unwrap(), Begin::Acquired);
         assert!(matches!(a.begin("k", lease).await.unwrap(), Begin::InProgress { .. }));
@@ -316,13 +536,13 @@ pub mod conformance {
 
         a.release("k").await.unwrap();
         assert_eq!(a.begin("k", lease).await.unwrap(), Begin::Acquired);
-        a.complete("k", Duration::from_millis(300), Some("fp".into())).await.unwrap();
+        a.commit(WriteSet::default(), Some(("k", Duration::from_millis(900), Some("fp".into())))).await.unwrap();
         assert_eq!(a.begin("k", lease).await.unwrap(), Begin::Completed { fingerprint: Some("fp".into()) });
 
         // A lapsed lease is taken over; an expired completion is forgotten.
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         assert_eq!(a.begin("k", lease).await.unwrap(), Begin::Acquired);
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(a.begin("k", lease).await.unwrap(), Begin::Acquired);
 
         assert!(a.check_and_mark("m", Duration::from_secs(60)).await.unwrap());
@@ -342,6 +562,42 @@ pub mod conformance {
         assert_eq!(a.kv_get("x").await.unwrap(), None);
         a.kv_put("y", Some(b"v".to_vec())).await.unwrap();
         assert_eq!(a.kv_get("y").await.unwrap(), Some(b"v".to_vec()));
+
+        // A call's writes: read back inside the call, invisible outside until the commit,
+        // committed with the key's record in one write.
+        assert_eq!(a.begin("c", lease).await.unwrap(), Begin::Acquired);
+        let mut w = WriteSet::default();
+        a.kv_put_in(&mut w, "n", Some(b"1".to_vec()));
+        assert_eq!(a.kv_get_in(&w, "n").await.unwrap(), Some(b"1".to_vec()));
+        assert!(a.kv_cas_in(&mut w, "n", Some(b"1"), b"2".to_vec()).await.unwrap());
+        assert!(!a.kv_cas_in(&mut w, "n", Some(b"1"), b"3".to_vec()).await.unwrap());
+        assert!(a.check_and_mark_in(&mut w, "cm", Duration::from_secs(60)).await.unwrap());
+        assert!(!a.check_and_mark_in(&mut w, "cm", Duration::from_secs(60)).await.unwrap());
+        assert_eq!(a.kv_get("n").await.unwrap(), None, "not visible before the commit");
+        a.commit(w, Some(("c", Duration::from_secs(60), None))).await.unwrap();
+        assert_eq!(a.kv_get("n").await.unwrap(), Some(b"2".to_vec()));
+        assert!(!a.check_and_mark("cm", Duration::from_secs(60)).await.unwrap(), "the mark was committed");
+        assert_eq!(a.begin("c", lease).await.unwrap(), Begin::Completed { fingerprint: None });
+
+        // A dropped write set leaves nothing.
+        let mut dropped = WriteSet::default();
+        a.kv_put_in(&mut dropped, "gone", Some(b"x".to_vec()));
+        drop(dropped);
+        assert_eq!(a.kv_get("gone").await.unwrap(), None);
+
+        // Two calls read the same version; the second to commit conflicts and commits nothing.
+        let (mut first, mut second) = (WriteSet::default(), WriteSet::default());
+        assert!(a.kv_cas_in(&mut first, "n", Some(b"2"), b"3".to_vec()).await.unwrap());
+        assert!(a.kv_cas_in(&mut second, "n", Some(b"2"), b"30".to_vec()).await.unwrap());
+        a.kv_put_in(&mut second, "side", Some(b"s".to_vec()));
+        a.commit(first, None).await.unwrap();
+        assert!(matches!(a.commit(second, None).await, Err(super::StoreError::Conflict)));
+        assert_eq!(a.kv_get("n").await.unwrap(), Some(b"3".to_vec()));
+        assert_eq!(a.kv_get("side").await.unwrap(), None, "a conflicting commit keeps none of its writes");
+        // A failed call gives up its lease: the retry takes it at once.
+        assert_eq!(a.begin("r", lease).await.unwrap(), Begin::Acquired);
+        a.release("r").await.unwrap();
+        assert_eq!(a.begin("r", lease).await.unwrap(), Begin::Acquired);
     }
 }
 

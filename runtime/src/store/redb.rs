@@ -2,7 +2,7 @@
 //! a table per handler and space).
 //!
 //! Reads use read transactions directly. Writes go to one writer thread that applies
-//! every swap waiting in its queue in a single transaction and commits it durably (one fsync
+//! every commit waiting in its queue in a single transaction and commits it durably (one fsync
 //! per batch, not per message: group commit), then answers each caller. It also sweeps
 //! expired dedup records once a minute.
 
@@ -15,31 +15,25 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use tokio::sync::oneshot;
 
-use super::{Record, Space, StoreError, Versioned, now_ms};
+use super::{Expect, Leases, Op, Record, Space, StoreError, Versioned, now_ms};
 
-/// Swaps applied in one transaction at most.
+/// Commits applied in one transaction at most.
 const MAX_BATCH: usize = 1024;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct RedbStore {
     db: Arc<Database>,
-    writer: mpsc::Sender<Swap>,
+    writer: mpsc::Sender<Job>,
+    pub(super) leases: Arc<Leases>,
 }
 
-struct Swap {
-    table: String,
-    key: String,
-    /// The version the key must have (`None`: absent); `Any`: write unconditionally.
-    expected: Expect,
-    value: Option<Vec<u8>>,
+/// Writes applied together or not at all (every expectation must hold), in the writer's
+/// next transaction.
+struct Job {
+    handler: String,
+    ops: Vec<Op>,
     reply: oneshot::Sender<Result<bool, StoreError>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Expect {
-    Any,
-    Is(Option<u64>),
 }
 
 fn table_name(handler: &str, space: Space) -> String {
@@ -74,7 +68,7 @@ impl RedbStore {
             .name("sluice-redb".into())
             .spawn(move || write_loop(&worker_db, &queue))
             .map_err(|e| StoreError::backend("cannot start the store writer", e))?;
-        Ok(RedbStore { db, writer })
+        Ok(RedbStore { db, writer, leases: Arc::default() })
     }
 
     /// Reads `key`. The read runs on the calling thread: a redb read transaction takes no
@@ -102,25 +96,19 @@ impl RedbStore {
         expected: Option<u64>,
         value: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
-        self.write(handler, space, key, Expect::Is(expected), value).await
+        self.commit(handler, vec![Op { space, key: key.to_owned(), expect: Expect::Is(expected), value }]).await
     }
 
     /// Writes (or, with `None`, removes) `key` whatever its version.
     pub async fn put(&self, handler: &str, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
-        self.write(handler, space, key, Expect::Any, value).await.map(|_| ())
+        self.commit(handler, vec![Op { space, key: key.to_owned(), expect: Expect::Any, value }]).await.map(|_| ())
     }
 
-    async fn write(
-        &self,
-        handler: &str,
-        space: Space,
-        key: &str,
-        expected: Expect,
-        value: Option<Vec<u8>>,
-    ) -> Result<bool, StoreError> {
+    /// Applies `ops` together if every expectation holds (false otherwise, nothing applied),
+    /// in one durable transaction shared with the other writes waiting.
+    pub async fn commit(&self, handler: &str, ops: Vec<Op>) -> Result<bool, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let swap = Swap { table: table_name(handler, space), key: key.to_owned(), expected, value, reply };
-        self.writer.send(swap).map_err(|_| StoreError::WriterStopped)?;
+        self.writer.send(Job { handler: handler.to_owned(), ops, reply }).map_err(|_| StoreError::WriterStopped)?;
         answer.await.map_err(|_| StoreError::WriterStopped)?
     }
 }
@@ -140,7 +128,7 @@ fn open_when_free(path: &Path) -> Result<Database, redb::DatabaseError> {
     }
 }
 
-fn write_loop(db: &Database, queue: &mpsc::Receiver<Swap>) {
+fn write_loop(db: &Database, queue: &mpsc::Receiver<Job>) {
     // Versions only grow, across restarts too (they start from the clock), so a
     // compare-and-swap never mistakes a re-created key for the one it read.
     let next_version = AtomicU64::new(now_ms().saturating_mul(1000));
@@ -164,13 +152,13 @@ fn write_loop(db: &Database, queue: &mpsc::Receiver<Swap>) {
         }
         match apply(db, &batch, &next_version) {
             Ok(results) => {
-                for (swap, result) in batch.into_iter().zip(results) {
-                    let _ = swap.reply.send(Ok(result));
+                for (job, result) in batch.into_iter().zip(results) {
+                    let _ = job.reply.send(Ok(result));
                 }
             }
             Err(e) => {
-                for swap in batch {
-                    let _ = swap.reply.send(Err(e.clone()));
+                for job in batch {
+                    let _ = job.reply.send(Err(e.clone()));
                 }
             }
         }
@@ -181,34 +169,45 @@ fn write_loop(db: &Database, queue: &mpsc::Receiver<Swap>) {
     }
 }
 
-/// Applies a batch in one durable transaction; each swap sees the ones before it.
-fn apply(db: &Database, batch: &[Swap], next_version: &AtomicU64) -> Result<Vec<bool>, StoreError> {
+/// Applies a batch of jobs in one durable transaction; each job sees the ones before it, and
+/// is applied whole or (when one of its expectations fails) not at all.
+fn apply(db: &Database, batch: &[Job], next_version: &AtomicU64) -> Result<Vec<bool>, StoreError> {
     let failed = |e: redb::Error| StoreError::backend("writing the state store", e);
     let txn = db.begin_write().map_err(|e| failed(e.into()))?;
     let mut results = Vec::with_capacity(batch.len());
-    for swap in batch {
-        let def = TableDefinition::<&str, &[u8]>::new(&swap.table);
-        let mut table = txn.open_table(def).map_err(|e| failed(e.into()))?;
-        if let Expect::Is(expected) = swap.expected {
-            let current = table.get(swap.key.as_str()).map_err(|e| failed(e.into()))?.and_then(|v| split(v.value()));
-            if current.map(|v| v.version) != expected {
-                results.push(false);
-                continue;
+    for job in batch {
+        let mut holds = true;
+        for op in &job.ops {
+            if let Expect::Is(expected) = op.expect {
+                let name = table_name(&job.handler, op.space);
+                let table = txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)).map_err(|e| failed(e.into()))?;
+                let current = table.get(op.key.as_str()).map_err(|e| failed(e.into()))?.and_then(|v| split(v.value()));
+                if current.map(|v| v.version) != expected {
+                    holds = false;
+                    break;
+                }
             }
         }
-        match &swap.value {
-            None => {
-                table.remove(swap.key.as_str()).map_err(|e| failed(e.into()))?;
-            }
-            Some(value) => {
-                let version = next_version.fetch_add(1, Ordering::Relaxed);
-                let mut bytes = Vec::with_capacity(8 + value.len());
-                bytes.extend_from_slice(&version.to_le_bytes());
-                bytes.extend_from_slice(value);
-                table.insert(swap.key.as_str(), bytes.as_slice()).map_err(|e| failed(e.into()))?;
+        if holds {
+            for op in &job.ops {
+                let name = table_name(&job.handler, op.space);
+                let mut table =
+                    txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)).map_err(|e| failed(e.into()))?;
+                match &op.value {
+                    None => {
+                        table.remove(op.key.as_str()).map_err(|e| failed(e.into()))?;
+                    }
+                    Some(value) => {
+                        let version = next_version.fetch_add(1, Ordering::Relaxed);
+                        let mut bytes = Vec::with_capacity(8 + value.len());
+                        bytes.extend_from_slice(&version.to_le_bytes());
+                        bytes.extend_from_slice(value);
+                        table.insert(op.key.as_str(), bytes.as_slice()).map_err(|e| failed(e.into()))?;
+                    }
+                }
             }
         }
-        results.push(true);
+        results.push(holds);
     }
     txn.commit().map_err(|e| failed(e.into()))?;
     Ok(results)
