@@ -58,15 +58,18 @@ pub fn read_component(manifest: &Manifest) -> Result<Vec<u8>, ManifestError> {
     Ok(bytes)
 }
 
+/// A manifest and its component's bytes, to compile; or why they could not be read.
+pub type CompileJob = Result<(Manifest, Vec<u8>), ManifestError>;
+
+/// A value one thread puts and another takes.
+type Slot<T> = std::sync::Mutex<Option<T>>;
+
 /// Compiles the components of several handlers, each on a thread of its own up to the
 /// number of cores (wasmtime parallelises within one component too, but its translation and
 /// final link are serial: a start with several 18 MB Python components spent most of its
 /// time on one core). A job that already failed (its component could not be read) is passed
 /// through. Results in the order given.
-pub fn compile_all(
-    engine: &Engine,
-    jobs: Vec<Result<(Manifest, Vec<u8>), ManifestError>>,
-) -> Vec<Result<Handler, ManifestError>> {
+pub fn compile_all(engine: &Engine, jobs: Vec<CompileJob>) -> Vec<Result<Handler, ManifestError>> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let pending = jobs.iter().filter(|j| j.is_ok()).count();
     if pending <= 1 || cores <= 1 {
@@ -74,8 +77,8 @@ pub fn compile_all(
     }
     let paths: Vec<Option<std::path::PathBuf>> =
         jobs.iter().map(|j| j.as_ref().ok().map(|(m, _)| m.file.path.clone())).collect();
-    let mut results: Vec<std::sync::Mutex<Option<Result<Handler, ManifestError>>>> = Vec::new();
-    let mut work: Vec<std::sync::Mutex<Option<(Manifest, Vec<u8>)>>> = Vec::new();
+    let mut results: Vec<Slot<Result<Handler, ManifestError>>> = Vec::new();
+    let mut work: Vec<Slot<(Manifest, Vec<u8>)>> = Vec::new();
     for job in jobs {
         let (done, todo) = match job {
             Ok(job) => (None, Some(job)),
