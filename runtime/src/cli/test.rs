@@ -128,6 +128,15 @@ fn prepare(args: &TestArgs) -> anyhow::Result<Prepared> {
     let reply_to = (!args.reply_to.is_empty()).then(|| args.reply_to.clone());
 
     let mut notes = Vec::new();
+    if let Some(to) = &reply_to
+        && !to.starts_with("_INBOX.")
+        && !manifest.reply_to.iter().any(|p| p.matches(to))
+    {
+        notes.push(format!(
+            "`run` would not send a reply to {to}: replies go only to reply inboxes (_INBOX.>) and to \
+             subjects [capabilities] reply_to grants"
+        ));
+    }
     let idempotency_key = match &manifest.idempotency {
         Some(idem) => match idem.key.derive(&subject, Some(&headers), &payload) {
             Ok(key) => Some(key),
