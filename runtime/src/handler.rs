@@ -65,10 +65,12 @@ pub type CompileJob = Result<(Manifest, Vec<u8>), ManifestError>;
 type Slot<T> = std::sync::Mutex<Option<T>>;
 
 /// Compiles the components of several handlers, each on a thread of its own up to the
-/// number of cores (wasmtime parallelises within one component too, but its translation and
-/// final link are serial: a start with several 18 MB Python components spent most of its
-/// time on one core). A job that already failed (its component could not be read) is passed
-/// through. Results in the order given.
+/// number of cores. wasmtime spreads the functions of one component over its own thread
+/// pool, but parsing, translation and the final link of each are serial, which several
+/// compiles at once overlap; on the shared 2-vCPU machine, CPU-bound by other work, four
+/// interpreter components took 79 s either way (bench/HISTORY.md, session 5). A job that
+/// already failed (its component could not be read) is passed through. Results in the
+/// order given.
 pub fn compile_all(engine: &Engine, jobs: Vec<CompileJob>) -> Vec<Result<Handler, ManifestError>> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let pending = jobs.iter().filter(|j| j.is_ok()).count();
