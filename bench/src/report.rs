@@ -244,6 +244,10 @@ pub fn results(
         ("sluice_jetstream_order_validator", "native_jetstream"),
         ("sluice_core_echo", "native_echo"),
         ("sluice_core_echo_warm", "native_echo"),
+        ("sluice_core_echo_py", "native_echo"),
+        ("sluice_core_echo_py_warm", "native_echo"),
+        ("sluice_core_echo_js", "native_echo"),
+        ("sluice_core_echo_js_warm", "native_echo"),
     ];
     let ratios: Vec<Ratio> =
         pairs.iter().filter_map(|&(s, n)| Some(Ratio { sluice: s, native: n, ratio: rate(s)? / rate(n)? })).collect();

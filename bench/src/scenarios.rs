@@ -171,6 +171,14 @@ impl Bench {
             latency = runs;
         }
 
+        for lang in ["py", "js"] {
+            let id = format!("sluice_core_echo_{lang}");
+            if self.wanted(&id) || self.wanted(&format!("{id}_warm")) {
+                self.say(&format!("request/reply: Sluice echo in {lang}, fresh and warm"));
+                throughput.extend(self.echo_poly(lang).await?);
+            }
+        }
+
         let slow = self.server.slow_consumers().await?;
         let wall = self.started.elapsed().as_secs_f64();
         let busy_after = report::cpu_busy(Duration::from_secs(2)).await;
@@ -739,6 +747,68 @@ impl Bench {
             runs.push(latency::summarize("sluice", load, rate, measure, sluice));
         }
         Ok((native, sluice, sluice_warm, runs))
+    }
+
+    /// Request/reply with the echo handler's Python or JavaScript twin (`plugins/echo-py`,
+    /// `plugins/echo-js`), fresh and warm instances, one process: what an interpreter in the
+    /// component costs per call (a fresh instance restores its whole snapshotted heap).
+    async fn echo_poly(&self, lang: &str) -> anyhow::Result<Vec<Throughput>> {
+        let plugin = format!("echo-{lang}");
+        let fresh_subject = format!("bench.sluice.echo.{lang}");
+        let warm_subject = format!("bench.sluice.echo.{lang}.warm");
+        // The interpreter needs more memory than a Rust handler (as manifests/*-py.toml say).
+        let limits = "[limits]\nmemory = \"64MiB\"\n";
+        let dir = self.manifests(
+            &format!("core-echo-{lang}"),
+            &[
+                self.manifest_text(
+                    &format!("bench-echo-{lang}"),
+                    &plugin,
+                    &format!("subject = \"{fresh_subject}\""),
+                    &format!("{limits}[capabilities]\nreply_to = [\"bench.echo.replies\"]\n"),
+                ),
+                self.manifest_text(
+                    &format!("bench-echo-{lang}-warm"),
+                    &plugin,
+                    &format!("subject = \"{warm_subject}\""),
+                    &format!("{limits}instances = \"warm\"\n[capabilities]\nreply_to = [\"bench.echo.replies\"]\n"),
+                ),
+            ],
+        )?;
+        let proc = self.start_sluice(&dir, &format!("sluice-core-echo-{lang}")).await?;
+        // (id, label, handler) of the fresh and the warm row.
+        let rows: [(&'static str, &'static str, bool); 2] = match lang {
+            "py" => [
+                ("sluice_core_echo_py", "Sluice, core request/reply, echo handler in Python", false),
+                (
+                    "sluice_core_echo_py_warm",
+                    "Sluice, core request/reply, echo handler in Python, warm instances",
+                    true,
+                ),
+            ],
+            _ => [
+                ("sluice_core_echo_js", "Sluice, core request/reply, echo handler in JavaScript", false),
+                (
+                    "sluice_core_echo_js_warm",
+                    "Sluice, core request/reply, echo handler in JavaScript, warm instances",
+                    true,
+                ),
+            ],
+        };
+        let handler: &'static str = if lang == "py" { "echo-py" } else { "echo-js" };
+        let mut measured = Vec::new();
+        for (id, label, warm) in rows {
+            if !self.wanted(id) {
+                continue;
+            }
+            let subject = if warm { &warm_subject } else { &fresh_subject };
+            // A fresh Python or JavaScript call takes about a millisecond: smaller counts
+            // than the Rust echo's.
+            let counts = if warm { (2_000, 5_000, 1_000_000) } else { (500, 1_000, 200_000) };
+            let (n, d, warmup, cpu) = self.counted(&proc, subject, "bench.echo.replies", true, counts, &blob).await?;
+            measured.push(Throughput::new(id, label, "core", handler, n, d).how(warmup, COUNTED_METHOD).cpu(cpu));
+        }
+        Ok(measured)
     }
 
     /// Sends to `subject` and counts what arrives on `counted` (replies when `request`,

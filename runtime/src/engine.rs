@@ -208,8 +208,10 @@ impl Engine {
     /// compilation from the cache.
     fn compile(&self, bytes: &[u8], digest: &str, name: &str) -> wasmtime::Result<Component> {
         let Some(dir) = &self.options.cache_dir else {
-            announce_compile(name, bytes);
-            return Component::from_binary(&self.engine, bytes);
+            let compiling = Compiling::start(name, bytes);
+            let component = Component::from_binary(&self.engine, bytes);
+            compiling.done();
+            return component;
         };
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -223,8 +225,9 @@ impl Engine {
                 Err(e) => tracing::warn!(file = %file.display(), "ignoring an unusable cache entry: {}", chain(&e)),
             }
         }
-        announce_compile(name, bytes);
+        let compiling = Compiling::start(name, bytes);
         let compiled = self.engine.precompile_component(bytes)?;
+        compiling.done();
         // Written to a fresh temporary file and renamed, so no reader (another thread, another
         // process) ever sees half a file, and concurrent writers do not mix their bytes.
         let written = tempfile::NamedTempFile::new_in(dir).and_then(|mut tmp| {
@@ -242,11 +245,35 @@ impl Engine {
 /// 18 MB and more, 5 to 7 s): a start or reload says which one it is working on.
 const ANNOUNCE_COMPILE_OVER: usize = 1 << 20;
 
-fn announce_compile(name: &str, bytes: &[u8]) {
-    if bytes.len() >= ANNOUNCE_COMPILE_OVER {
-        tracing::info!(handler = name, "compiling {name} ({})", ByteSize(bytes.len() as u64));
-    } else {
-        tracing::debug!(handler = name, "compiling {name} ({})", ByteSize(bytes.len() as u64));
+/// A compilation being logged: at info for a large component (which takes seconds), with
+/// its size before and the time it took after, so a slow start says what it is doing.
+struct Compiling<'a> {
+    name: &'a str,
+    size: ByteSize,
+    large: bool,
+    started: std::time::Instant,
+}
+
+impl<'a> Compiling<'a> {
+    fn start(name: &'a str, bytes: &[u8]) -> Self {
+        let size = ByteSize(bytes.len() as u64);
+        let large = bytes.len() >= ANNOUNCE_COMPILE_OVER;
+        if large {
+            tracing::info!(handler = name, "compiling {name} ({size})…");
+        } else {
+            tracing::debug!(handler = name, "compiling {name} ({size})");
+        }
+        Compiling { name, size, large, started: std::time::Instant::now() }
+    }
+
+    fn done(self) {
+        let (name, size) = (self.name, self.size);
+        let took = format!("{:.1}s", self.started.elapsed().as_secs_f64());
+        if self.large {
+            tracing::info!(handler = name, "compiled {name} ({size}) in {took}");
+        } else {
+            tracing::debug!(handler = name, "compiled {name} ({size}) in {took}");
+        }
     }
 }
 

@@ -108,8 +108,8 @@ impl Runtime {
         let engine = Engine::new(options.engine.clone())?;
         let mut handlers = Vec::new();
         let mut errors = Vec::new();
-        for manifest in manifests {
-            match Handler::load(&engine, manifest) {
+        for loaded in Handler::load_all(&engine, manifests) {
+            match loaded {
                 Ok(h) => handlers.push(Arc::new(h)),
                 Err(e) => errors.push(e),
             }
@@ -446,33 +446,40 @@ impl Supervisor {
         }
 
         let names: HashSet<String> = wanted.iter().map(|(m, _)| m.name.clone()).collect();
+        let mut changed = Vec::new();
         for (manifest, bytes) in wanted {
-            let name = manifest.name.clone();
-            let unchanged = self.served.lock().await.get(&name).is_some_and(|s| {
+            let unchanged = self.served.lock().await.get(&manifest.name).is_some_and(|s| {
                 s.handler.spec.manifest.file.text == manifest.file.text
                     && s.handler.spec.manifest.file.path == manifest.file.path
                     && s.handler.spec.digest == handler::digest(&bytes)
             });
-            if unchanged {
-                continue;
+            if !unchanged {
+                changed.push((manifest, bytes));
             }
-            let path = manifest.file.path.clone();
-            // Compiling takes a while: off the executor.
-            let engine = self.engine.clone();
-            let loaded = tokio::task::spawn_blocking(move || Handler::from_bytes(&engine, manifest, &bytes)).await;
+        }
+        // Compiling takes a while: off the executor, several components at once.
+        let paths: Vec<PathBuf> = changed.iter().map(|(m, _)| m.file.path.clone()).collect();
+        let engine = self.engine.clone();
+        let compiled =
+            tokio::task::spawn_blocking(move || handler::compile_all(&engine, changed.into_iter().map(Ok).collect()))
+                .await;
+        let compiled: Vec<Result<Handler, ManifestError>> = match compiled {
+            Ok(compiled) => compiled,
+            Err(e) => paths
+                .iter()
+                .map(|path| Err(ManifestError::without_location(path, format!("compiling failed: {e}"))))
+                .collect(),
+        };
+        for (loaded, path) in compiled.into_iter().zip(paths) {
             let handler = match loaded {
-                Ok(Ok(h)) => Arc::new(h),
-                Ok(Err(e)) => {
+                Ok(h) => Arc::new(h),
+                Err(e) => {
                     failed.insert(path);
                     report.errors.push(e);
                     continue;
                 }
-                Err(e) => {
-                    failed.insert(path.clone());
-                    report.errors.push(ManifestError::without_location(&path, format!("compiling failed: {e}")));
-                    continue;
-                }
             };
+            let name = handler.spec.name.to_string();
             if let Some(hook) = &self.options.hooks.before_install {
                 hook(&name);
             }

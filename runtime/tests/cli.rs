@@ -129,3 +129,136 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::Exit
     }
     None
 }
+
+/// A manifest for `plugin` in `dir`, with `extra` TOML appended.
+fn test_manifest(dir: &std::path::Path, name: &str, plugin: &str, extra: &str) -> std::path::PathBuf {
+    let component = repo_root().join(format!("plugins/dist/{plugin}.wasm"));
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[handler]\nname = \"{name}\"\ncomponent = {:?}\n\n[source]\nsubject = \"{name}.*\"\n{extra}",
+            component.display().to_string()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `sluice test ARGS`, with a compile cache kept between runs; (exit code, stdout, stderr).
+fn sluice_test(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = sluice()
+        .arg("test")
+        .args(args)
+        .arg("--data-dir")
+        .arg(repo_root().join("target/test-cli-data"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn test_runs_a_handler_once_and_shows_its_reply_outputs_and_logs() {
+    build_plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let echo = test_manifest(dir.path(), "echo", "echo", "\n[config]\ntag = \"t-1\"\n");
+    let (code, out, err) = sluice_test(&[echo.to_str().unwrap(), "--payload", "hello\nworld", "-H", "X-A=1"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("outcome: success"), "{out}");
+    assert!(out.contains("reply: to _INBOX.sluice-test\n  Test-Tag: t-1\n  | hello\n  | world\n"), "{out}");
+    assert!(out.contains("outputs: none"), "{out}");
+
+    // No reply subject: the echo plugin logs a warning and succeeds; the log is shown, with
+    // the subject the manifest's wildcard made concrete.
+    let (code, out, err) = sluice_test(&[echo.to_str().unwrap(), "--reply-to", ""]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("reply: none"), "{out}");
+    assert!(out.contains("logs:\n  warn   message on echo.test has no reply subject"), "{out}");
+
+    // A payload from a file, and an explicit subject.
+    let payload = dir.path().join("payload.bin");
+    std::fs::write(&payload, "from a file").unwrap();
+    let (code, out, _) =
+        sluice_test(&[echo.to_str().unwrap(), "--payload-file", payload.to_str().unwrap(), "--subject", "echo.x"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("  | from a file\n"), "{out}");
+}
+
+#[test]
+fn test_exits_1_when_the_handler_fails_and_2_on_bad_input() {
+    build_plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let misbehave = test_manifest(
+        dir.path(),
+        "misbehave",
+        "misbehave",
+        "\n[limits]\ntimeout = \"300ms\"\n\n[capabilities]\npublish = [\"allowed.>\"]\n",
+    );
+    let (code, out, err) = sluice_test(&[misbehave.to_str().unwrap(), "--payload", "trap"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.starts_with("outcome: failed (trap)"), "{out}");
+    assert!(out.contains("outputs: none sent"), "{out}");
+    let (code, out, _) = sluice_test(&[misbehave.to_str().unwrap(), "--payload", "loop"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.starts_with("outcome: failed (timeout)"), "{out}");
+
+    // A broken manifest: located, exit 2.
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[handler]\nname = \"x\"\ncomponent = \"missing.wasm\"\n\n[source]\nsubject = \"x\"\n")
+        .unwrap();
+    let (code, _, err) = sluice_test(&[broken.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("broken.toml:3:"), "{err}");
+    // An unreadable payload file, a bad header: exit 2.
+    let (code, _, err) = sluice_test(&[misbehave.to_str().unwrap(), "--payload-file", "/nonexistent/payload"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read the payload file"), "{err}");
+    let (code, _, err) = sluice_test(&[misbehave.to_str().unwrap(), "-H", "Bad Name=1"]);
+    assert_eq!(code, Some(2), "{err}");
+}
+
+#[test]
+fn test_runs_a_python_handler_with_its_state_and_shows_a_traceback() {
+    build_plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let probe = test_manifest(
+        dir.path(),
+        "prober",
+        "probe-py",
+        "\n[limits]\nmemory = \"64MiB\"\n\n[capabilities]\npublish = [\"probe.out\"]\n\n[store]\nbackend = \"memory\"\n",
+    );
+    let probe = probe.to_str().unwrap();
+    let (code, out, err) = sluice_test(&[probe, "--payload", "publish"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("output 1: probe.out\n  Probe-Lang: py\n  | from prober.test\n"), "{out}");
+    // kv works (in memory, for this one call).
+    let (code, out, _) = sluice_test(&[probe, "--payload", "kv"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("  | 1\n"), "{out}");
+    // An uncaught exception: a retry with a readable reason, its traceback in the logs.
+    let (code, out, _) = sluice_test(&[probe, "--payload", "raise 42"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.starts_with("outcome: failed (retry-requested)"), "{out}");
+    assert!(out.contains("ValueError: bad value 42"), "{out}");
+    assert!(out.contains("Traceback"), "{out}");
+    let (code, out, _) = sluice_test(&[probe, "--payload", "reject"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.starts_with("outcome: failed (rejected)") && out.contains("rejected on purpose"), "{out}");
+}
+
+#[test]
+fn new_refuses_a_bad_name_and_a_folder_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice().args(["new", "2fast", "--lang", "rust", "--dir"]).arg(dir.path().join("a")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid handler name"));
+    std::fs::write(dir.path().join("taken"), "").unwrap();
+    let out = sluice().args(["new", "greeter", "--lang", "python", "--dir"]).arg(dir.path()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"), "{}", String::from_utf8_lossy(&out.stderr));
+}

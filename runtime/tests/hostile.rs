@@ -4,7 +4,9 @@
 //! was once the storm passes, and a second storm does not raise it), every hostile call ends
 //! with its own failure kind, and a well-behaved handler running alongside keeps serving (no
 //! 3 s without an answer). Its throughput during the storm, as a ratio of its throughput
-//! before, is printed and held only loosely (these machines are shared).
+//! before, is printed and held only loosely (these machines are shared). A burst of Python
+//! or JavaScript calls (plugins/probe-py, probe-js: an interpreter per instance) leaves memory
+//! bounded the same way.
 //!
 //! A separate process (rather than the in-process fixture of `tests/`) so that its RSS is
 //! Sluice's own and not that of a test binary running other tests at the same time.
@@ -245,4 +247,128 @@ async fn storm_run(instances: &str) {
         matches!(child.0.try_wait(), Ok(Some(_)))
     });
     assert!(exited, "sluice did not exit on SIGTERM after the storms");
+}
+
+/// Interpreter calls at once in the bursts below.
+const BURST_CONCURRENCY: u64 = 16;
+/// Calls per burst.
+const BURST_CALLS: u64 = 1500;
+
+/// A burst of `BURST_CALLS` calls of the probe plugin, `BURST_CONCURRENCY` at a time, each answered as it
+/// should be; returns the peak RSS in KiB sampled every 50 ms.
+async fn probe_burst(nc: &async_nats::Client, pid: u32) -> u64 {
+    let next = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut workers = Vec::new();
+    for _ in 0..BURST_CONCURRENCY {
+        let (nc, next) = (nc.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < BURST_CALLS {
+                // probe-py and probe-js echo what is not one of their commands.
+                let reply = request(&nc, "probe", "hello from the burst").await;
+                assert_eq!(
+                    &reply.payload[..],
+                    b"hello from the burst",
+                    "{:?}",
+                    header(&reply, "Sluice-Failure-Reason")
+                );
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    peak.load(Ordering::Relaxed)
+}
+
+/// The issue this answers: RSS grew from 25 MB to 247 MB after a burst of interpreter calls.
+/// Bounds are loose (a shared machine, allocator caches), but a leak per call fails them:
+/// after a burst, memory is back near where it was; a second burst ends where the first did.
+/// Python (plugins/probe-py), then JavaScript (plugins/probe-js), one process each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_python_or_javascript_calls_leaves_memory_bounded() {
+    build_plugins();
+    burst_run("probe-py").await;
+    burst_run("probe-js").await;
+}
+
+async fn burst_run(plugin: &str) {
+    let server = NatsServer::start(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = format!("\n[limits]\nmemory = \"64MiB\"\ntimeout = \"5s\"\nmax_concurrency = {BURST_CONCURRENCY}\n");
+    std::fs::write(dir.path().join("probe.toml"), manifest("probe", plugin, "probe", &limits)).unwrap();
+    let data = repo_root().join("target/test-hostile-data");
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(dir.path())
+        .args(["--nats", &server.url(), "--no-watch", "--data-dir"])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Killed(child);
+    let pid = child.0.id();
+
+    let nc = async_nats::connect(server.url()).await.unwrap();
+    // Ready when it answers (compiling an 18 MB component in a debug build takes a while).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let probe = nc.request("probe", "ping".into());
+        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(2), probe).await
+            && &reply.payload[..] == b"ping"
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sluice did not start serving within 300 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Warm-up: pool slots for every concurrent call, then a rest.
+    let before_warm_up = rss_kib(pid);
+    probe_burst(&nc, pid).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let baseline = rss_kib(pid);
+
+    let peak_1 = probe_burst(&nc, pid).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_1 = rss_kib(pid);
+    let peak_2 = probe_burst(&nc, pid).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_2 = rss_kib(pid);
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "{plugin}: RSS with {BURST_CALLS} calls per burst, {BURST_CONCURRENCY} at once: ready {:.1} MiB, after warm-up {:.1} MiB; \
+         burst 1 peak {:.1} MiB, after {:.1} MiB; burst 2 peak {:.1} MiB, after {:.1} MiB",
+        mib(before_warm_up),
+        mib(baseline),
+        mib(peak_1),
+        mib(after_1),
+        mib(peak_2),
+        mib(after_2)
+    );
+    // At most every concurrent instance at its memory limit at once, plus slack.
+    let bound = baseline + BURST_CONCURRENCY * 64 * 1024 + 128 * 1024;
+    assert!(peak_1 <= bound && peak_2 <= bound, "RSS went past {:.1} MiB", mib(bound));
+    // A leak of even 100 KiB per call would be 150 MiB per burst: these fail it.
+    assert!(after_1 <= baseline + 96 * 1024, "burst 1 left {:.1} MiB behind", mib(after_1.saturating_sub(baseline)));
+    assert!(
+        after_2 <= after_1 + 64 * 1024,
+        "memory grew from burst to burst: {:.1} -> {:.1} MiB",
+        mib(after_1),
+        mib(after_2)
+    );
 }

@@ -1,6 +1,8 @@
-//! The `sluice` command line: `run`, `validate`, `publish`, `request`, `dlq`.
+//! The `sluice` command line: `run`, `validate`, `test`, `new`, `publish`, `request`, `dlq`.
 
 mod dlq;
+mod new;
+mod test;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,6 +51,12 @@ pub enum Command {
     /// Check manifests and their components without connecting to NATS. Exit code 1 and
     /// located errors when anything is wrong.
     Validate(ValidateArgs),
+    /// Run a handler once on one message, here, with no NATS server (an in-memory store),
+    /// and print the outcome, the outputs and reply it would send, and its logs. Exit code
+    /// 0 when it succeeded, 1 when it failed, 2 when the input is unusable.
+    Test(test::TestArgs),
+    /// Create a handler to start from: source, build script, manifest and a test message.
+    New(new::NewArgs),
     /// Publish one message.
     Publish(SendArgs),
     /// Send a request and print the reply.
@@ -196,6 +204,8 @@ pub async fn run_command(cli: Cli) -> u8 {
     let result = match cli.command {
         Command::Run(args) => run(args).await,
         Command::Validate(args) => return validate(&args),
+        Command::Test(args) => return test::run(args).await,
+        Command::New(args) => new::run(&args),
         Command::Publish(args) => publish(args).await,
         Command::Request(args) => return request(args).await,
         Command::Dlq(command) => dlq::run(command).await,
