@@ -183,6 +183,17 @@ impl Store for FjallLsm {
         })
     }
 
+    fn finish_run(&mut self) -> R<()> {
+        // Flushes and compactions the run started; memtables still filling (64 MiB each
+        // by default) are flushed by a later run, when full, as in service.
+        self.wait_quiet(Duration::from_secs(60));
+        Ok(())
+    }
+
+    fn background_ms(&self) -> Option<f64> {
+        Some(self.db.time_compacting().as_secs_f64() * 1e3)
+    }
+
     fn settle(&mut self) -> f64 {
         self.wait_quiet(Duration::from_secs(60))
     }

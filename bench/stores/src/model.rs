@@ -120,6 +120,15 @@ pub trait Store {
     fn index_bytes(&self) -> u64 {
         0
     }
+    /// Finishes the work a measured run started and deferred (fjall: the flushes and
+    /// compactions under way; SQLite: checkpointing the WAL), so the run is charged for it.
+    fn finish_run(&mut self) -> R<()> {
+        Ok(())
+    }
+    /// Time spent compacting in the background so far, where the engine does, ms.
+    fn background_ms(&self) -> Option<f64> {
+        None
+    }
     /// Waits for background work the bulk load left (fjall's flushes and compactions), ms.
     fn settle(&mut self) -> f64 {
         0.0

@@ -106,9 +106,20 @@ fn describe(name: &str) -> (&'static str, &'static str) {
         ),
         "sqlite" => (
             "SQLite: WITHOUT ROWID tables dedup (handler, key) with an index on expires, kv, outbox (handler, seq); one transaction per group",
-            "`journal_mode=WAL`, `synchronous=FULL`: the WAL is synced at every commit; automatic checkpoints (1000 pages) sync the database file",
+            "`journal_mode=WAL`, `synchronous=FULL`: the WAL is synced (`fsync`: the bundled build has no `HAVE_FDATASYNC`) at every commit; automatic checkpoints (1000 pages) sync the database file",
         ),
         _ => ("", ""),
+    }
+}
+
+/// Syncs per message, naming the call (SQLite's build uses `fsync`; redb and fjall's journal
+/// `fdatasync`; fjall's flushes `fsync` new files and directories).
+fn syncs(fsyncs: u64, fdatasyncs: u64, n: f64) -> String {
+    match (fsyncs, fdatasyncs) {
+        (0, 0) => "0".to_owned(),
+        (f, 0) => format!("{:.3} fsync", f as f64 / n),
+        (0, d) => format!("{:.3} fdatasync", d as f64 / n),
+        (f, d) => format!("{:.3} ({:.3} fsync + {:.3} fdatasync)", (f + d) as f64 / n, f as f64 / n, d as f64 / n),
     }
 }
 
@@ -146,7 +157,9 @@ pub fn render(args: &Args, outcomes: &[Outcome], total_s: f64, probe_start: (f64
          the fsyncs' and depends most on the machine); fsyncs are every `fsync`/`fdatasync` any thread made (the benchmark \
          interposes both libc symbols and counts them), next to the commits it asked for; `write()` bytes is \
          `wchar` and block-layer bytes is `write_bytes` from `/proc/self/io` (the latter counts dirtied pages: \
-         write amplification); growth is the store directory's size change. Commit latency is the first \
+         write amplification); work an engine defers is waited for at the end of each run and charged to it, in CPU, syncs and bytes but \
+         not in msg/s (fjall: the memtable flushes and compactions under way; memtables still filling, 64 MiB each, \
+         are flushed when full by a later run; SQLite: a WAL checkpoint); growth is the store directory's size change. Commit latency is the first \
          transaction's (begin to durable return). The caches are all {} MiB and the data set fits in RAM, so \
          reads are cached and the comparison is of write paths and CPU.\n",
         args.preload,
@@ -193,7 +206,7 @@ pub fn render(args: &Args, outcomes: &[Outcome], total_s: f64, probe_start: (f64
     let _ = writeln!(w, "\n## Results: one outbox commit per message, group-committed\n");
     let _ = writeln!(
         w,
-        "| candidate | B | msgs | msg/s | CPU µs/msg | of which user | commits/msg | fsync+fdatasync/msg | write() B/msg | block-layer B/msg | growth B/msg | lookup µs | commit p50 ms | commit p99 ms | removal p99 ms |\n\
+        "| candidate | B | msgs | msg/s | CPU µs/msg | of which user | commits/msg | syncs/msg (any thread) | write() B/msg | block-layer B/msg | growth B/msg | lookup µs | commit p50 ms | commit p99 ms | removal p99 ms |\n\
          |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     );
     for o in outcomes {
@@ -201,7 +214,7 @@ pub fn render(args: &Args, outcomes: &[Outcome], total_s: f64, probe_start: (f64
             let n = c.msgs.max(1) as f64;
             let _ = writeln!(
                 w,
-                "| `{}` | {}{} | {} | {:.0} | {:.1} | {:.1} | {:.3} | {:.3} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} |",
+                "| `{}` | {}{} | {} | {:.0} | {:.1} | {:.1} | {:.3} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} |",
                 o.name,
                 c.batch,
                 if c.piggyback { " (removal in next commit)" } else { "" },
@@ -210,7 +223,7 @@ pub fn render(args: &Args, outcomes: &[Outcome], total_s: f64, probe_start: (f64
                 c.cpu_us as f64 / n,
                 c.user_us as f64 / n,
                 c.commits as f64 / n,
-                (c.fsyncs + c.fdatasyncs) as f64 / n,
+                syncs(c.fsyncs, c.fdatasyncs, n),
                 kb(c.wchar as f64 / n),
                 kb(c.write_bytes as f64 / n),
                 kb(c.growth as f64 / n),
@@ -265,6 +278,15 @@ pub fn render(args: &Args, outcomes: &[Outcome], total_s: f64, probe_start: (f64
             if o.index_bytes > 0 { format!("{:.0}", o.index_bytes as f64 / 1048576.0) } else { "-".to_owned() },
             crash
         );
+    }
+    for o in outcomes {
+        if let Some(ms) = o.compacting_ms {
+            let _ = writeln!(
+                w,
+                "\n`{}` compacted in the background for {ms:.0} ms during the measured runs (in their CPU figures).",
+                o.name
+            );
+        }
     }
     let _ = writeln!(w);
     let kept = previous.split_once(MARKER).map(|(_, rest)| rest.trim_start_matches('\n')).unwrap_or("");

@@ -133,6 +133,12 @@ impl Store for Sqlite {
         Ok(sweep)
     }
 
+    fn finish_run(&mut self) -> R<()> {
+        let _: (i64, i64, i64) =
+            self.conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(())
+    }
+
     fn outbox_from(&mut self, from: u64) -> R<Vec<u64>> {
         let mut stmt =
             self.conn.prepare_cached("SELECT seq FROM outbox WHERE handler = ?1 AND seq >= ?2 ORDER BY seq")?;
