@@ -1,7 +1,7 @@
 //! Measures candidate embedded stores for the transactional outbox commit (issue 17) and
 //! writes `bench/STORES.md`. See `bench/stores/README.md`.
 //!
-//! Usage: `sluice-store-bench [--preload N] [--secs S] [--only a,b] [--dir DIR] [--out FILE]`
+//! Usage: `sluice-store-bench [--preload N] [--secs S] [--only a,b] [--batches 1,16] [--dir DIR] [--out FILE]`
 //! (`make bench-stores`), and, for the crash check it runs itself,
 //! `sluice-store-bench crash-child CANDIDATE DIR FIRST_SEQ`.
 
@@ -42,6 +42,8 @@ pub struct Args {
     pub only: Vec<String>,
     pub dir: PathBuf,
     pub out: PathBuf,
+    /// Group sizes to run (the piggybacked run is added when PIGGYBACK_BATCH is among them).
+    pub batches: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -116,6 +118,7 @@ fn parse(argv: &[String]) -> R<Args> {
         only: CANDIDATES.iter().map(|s| (*s).to_owned()).collect(),
         dir: std::env::temp_dir(),
         out: PathBuf::from("bench/STORES.md"),
+        batches: BATCHES.to_vec(),
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -126,6 +129,7 @@ fn parse(argv: &[String]) -> R<Args> {
             "--only" => args.only = value()?.split(',').map(str::to_owned).collect(),
             "--dir" => args.dir = value()?.into(),
             "--out" => args.out = value()?.into(),
+            "--batches" => args.batches = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -183,7 +187,8 @@ fn candidate(name: &str, args: &Args) -> R<Outcome> {
         let compacting0 = store.background_ms();
         let mut next_seq = 0u64;
         let mut rng = fastrand::Rng::with_seed(42);
-        let shapes = BATCHES.iter().map(|&b| (b, false)).chain([(PIGGYBACK_BATCH, true)]);
+        let piggyback = args.batches.contains(&PIGGYBACK_BATCH).then_some((PIGGYBACK_BATCH, true));
+        let shapes = args.batches.iter().map(|&b| (b, false)).chain(piggyback);
         for (batch, piggyback) in shapes {
             let cell = measure(store.as_mut(), &dir, (batch, piggyback), args, &mut next_seq, &mut rng)?;
             eprintln!(

@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::{Args, BATCHES, Outcome};
+use crate::{Args, Outcome};
 
 pub const MARKER: &str = "<!-- Written by hand below this line; `make bench-stores` keeps it. -->";
 
@@ -163,7 +163,7 @@ pub fn render(args: &Args, outcomes: &[Outcome], total_s: f64, probe_start: (f64
          transaction's (begin to durable return). The caches are all {} MiB and the data set fits in RAM, so \
          reads are cached and the comparison is of write paths and CPU.\n",
         args.preload,
-        BATCHES,
+        args.batches,
         args.secs,
         crate::DUP_EVERY,
         crate::PIGGYBACK_BATCH,
