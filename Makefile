@@ -1,7 +1,7 @@
 # Sluice — the two commands the README promises, and their parts.
 #   make run    build everything and serve manifests/ (embedded nats-server if none runs)
 #   make test   the whole test suite
-.PHONY: run test tools plugins build lint fmt ci bench clean
+.PHONY: run test tools plugins build lint fmt ci bench bench-stores clean
 
 CARGO ?= cargo
 
@@ -25,6 +25,11 @@ build: tools plugins
 bench: tools plugins
 	$(CARGO) build --release -p sluice
 	$(CARGO) run --release -p sluice-bench
+
+# Candidate embedded stores for the outbox commit, side by side (issue 17; bench/stores/).
+# Its own workspace and target dir; about 4 minutes. Writes bench/STORES.md.
+bench-stores:
+	$(CARGO) run --release --manifest-path bench/stores/Cargo.toml -- --out bench/STORES.md
 
 lint: tools
 	scripts/check-module-cycles.py
