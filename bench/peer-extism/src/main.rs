@@ -49,9 +49,24 @@ struct Args {
     workers: usize,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() {
     let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    let result = match &runtime {
+        Ok(rt) => rt.block_on(run(args)),
+        Err(e) => Err(anyhow::anyhow!("cannot start the tokio runtime: {e}")),
+    };
+    // Exit before the runtime is dropped: that would wait for the blocking read of stdin.
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     // The orchestrator closes our stdin when it is done with us (or dies).
     tokio::spawn(async {
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -108,9 +123,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Loads and compiles the plugin: no WASI (the plugin imports only Extism's kernel), no
-/// compilation cache on disk.
+/// compilation cache on disk. Read here and passed as bytes (Extism's own file loading is
+/// its `register-filesystem` feature, left out with the other defaults).
 fn compile(path: &PathBuf) -> anyhow::Result<CompiledPlugin> {
-    let manifest = Manifest::new([Wasm::file(path)]);
+    let wasm = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let manifest = Manifest::new([Wasm::data(wasm)]);
     PluginBuilder::new(manifest)
         .with_wasi(false)
         .with_cache_disabled()
