@@ -20,10 +20,13 @@ plugins: tools
 build: tools plugins
 	$(CARGO) build --release -p sluice
 
-# Native NATS baselines against Sluice, in one run of a few minutes (bench/README.md).
-# Writes BENCHMARKS.md and bench/results.json.
+# Native NATS baselines and the Extism peer against Sluice, in one run of a few minutes
+# (bench/README.md). Writes BENCHMARKS.md and bench/results.json. The peer (its own crate, with
+# its own wasmtime: many minutes of compile the first time) is built here only; if it cannot
+# be built, its row is reported as skipped.
 bench: tools plugins
 	$(CARGO) build --release -p sluice
+	bench/peer-extism/build.sh || echo "warning: the Extism peer did not build; its row will be skipped" >&2
 	$(CARGO) run --release -p sluice-bench
 
 # Candidate embedded stores for the outbox commit, side by side (issue 17; bench/stores/).

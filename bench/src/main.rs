@@ -47,7 +47,8 @@ struct Cli {
     /// profiling and quick comparisons. Ids: startup, native_core, native_jetstream,
     /// sluice_core_noop, sluice_jetstream_noop (the ids with `_warm` after them too),
     /// sluice_core_order_validator,
-    /// sluice_jetstream_order_validator, echo (with the latency runs).
+    /// sluice_jetstream_order_validator, peer_extism_jetstream_noop (the Extism peer), echo
+    /// (with the latency runs).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write BENCHMARKS.md (default: the checkout); results.json goes to bench/.

@@ -77,6 +77,17 @@ impl Throughput {
     }
 }
 
+/// A measurement that could not run, and why (the Extism peer when it is not built).
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub id: &'static str,
+    pub transport: &'static str,
+    pub reason: String,
+}
+
+/// The Extism peer's row (bench/peer-extism): the do-it-yourself alternative to Sluice.
+pub const PEER_EXTISM: &str = "peer_extism_jetstream_noop";
+
 /// Start-up and idle memory of `sluice run` with some handlers.
 #[derive(Debug, Clone, Serialize)]
 pub struct Startup {
@@ -208,6 +219,8 @@ pub struct Results {
     /// latency tails of whichever responder was running.
     pub steal_during_run: f64,
     pub throughput: Vec<Throughput>,
+    /// Measurements that were not run, and why.
+    pub skipped: Vec<Skipped>,
     pub ratios: Vec<Ratio>,
     pub latency: Vec<LatencyRun>,
     pub added_latency: Vec<Added>,
@@ -230,6 +243,7 @@ pub fn results(
     latency: Vec<LatencyRun>,
     startup: Vec<Startup>,
     reload: Vec<Reload>,
+    skipped: Vec<Skipped>,
 ) -> Results {
     let rate = |id: &str| throughput.iter().find(|t| t.id == id).map(|t| t.per_sec);
     let pairs = [
@@ -248,6 +262,10 @@ pub fn results(
         ("sluice_core_echo_py_warm", "native_echo"),
         ("sluice_core_echo_js", "native_echo"),
         ("sluice_core_echo_js_warm", "native_echo"),
+        (PEER_EXTISM, "native_jetstream"),
+        // Against the peer (after the native pairs: a row's first ratio is its native one).
+        ("sluice_jetstream_noop_warm", PEER_EXTISM),
+        ("sluice_jetstream_noop", PEER_EXTISM),
     ];
     let ratios: Vec<Ratio> =
         pairs.iter().filter_map(|&(s, n)| Some(Ratio { sluice: s, native: n, ratio: rate(s)? / rate(n)? })).collect();
@@ -292,6 +310,25 @@ pub fn results(
             result: measured.map_or("fail", |r| pass(r >= min)),
         });
     }
+    let peer = "JetStream throughput, noop handler, warm instances, vs the Extism peer (bench/peer-extism)";
+    let vs_peer =
+        ratios.iter().find(|r| r.sluice == "sluice_jetstream_noop_warm" && r.native == PEER_EXTISM).map(|r| r.ratio);
+    targets.push(match (vs_peer, skipped.iter().find(|s| s.id == PEER_EXTISM)) {
+        (None, Some(skip)) => Target {
+            target: peer,
+            goal: ">= 1.0×",
+            measured: None,
+            shown: format!("peer skipped: {}", skip.reason),
+            result: "not measurable",
+        },
+        (measured, _) => Target {
+            target: peer,
+            goal: ">= 1.0×",
+            measured,
+            shown: measured.map_or("-".into(), |r| format!("{r:.2}×")),
+            result: measured.map_or("fail", |r| pass(r >= 1.0)),
+        },
+    });
     let p99 = added.iter().find(|a| (a.load - 0.2).abs() < 1e-9).map(|a| a.p99_us);
     targets.push(Target {
         target: "added p99 latency over native at 20% load (request to reply)",
@@ -340,6 +377,7 @@ pub fn results(
         busy_after_run,
         steal_during_run,
         throughput,
+        skipped,
         ratios,
         latency,
         added_latency: added,
@@ -455,7 +493,7 @@ fn output(cmd: &mut Command) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn locked_version(lock: &str, name: &str) -> String {
+pub fn locked_version(lock: &str, name: &str) -> String {
     let wanted = format!("name = \"{name}\"");
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
@@ -562,13 +600,19 @@ pub fn markdown(r: &Results) -> String {
 
     let _ = writeln!(
         s,
-        "\n## Throughput\n\n| scenario | transport | messages | seconds | msg/s | vs native | consumer CPU µs/msg |\n|---|---|---:|---:|---:|---|---:|"
+        "\n## Throughput\n\n| scenario | transport | messages | seconds | msg/s | vs native, vs the Extism peer | consumer CPU µs/msg |\n|---|---|---:|---:|---:|---|---:|"
     );
     for t in &r.throughput {
-        let vs = match r.ratios.iter().find(|x| x.sluice == t.id) {
-            Some(x) => format!("{} of `{}`", pct(x.ratio), x.native),
-            None => "baseline".to_owned(),
-        };
+        let vs: Vec<String> = r
+            .ratios
+            .iter()
+            .filter(|x| x.sluice == t.id)
+            .map(|x| match x.native {
+                PEER_EXTISM => format!("{:.2}× `{}`", x.ratio, x.native),
+                _ => format!("{} of `{}`", pct(x.ratio), x.native),
+            })
+            .collect();
+        let vs = if vs.is_empty() { "baseline".to_owned() } else { vs.join("; ") };
         let _ = writeln!(
             s,
             "| {} (`{}`) | {} | {} | {:.2} | {} | {} | {} |",
@@ -581,6 +625,9 @@ pub fn markdown(r: &Results) -> String {
             vs,
             t.consumer_cpu_us_per_msg.map_or("-".to_owned(), |c| format!("{c:.1}"))
         );
+    }
+    for skip in &r.skipped {
+        let _ = writeln!(s, "| `{}` | {} | - | - | - | skipped: {} | - |", skip.id, skip.transport, skip.reason);
     }
     let notes: Vec<String> = r
         .throughput

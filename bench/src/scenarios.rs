@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::latency::{self, LatencyRun};
 use crate::nats::{self, Counter, Server};
 use crate::process::Proc;
-use crate::report::{self, Reload, Results, Startup, Throughput};
+use crate::report::{self, PEER_EXTISM, Reload, Results, Startup, Throughput};
 
 /// Every message is this big (the payload; NATS adds the subject and protocol framing).
 pub const MESSAGE_BYTES: usize = 128;
@@ -137,6 +137,17 @@ impl Bench {
             self.say("native JetStream pull consumer");
             throughput.push(self.native_jetstream().await?);
         }
+        let mut skipped = Vec::new();
+        if self.wanted(PEER_EXTISM) {
+            self.say("Extism peer: JetStream pull consumer calling a noop Extism plugin");
+            match self.peer_extism_jetstream().await? {
+                Ok(t) => throughput.push(t),
+                Err(reason) => {
+                    self.say(&format!("skipped {PEER_EXTISM}: {reason}"));
+                    skipped.push(report::Skipped { id: PEER_EXTISM, transport: "jetstream", reason });
+                }
+            }
+        }
         if self.wanted("sluice_core_noop") {
             self.say("Sluice core, noop");
             throughput.push(self.sluice_core_noop(exit_overhead, false).await?);
@@ -194,6 +205,7 @@ impl Bench {
             latency,
             startup,
             reload,
+            skipped,
         ))
     }
 
@@ -410,17 +422,7 @@ impl Bench {
         let (name, subject, durable) = ("BENCH_NATIVE", "bench.native.js", "native");
         let js = jetstream::new(nats::connect(&self.server.url(), "bench-js").await?);
         let stream = nats::create_stream(&js, name, subject).await?;
-        stream
-            .create_consumer(pull::Config {
-                durable_name: Some(durable.to_owned()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: MAX_ACK_PENDING,
-                max_deliver: -1,
-                ..Default::default()
-            })
-            .await
-            .context("cannot create the native consumer")?;
+        create_pull_consumer(&stream, durable).await?;
         let run = JsRun {
             js: &js,
             stream: &stream,
@@ -443,6 +445,79 @@ impl Bench {
         .cpu(m.cpu_ticks);
         t.redelivered = Some(m.redelivered);
         Ok(t)
+    }
+
+    /// The Extism peer (bench/peer-extism): an async-nats pull consumer that calls a noop
+    /// plugin through Extism, one long-lived plugin per worker, and acks each message. Its
+    /// consumer is created by the harness with the native baseline's settings, and it is
+    /// measured like the native baseline. `Ok(Err(reason))` when the peer is not built.
+    async fn peer_extism_jetstream(&self) -> anyhow::Result<Result<Throughput, String>> {
+        let peer = self.peer_extism();
+        for file in [&peer.binary, &peer.plugin] {
+            if !file.is_file() {
+                return Ok(Err(format!(
+                    "{} not found: build the peer with bench/peer-extism/build.sh (`make bench` does)",
+                    file.strip_prefix(&self.root).unwrap_or(file).display()
+                )));
+            }
+        }
+        let (name, subject, durable) = ("BENCH_PEER_EXTISM", "bench.peer.extism.js", "peer-extism");
+        let js = jetstream::new(nats::connect(&self.server.url(), "bench-js").await?);
+        let stream = nats::create_stream(&js, name, subject).await?;
+        create_pull_consumer(&stream, durable).await?;
+        let run = JsRun {
+            js: &js,
+            stream: &stream,
+            consumer: durable,
+            subject,
+            counter: None,
+            who: JsConsumer::Peer { stream: name, peer: &peer },
+        };
+        let m = self.js_measure(&run, (20_000, 20_000, 1_000_000), &blob).await?;
+        let _ = js.delete_stream(name).await;
+        let mut t = Throughput::new(
+            PEER_EXTISM,
+            "Extism peer: async-nats pull consumer, noop plugin through Extism, one long-lived plugin per worker, acks each",
+            "jetstream",
+            "noop (Extism)",
+            m.messages,
+            m.took,
+        )
+        .how(m.warmup, JS_METHOD)
+        .cpu(m.cpu_ticks);
+        t.redelivered = Some(m.redelivered);
+        t.notes.push(format!(
+            "{} workers, each with its own plugin instance, on a tokio runtime with one thread per core; \
+             extism {} on wasmtime {} (Sluice's wasmtime is in the machine table)",
+            peer.workers,
+            report::locked_version(&peer.lock, "extism"),
+            report::locked_version(&peer.lock, "wasmtime"),
+        ));
+        Ok(Ok(t))
+    }
+
+    /// Where bench/peer-extism/build.sh puts the peer and its plugin.
+    fn peer_extism(&self) -> PeerExtism {
+        let dir = self.root.join("bench/peer-extism");
+        PeerExtism {
+            binary: dir.join("target/release/peer-extism"),
+            plugin: dir.join("target/noop.wasm"),
+            lock: std::fs::read_to_string(dir.join("Cargo.lock")).unwrap_or_default(),
+            workers: sluice::manifest::DEFAULT_MAX_CONCURRENCY as usize,
+        }
+    }
+
+    /// Starts the Extism peer on `stream`'s durable `consumer` and waits for its `ready`
+    /// (every worker's plugin instantiated).
+    async fn start_peer(&self, peer: &PeerExtism, stream: &str, consumer: &str, phase: &str) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new(&peer.binary);
+        cmd.args(["--url", &self.server.url(), "--stream", stream, "--consumer", consumer])
+            .arg("--plugin")
+            .arg(&peer.plugin)
+            .args(["--function", "noop", "--workers", &peer.workers.to_string()]);
+        let mut proc = Proc::spawn("peer-extism", cmd, &self.logs.join(format!("peer-extism-{phase}.log")))?;
+        proc.wait_line(|l| l == "ready", Duration::from_secs(60)).await?;
+        Ok(proc)
     }
 
     /// Times a JetStream consumer on messages stored before it starts. First a calibration
@@ -514,6 +589,7 @@ impl Bench {
                 self.start_native("native-pull", &["--stream", stream, "--consumer", run.consumer]).await
             }
             JsConsumer::Sluice { dir } => self.start_sluice(dir, &format!("sluice-{}-{phase}", run.consumer)).await,
+            JsConsumer::Peer { stream, peer } => self.start_peer(peer, stream, run.consumer, phase).await,
         }
     }
 
@@ -1030,6 +1106,35 @@ enum JsConsumer<'a> {
     Native { stream: &'a str },
     /// `sluice run` on this manifest folder.
     Sluice { dir: PathBuf },
+    /// The Extism peer, on this stream.
+    Peer { stream: &'a str, peer: &'a PeerExtism },
+}
+
+/// The Extism peer, as bench/peer-extism/build.sh builds it.
+struct PeerExtism {
+    binary: PathBuf,
+    plugin: PathBuf,
+    /// Its Cargo.lock (the extism and wasmtime versions it runs).
+    lock: String,
+    /// Its workers, each with one plugin instance: Sluice's default `max_concurrency`.
+    workers: usize,
+}
+
+/// A durable pull consumer with Sluice's default settings (explicit acks, `max_ack_pending`
+/// 1000, no redelivery limit), for the native baseline and the peer.
+async fn create_pull_consumer(stream: &stream::Stream, durable: &str) -> anyhow::Result<()> {
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(durable.to_owned()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: MAX_ACK_PENDING,
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("cannot create the {durable} consumer"))?;
+    Ok(())
 }
 
 /// A JetStream measurement: the stream, the durable consumer, who consumes.
