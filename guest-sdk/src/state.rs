@@ -2,7 +2,18 @@
 //! manifest): dedup marks and a small key-value bucket. Both are scoped to the handler: no
 //! other handler can read or change them.
 //!
-//! Use them to make side effects the host cannot see idempotent, for example:
+//! The two behave differently when a call fails:
+//!
+//! - **kv writes are part of the call's commit.** They are kept aside while the call runs
+//!   (the call reads them back), and are stored together with the message's idempotency
+//!   record only when the call returns `Ok`; a call that fails, traps or times out leaves
+//!   the bucket as it was. A [`kv::compare_and_swap`] is checked again at the commit: if
+//!   another call changed the value first, the commit fails and the message is retried.
+//! - **dedup marks are written at once**, whether the call then succeeds or not: they are
+//!   there to guard effects the host cannot take back (a payment, a request to another
+//!   service), which must stay marked even when the call fails after them.
+//!
+//! Use marks to make side effects the host cannot see idempotent, for example:
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -266,15 +266,18 @@ struct Report {
 
 impl Report {
     fn succeeded(&self) -> bool {
-        matches!(self.outcome, Outcome::Success(_))
+        matches!(self.outcome, Outcome::Success(..))
     }
 
     fn render(&self) -> String {
         let mut out = String::new();
         let ms = self.elapsed.as_secs_f64() * 1000.0;
         match &self.outcome {
-            Outcome::Success(outputs) => {
+            Outcome::Success(outputs, writes) => {
                 let _ = writeln!(out, "outcome: success ({ms:.1} ms)");
+                if !writes.is_empty() {
+                    let _ = writeln!(out, "state: {} kv or dedup writes, committed with the message", writes.len());
+                }
                 if outputs.published.is_empty() {
                     out.push_str("outputs: none\n");
                 }

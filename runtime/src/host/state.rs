@@ -1,7 +1,8 @@
 //! `sluice:handler/dedup` and `sluice:handler/kv`: the guest's own marks and bucket, on the
-//! handler's store, always inside the handler's namespace. A call's writes are its own until
-//! it succeeds: they are kept in the call's write set (the guest reads them back) and
+//! handler's store, always inside the handler's namespace. A call's kv writes are its own
+//! until it succeeds: they are kept in the call's write set (the guest reads them back) and
 //! committed together with the message's idempotency record, or dropped with a failed call.
+//! Dedup marks are written at once (see below).
 
 use std::time::Duration;
 
@@ -35,10 +36,13 @@ fn check_value(value: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-// Reads go to the store (the call's own writes first); writes join the call's write set,
-// committed with its idempotency record when the call succeeds. No borrow of the state is
-// held across an await: the scope is cloned first.
+// kv reads go to the store (the call's own writes first); kv writes join the call's write
+// set, committed with its idempotency record when the call succeeds. No borrow of the state
+// is held across an await: the scope is cloned first.
 
+// Dedup marks are written at once, not with the call's commit: they exist to guard effects
+// that escape the commit (a payment, an HTTP call), and such an effect must stay marked even
+// when the call fails after it.
 impl dedup::Host for HostState {
     async fn check_and_mark(&mut self, key: String, ttl_ms: u64) -> wasmtime::Result<Result<bool, String>> {
         let scope = match check_key(&key).and_then(|()| self.scope()) {
@@ -46,7 +50,7 @@ impl dedup::Host for HostState {
             Err(e) => return Ok(Err(e)),
         };
         let ttl = Duration::from_millis(ttl_ms.max(1));
-        Ok(scope.check_and_mark_in(&mut self.writes, &key, ttl).await.map_err(|e| e.to_string()))
+        Ok(scope.check_and_mark(&key, ttl).await.map_err(|e| e.to_string()))
     }
 
     async fn forget(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
@@ -54,8 +58,7 @@ impl dedup::Host for HostState {
             Ok(scope) => scope,
             Err(e) => return Ok(Err(e)),
         };
-        scope.forget_in(&mut self.writes, &key);
-        Ok(Ok(()))
+        Ok(scope.forget(&key).await.map_err(|e| e.to_string()))
     }
 }
 
@@ -69,7 +72,11 @@ impl kv::Host for HostState {
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
-        let scope = match check_key(&key).and_then(|()| check_value(&value)).and_then(|()| self.scope()) {
+        let scope = match check_key(&key)
+            .and_then(|()| check_value(&value))
+            .and_then(|()| self.writes.room_for(&key, value.len()))
+            .and_then(|()| self.scope())
+        {
             Ok(scope) => scope,
             Err(e) => return Ok(Err(e)),
         };
@@ -78,7 +85,7 @@ impl kv::Host for HostState {
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
-        let scope = match check_key(&key).and_then(|()| self.scope()) {
+        let scope = match check_key(&key).and_then(|()| self.writes.room_for(&key, 0)).and_then(|()| self.scope()) {
             Ok(scope) => scope,
             Err(e) => return Ok(Err(e)),
         };
@@ -92,7 +99,11 @@ impl kv::Host for HostState {
         expected: Option<Vec<u8>>,
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<bool, String>> {
-        let scope = match check_key(&key).and_then(|()| check_value(&value)).and_then(|()| self.scope()) {
+        let scope = match check_key(&key)
+            .and_then(|()| check_value(&value))
+            .and_then(|()| self.writes.room_for(&key, value.len()))
+            .and_then(|()| self.scope())
+        {
             Ok(scope) => scope,
             Err(e) => return Ok(Err(e)),
         };

@@ -224,18 +224,41 @@ impl Leases {
     }
 }
 
-/// A call's effects on its handler's state (the guest's kv writes and dedup marks), kept
-/// aside while it runs and committed with its idempotency record when it succeeds, or
+/// The most keys one call may write to its kv.
+pub const MAX_CALL_WRITES: usize = 10_000;
+/// The most bytes of keys and values one call may write.
+pub const MAX_CALL_WRITE_BYTES: usize = 16 << 20;
+
+/// A call's effects on its handler's kv, kept aside while it runs and committed with its idempotency record when it succeeds, or
 /// dropped when it fails. The guest reads its own writes.
 #[derive(Debug, Default)]
 pub struct WriteSet {
     pending: Vec<Op>,
+    /// Bytes of keys and values written (an overwritten value still counts).
+    bytes: usize,
 }
 
 impl WriteSet {
     /// True when the call wrote nothing.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
+    }
+
+    /// How many keys the call wrote.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Refuses a write of `value_len` bytes to `key` that would take the call past
+    /// [`MAX_CALL_WRITES`] keys or [`MAX_CALL_WRITE_BYTES`] bytes.
+    pub fn room_for(&self, key: &str, value_len: usize) -> Result<(), String> {
+        if self.bytes + key.len() + value_len > MAX_CALL_WRITE_BYTES {
+            return Err(format!("a call may write at most {MAX_CALL_WRITE_BYTES} bytes of state"));
+        }
+        if self.pending.len() >= MAX_CALL_WRITES && !self.pending.iter().any(|op| op.key == key) {
+            return Err(format!("a call may write at most {MAX_CALL_WRITES} keys"));
+        }
+        Ok(())
     }
 
     /// The call's own write of `key`, if it made one: `Some(None)` when it deleted it.
@@ -246,6 +269,7 @@ impl WriteSet {
     /// Records a write. A key written twice keeps the expectation of its first write (what
     /// the call read first must still hold at the commit) and the value of its last.
     fn write(&mut self, space: Space, key: &str, expect: Expect, value: Option<Vec<u8>>) {
+        self.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
         match self.pending.iter_mut().find(|op| op.space == space && op.key == key) {
             Some(op) => op.value = value,
             None => self.pending.push(Op { space, key: key.to_owned(), expect, value }),
@@ -448,30 +472,6 @@ impl Scope {
         }
     }
 
-    /// The guest's `check-and-mark`, inside a call: the mark joins the call's writes.
-    pub async fn check_and_mark_in(&self, writes: &mut WriteSet, key: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let live = |bytes: &[u8]| Record::decode(bytes).is_some_and(|r| r.live(now_ms()));
-        if let Some(own) = writes.read(Space::GuestDedup, key) {
-            if own.is_some_and(live) {
-                return Ok(false);
-            }
-        } else {
-            let current = self.store.get(&self.handler, Space::GuestDedup, key).await?;
-            if current.as_ref().is_some_and(|v| live(&v.value)) {
-                return Ok(false);
-            }
-            writes.write(Space::GuestDedup, key, Expect::Is(current.map(|v| v.version)), None);
-        }
-        let mark = Record::Completed { expires_ms: after(ttl), fingerprint: None }.encode();
-        writes.write(Space::GuestDedup, key, Expect::Any, Some(mark));
-        Ok(true)
-    }
-
-    /// The guest's `forget`, inside a call.
-    pub fn forget_in(&self, writes: &mut WriteSet, key: &str) {
-        writes.write(Space::GuestDedup, key, Expect::Any, None);
-    }
-
     /// The guest's `kv.get`, inside a call: its own writes first.
     pub async fn kv_get_in(&self, writes: &WriteSet, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match writes.read(Space::Kv, key) {
@@ -571,12 +571,9 @@ pub mod conformance {
         assert_eq!(a.kv_get_in(&w, "n").await.unwrap(), Some(b"1".to_vec()));
         assert!(a.kv_cas_in(&mut w, "n", Some(b"1"), b"2".to_vec()).await.unwrap());
         assert!(!a.kv_cas_in(&mut w, "n", Some(b"1"), b"3".to_vec()).await.unwrap());
-        assert!(a.check_and_mark_in(&mut w, "cm", Duration::from_secs(60)).await.unwrap());
-        assert!(!a.check_and_mark_in(&mut w, "cm", Duration::from_secs(60)).await.unwrap());
         assert_eq!(a.kv_get("n").await.unwrap(), None, "not visible before the commit");
         a.commit(w, Some(("c", Duration::from_secs(60), None))).await.unwrap();
         assert_eq!(a.kv_get("n").await.unwrap(), Some(b"2".to_vec()));
-        assert!(!a.check_and_mark("cm", Duration::from_secs(60)).await.unwrap(), "the mark was committed");
         assert_eq!(a.begin("c", lease).await.unwrap(), Begin::Completed { fingerprint: None });
 
         // A dropped write set leaves nothing.
