@@ -22,7 +22,7 @@ async fn counters_count_each_message_once(backend: &str) {
     let server = nats();
     let extra = format!(
         "[idempotency]\nkey = \"header:Nats-Msg-Id\"\n\n[store]\nbackend = \"{backend}\"\n\n\
-         [retry]\nmax_attempts = 20\ninitial = \"20ms\"\nmax = \"200ms\"\n"
+         [retry]\nmax_attempts = 100\ninitial = \"10ms\"\nmax = \"100ms\"\n"
     );
     let sluice = Sluice::start(&server, &[("w.toml", manifest("w", "misbehave", "work", &extra))]).await;
     let nc = client(&server).await;
@@ -53,7 +53,7 @@ async fn counters_count_each_message_once(backend: &str) {
             break;
         }
         assert!(now.iter().all(|&c| c <= per_key as u64), "{backend}: counted too often: {now:?}");
-        assert!(tokio::time::Instant::now() < deadline, "{backend}: counters stuck at {now:?}");
+        assert!(tokio::time::Instant::now() < deadline, "{backend}: counters stuck at {now:?}\n{}", sluice.metrics());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // And nothing more arrives later.

@@ -62,13 +62,22 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
         // One write: the guest's kv writes and marks, and the key's completion record.
         Ok(()) => match Box::pin(scope.commit(writes, completion)).await {
             Ok(()) => Step::Done,
-            // Nothing of the call's state was kept, and the key is not marked: the retry runs
-            // the handler again, and its outputs carry the same ids as those just sent.
-            Err(e) => Step::Failed(Failure {
-                kind: FailureKind::StoreError,
-                reason: format!("state store: {e}"),
-                retry_after: None,
-            }),
+            // Nothing of the call's state was kept (on nats-kv: nothing after the failed
+            // write), and the key is not marked: the retry runs the handler again, and its
+            // outputs carry the same ids as those just sent. The lease goes, so that the retry
+            // need not wait for it to lapse.
+            Err(e) => {
+                if let Some((k, _)) = &key
+                    && let Err(e) = Box::pin(scope.release(k)).await
+                {
+                    tracing::warn!(key = %k, "state store: {e}");
+                }
+                Step::Failed(Failure {
+                    kind: FailureKind::StoreError,
+                    reason: format!("state store: {e}"),
+                    retry_after: None,
+                })
+            }
         },
         Err(failure) => {
             if let Some((k, _)) = &key
