@@ -159,34 +159,8 @@ async fn storm_run(instances: &str) {
     std::fs::write(dir.path().join("misbehave.toml"), manifest("misbehave", "misbehave", "misbehave", &limits))
         .unwrap();
     std::fs::write(dir.path().join("echo.toml"), manifest("echo", "echo", "echo", "")).unwrap();
-    // Compiled components are kept between runs of this test (debug builds compile slowly).
-    let data = repo_root().join("target/test-hostile-data");
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("run")
-        .arg(dir.path())
-        .args(["--nats", &server.url(), "--no-watch", "--data-dir"])
-        .arg(&data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
-    let pid = child.0.id();
-
-    let nc = async_nats::connect(server.url()).await.unwrap();
     // Ready when both handlers answer (compiling them may take a while in a debug build).
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let echo = nc.request("echo", "ping".into());
-        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(1), echo).await
-            && &reply.payload[..] == b"ping"
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "sluice did not start serving within 120 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (child, pid, nc) = serve(&server, dir.path(), "echo", Duration::from_secs(120)).await;
 
     // Warm-up: every command once, so that pool slots, buffers and caches exist before the
     // baseline is read.
@@ -309,33 +283,8 @@ async fn burst_run(plugin: &str) {
     let dir = tempfile::tempdir().unwrap();
     let limits = format!("\n[limits]\nmemory = \"64MiB\"\ntimeout = \"5s\"\nmax_concurrency = {BURST_CONCURRENCY}\n");
     std::fs::write(dir.path().join("probe.toml"), manifest("probe", plugin, "probe", &limits)).unwrap();
-    let data = repo_root().join("target/test-hostile-data");
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("run")
-        .arg(dir.path())
-        .args(["--nats", &server.url(), "--no-watch", "--data-dir"])
-        .arg(&data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
-    let pid = child.0.id();
-
-    let nc = async_nats::connect(server.url()).await.unwrap();
     // Ready when it answers (compiling an 18 MB component in a debug build takes a while).
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let probe = nc.request("probe", "ping".into());
-        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(2), probe).await
-            && &reply.payload[..] == b"ping"
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "sluice did not start serving within 300 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (_child, pid, nc) = serve(&server, dir.path(), "probe", Duration::from_secs(300)).await;
     // Warm-up: pool slots for every concurrent call, then a rest.
     let before_warm_up = rss_kib(pid);
     probe_burst(&nc, pid).await;
@@ -371,4 +320,41 @@ async fn burst_run(plugin: &str) {
         mib(after_1),
         mib(after_2)
     );
+}
+
+/// Starts `sluice run` on the manifests in `dir` (logging warnings only; compiled components
+/// kept between runs of this suite, debug builds compile slowly) and waits until `subject`
+/// answers a `ping` with `ping`, for at most `limit`.
+async fn serve(
+    server: &NatsServer,
+    dir: &std::path::Path,
+    subject: &str,
+    limit: Duration,
+) -> (Killed, u32, async_nats::Client) {
+    let data = repo_root().join("target/test-hostile-data");
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(dir)
+        .args(["--nats", &server.url(), "--no-watch", "--data-dir"])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Killed(child);
+    let pid = child.0.id();
+    let nc = async_nats::connect(server.url()).await.unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        let ping = nc.request(subject.to_owned(), "ping".into());
+        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(2), ping).await
+            && &reply.payload[..] == b"ping"
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sluice did not start serving within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (child, pid, nc)
 }

@@ -20,18 +20,28 @@ impl HostState {
     fn scope(&self) -> Result<Scope, String> {
         self.scope.clone().ok_or_else(|| "this handler has no state store".to_owned())
     }
+
+    /// The scope for a read of `key`, once the key is checked.
+    fn reading(&self, key: &str) -> Result<Scope, String> {
+        check_key(key)?;
+        self.scope()
+    }
+
+    /// The scope for a kv write of `value_len` bytes to `key`, once the key, the value and
+    /// the call's write budget are checked.
+    fn writing(&self, key: &str, value_len: usize) -> Result<Scope, String> {
+        check_key(key)?;
+        if value_len > MAX_VALUE {
+            return Err(format!("values are at most {MAX_VALUE} bytes"));
+        }
+        self.writes.room_for(key, value_len)?;
+        self.scope()
+    }
 }
 
 fn check_key(key: &str) -> Result<(), String> {
     if key.is_empty() || key.len() > MAX_KEY {
         return Err(format!("keys must be 1 to {MAX_KEY} bytes long"));
-    }
-    Ok(())
-}
-
-fn check_value(value: &[u8]) -> Result<(), String> {
-    if value.len() > MAX_VALUE {
-        return Err(format!("values are at most {MAX_VALUE} bytes"));
     }
     Ok(())
 }
@@ -45,7 +55,7 @@ fn check_value(value: &[u8]) -> Result<(), String> {
 // when the call fails after it.
 impl dedup::Host for HostState {
     async fn check_and_mark(&mut self, key: String, ttl_ms: u64) -> wasmtime::Result<Result<bool, String>> {
-        let scope = match check_key(&key).and_then(|()| self.scope()) {
+        let scope = match self.reading(&key) {
             Ok(scope) => scope,
             Err(e) => return Ok(Err(e)),
         };
@@ -54,7 +64,7 @@ impl dedup::Host for HostState {
     }
 
     async fn forget(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
-        let scope = match check_key(&key).and_then(|()| self.scope()) {
+        let scope = match self.reading(&key) {
             Ok(scope) => scope,
             Err(e) => return Ok(Err(e)),
         };
@@ -64,7 +74,7 @@ impl dedup::Host for HostState {
 
 impl kv::Host for HostState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, String>> {
-        let scope = match check_key(&key).and_then(|()| self.scope()) {
+        let scope = match self.reading(&key) {
             Ok(scope) => scope,
             Err(e) => return Ok(Err(e)),
         };
@@ -72,11 +82,7 @@ impl kv::Host for HostState {
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
-        let scope = match check_key(&key)
-            .and_then(|()| check_value(&value))
-            .and_then(|()| self.writes.room_for(&key, value.len()))
-            .and_then(|()| self.scope())
-        {
+        let scope = match self.writing(&key, value.len()) {
             Ok(scope) => scope,
             Err(e) => return Ok(Err(e)),
         };
@@ -85,7 +91,7 @@ impl kv::Host for HostState {
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
-        let scope = match check_key(&key).and_then(|()| self.writes.room_for(&key, 0)).and_then(|()| self.scope()) {
+        let scope = match self.writing(&key, 0) {
             Ok(scope) => scope,
             Err(e) => return Ok(Err(e)),
         };
@@ -99,11 +105,7 @@ impl kv::Host for HostState {
         expected: Option<Vec<u8>>,
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<bool, String>> {
-        let scope = match check_key(&key)
-            .and_then(|()| check_value(&value))
-            .and_then(|()| self.writes.room_for(&key, value.len()))
-            .and_then(|()| self.scope())
-        {
+        let scope = match self.writing(&key, value.len()) {
             Ok(scope) => scope,
             Err(e) => return Ok(Err(e)),
         };

@@ -1,7 +1,7 @@
 //! The commit: what a call's outcome leaves behind. A successful call's reply is checked
 //! against the reply rules, its publications are stamped (`Nats-Msg-Id`, trace context) and
-//! sent, each awaiting its stream's ack; then the call's state (its kv writes and dedup
-//! marks) and the key's completion record are committed in one write (after a failure
+//! sent, each awaiting its stream's ack; then the call's kv writes and the key's completion
+//! record are committed in one write, and then (with a store) the reply is sent (after a failure
 //! nothing is committed and the lease is given up so that a retry can take it at once).
 //!
 //! Order: outputs stored, then the commit, then (the transport) the ack. A crash between any
@@ -21,7 +21,7 @@ use crate::store::WriteSet;
 pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome: Outcome) -> Step {
     let spec = &lane.handler.spec;
     let key = admitted.key;
-    let (result, writes) = match outcome {
+    let (result, writes, reply) = match outcome {
         Outcome::Success(mut outputs, writes) => {
             if let Some(reply) = &outputs.reply
                 && !lane.reply_allowed(&reply.subject)
@@ -30,19 +30,22 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
                 // nowhere safe to go.
                 outputs.reply = None;
             }
+            annotate(&mut outputs, &spec.name, key.as_ref().map(|(k, _)| k.as_str()), entry.original.headers);
+            // With a store, the reply waits for the commit: a requester that asks again at
+            // once must see what this call wrote.
+            let reply = if lane.scope.is_some() { outputs.reply.take() } else { None };
             let sent = if outputs.is_empty() {
                 Ok(())
             } else {
-                annotate(&mut outputs, &spec.name, key.as_ref().map(|(k, _)| k.as_str()), entry.original.headers);
                 Box::pin(lane.sender.send(outputs)).await.map_err(|e| Failure {
                     kind: FailureKind::OutputFailed,
                     reason: e.to_string(),
                     retry_after: None,
                 })
             };
-            (sent, writes)
+            (sent, writes, reply)
         }
-        Outcome::Failed(failure) => (Err(failure), WriteSet::default()),
+        Outcome::Failed(failure) => (Err(failure), WriteSet::default(), None),
     };
 
     if result.is_ok() && lane.fault == Some(Fault::HaltAfterOutputs) {
@@ -61,7 +64,17 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
     match result {
         // One write: the guest's kv writes and marks, and the key's completion record.
         Ok(()) => match Box::pin(scope.commit(writes, completion)).await {
-            Ok(()) => Step::Done,
+            Ok(()) => {
+                if let Some(reply) = reply {
+                    let reply = Outputs { reply: Some(reply), ..Outputs::default() };
+                    if let Err(e) = Box::pin(lane.sender.send(reply)).await {
+                        // Handled and committed: a retry would be skipped (or, without a key,
+                        // run again for an answer nobody may wait for any more).
+                        tracing::warn!("cannot send the reply: {e}");
+                    }
+                }
+                Step::Done
+            }
             // Nothing of the call's state was kept (on nats-kv: nothing after the failed
             // write), and the key is not marked: the retry runs the handler again, and its
             // outputs carry the same ids as those just sent. The lease goes, so that the retry
