@@ -123,6 +123,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// swaps it); redeliveries naturally get the version current then.
 pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
     let spec = versions.borrow().handler.spec.clone();
+    // The consumer's own ack wait, as the server has it (`bind` made it the manifest's).
+    let ack_wait = consumer.cached_info().config.ack_wait;
     let concurrency = spec.manifest.limits.max_concurrency as usize;
     let permits = Arc::new(Semaphore::new(concurrency));
     let histories: Histories = Arc::default();
@@ -175,7 +177,7 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
                 let lane = versions.borrow().clone();
                 // Boxed: the task then holds a pointer, not the whole state machine, which
                 // tokio would otherwise copy as it creates, finishes and reads the task.
-                in_flight.spawn(Box::pin(process(lane, batch, histories.clone())));
+                in_flight.spawn(Box::pin(process(lane, batch, histories.clone(), ack_wait)));
                 while in_flight.try_join_next().is_some() {}
             }
         }
@@ -194,7 +196,12 @@ struct Slot {
 
 /// Runs one batch through the pipeline and settles each message as soon as its outcome is
 /// known.
-async fn process(lane: Lane, batch: Vec<(jetstream::Message, OwnedSemaphorePermit)>, histories: Histories) {
+async fn process(
+    lane: Lane,
+    batch: Vec<(jetstream::Message, OwnedSemaphorePermit)>,
+    histories: Histories,
+    ack_wait: Duration,
+) {
     let spec = lane.handler.spec.clone();
     let received = Instant::now();
     let mut msgs = Vec::with_capacity(batch.len());
@@ -248,7 +255,7 @@ async fn process(lane: Lane, batch: Vec<(jetstream::Message, OwnedSemaphorePermi
             drop(slot);
         }
     });
-    with_progress_acks(&msgs, &settled, ack_wait(&spec.manifest.source), work).await;
+    with_progress_acks(&msgs, &settled, ack_wait, work).await;
 }
 
 /// Acts on a message's settlement: ack, nak with the retry delay, term after its dead letter,
@@ -292,13 +299,6 @@ async fn apply(
                 tracing::warn!("cannot nak: {e}");
             }
         }
-    }
-}
-
-fn ack_wait(source: &Source) -> Duration {
-    match source {
-        Source::JetStream(src) => src.ack_wait,
-        Source::Core { .. } => Duration::from_secs(30),
     }
 }
 
