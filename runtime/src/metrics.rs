@@ -242,9 +242,6 @@ impl HandlerMetrics {
         }
     }
 
-    pub fn received(&self) {
-        self.received_many(1);
-    }
     /// `n` deliveries at once (a batch).
     pub fn received_many(&self, n: u64) {
         self.received.increment(n);
@@ -281,9 +278,6 @@ impl HandlerMetrics {
             c.increment(1);
         }
         self.counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn call_started(&self) {
-        self.calls_started(1);
     }
     /// `n` calls handed to the guest threads at once (a batch).
     pub fn calls_started(&self, n: u64) {
