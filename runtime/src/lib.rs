@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod nats_server;
 pub mod outputs;
 pub mod pipeline;
+pub mod relay;
 pub mod reload;
 pub mod retry;
 pub mod runtime;

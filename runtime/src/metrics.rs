@@ -14,6 +14,10 @@
 //! | `sluice_message_latency_seconds` | histogram | handler | from receipt to the message's settlement (ack, retry scheduled, dead letter) |
 //! | `sluice_batch_messages` | histogram | handler | messages per batch a transport handed to the pipeline (a pull's worth, or what a subscription had buffered) |
 //! | `sluice_in_flight` | gauge | handler | calls running now |
+//! | `sluice_outbox_entries` | gauge | handler | committed outputs waiting in the outbox for the relay |
+//! | `sluice_outbox_sent_total` | counter | handler | outbox entries the relay published (and, where a stream captures them, had acknowledged) |
+//! | `sluice_outbox_failures_total` | counter | handler | relay rounds that failed (the entries stay and are re-sent with back-off) |
+//! | `sluice_outbox_full_total` | counter | handler | times the handler stopped taking messages because its outbox was full |
 //! | `sluice_handler_info` | gauge (1) | handler, digest | the version being served |
 //! | `sluice_nats_connected` | gauge | | 1 while the NATS connection is up |
 //! | `sluice_nats_reconnects_total` | counter | | reconnections since start |
@@ -87,6 +91,13 @@ fn describe(r: &PrometheusRecorder) {
             None,
             "Replies not sent because the reply subject is not a reply inbox (_INBOX.> or capabilities.reply_to).",
         ),
+        d(
+            "sluice_outbox_sent_total",
+            None,
+            "Outbox entries the relay published (and had acknowledged by their stream).",
+        ),
+        d("sluice_outbox_failures_total", None, "Relay rounds that failed; their entries stay and are re-sent."),
+        d("sluice_outbox_full_total", None, "Times the handler stopped taking messages because its outbox was full."),
         d("sluice_nats_reconnects_total", None, "NATS reconnections since start."),
         d(
             "sluice_nats_slow_consumer_drops_total",
@@ -113,6 +124,7 @@ fn describe(r: &PrometheusRecorder) {
         "Messages per batch handed to the pipeline (a pull's worth, or what a subscription had buffered).".into(),
     );
     r.describe_gauge("sluice_in_flight".into(), None, "Handler calls running now.".into());
+    r.describe_gauge("sluice_outbox_entries".into(), None, "Committed outputs waiting in the outbox.".into());
     r.describe_gauge("sluice_handler_info".into(), None, "The version (component digest) being served.".into());
     r.describe_gauge("sluice_nats_connected".into(), None, "1 while the NATS connection is up.".into());
 }
@@ -156,6 +168,10 @@ pub struct HandlerMetrics {
     latency: Histogram,
     batch: Histogram,
     in_flight: Gauge,
+    outbox_entries: Gauge,
+    outbox_sent: Counter,
+    outbox_failures: Counter,
+    outbox_full: Counter,
     failures: HashMap<FailureKind, Counter>,
     dead_lettered: HashMap<FailureKind, Counter>,
     counts: Counts,
@@ -236,6 +252,10 @@ impl HandlerMetrics {
             latency: r.register_histogram(&h("sluice_message_latency_seconds"), &META),
             batch: r.register_histogram(&h("sluice_batch_messages"), &META),
             in_flight: r.register_gauge(&h("sluice_in_flight"), &META),
+            outbox_entries: r.register_gauge(&h("sluice_outbox_entries"), &META),
+            outbox_sent: r.register_counter(&h("sluice_outbox_sent_total"), &META),
+            outbox_failures: r.register_counter(&h("sluice_outbox_failures_total"), &META),
+            outbox_full: r.register_counter(&h("sluice_outbox_full_total"), &META),
             failures: by_kind("sluice_failures_total"),
             dead_lettered: by_kind("sluice_messages_dead_lettered_total"),
             counts: Counts::default(),
@@ -263,6 +283,22 @@ impl HandlerMetrics {
     pub fn skipped(&self) {
         self.skipped.increment(1);
         self.counts.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+    /// The outbox now holds `n` entries.
+    pub fn outbox_depth(&self, n: usize) {
+        self.outbox_entries.set(n as f64);
+    }
+    /// The relay sent `n` entries.
+    pub fn outbox_sent(&self, n: u64) {
+        self.outbox_sent.increment(n);
+    }
+    /// A relay round failed.
+    pub fn outbox_failed(&self) {
+        self.outbox_failures.increment(1);
+    }
+    /// The handler paused because its outbox was full.
+    pub fn outbox_full(&self) {
+        self.outbox_full.increment(1);
     }
     pub fn reply_refused(&self) {
         self.replies_refused.increment(1);

@@ -209,15 +209,8 @@ impl OutputSender {
     pub async fn send(&self, outputs: Outputs) -> Result<(), SendError> {
         let mut acks: Vec<(String, PublishAckFuture)> = Vec::new();
         for out in outputs.published {
-            if self.is_captured(&out.subject).await {
-                match self.js.publish_with_headers(out.subject.clone(), out.headers, out.payload).await {
-                    Ok(ack) => acks.push((out.subject, ack)),
-                    Err(error) => return Err(SendError::Stream { subject: out.subject, error }),
-                }
-            } else if let Err(error) =
-                self.client.publish_with_headers(out.subject.clone(), out.headers, out.payload).await
-            {
-                return Err(SendError::Core { subject: out.subject, error });
+            if let Some(ack) = self.publish(out).await? {
+                acks.push(ack);
             }
         }
         for (subject, ack) in acks {
@@ -227,12 +220,33 @@ impl OutputSender {
         }
         // The reply goes last: a requester that got its answer may rely on the rest.
         if let Some(reply) = outputs.reply {
-            self.client
-                .publish_with_headers(reply.subject, reply.headers, reply.payload)
-                .await
-                .map_err(|error| SendError::Reply { error })?;
+            self.reply(reply).await?;
         }
         Ok(())
+    }
+
+    /// Sends one publication: through JetStream when a stream captures its subject (then
+    /// returns the acknowledgement to await), as a core NATS publish otherwise.
+    pub async fn publish(&self, out: Output) -> Result<Option<(String, PublishAckFuture)>, SendError> {
+        if self.is_captured(&out.subject).await {
+            match self.js.publish_with_headers(out.subject.clone(), out.headers, out.payload).await {
+                Ok(ack) => Ok(Some((out.subject, ack))),
+                Err(error) => Err(SendError::Stream { subject: out.subject, error }),
+            }
+        } else {
+            match self.client.publish_with_headers(out.subject.clone(), out.headers, out.payload).await {
+                Ok(()) => Ok(None),
+                Err(error) => Err(SendError::Core { subject: out.subject, error }),
+            }
+        }
+    }
+
+    /// Sends a reply (a core NATS publish).
+    pub async fn reply(&self, reply: Output) -> Result<(), SendError> {
+        self.client
+            .publish_with_headers(reply.subject, reply.headers, reply.payload)
+            .await
+            .map_err(|error| SendError::Reply { error })
     }
 
     /// Whether a stream captures `subject`.

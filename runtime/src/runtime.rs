@@ -1,7 +1,7 @@
 //! A set of handlers on one engine, bound to NATS: load (validate and compile everything),
 //! bind (subscribe), run until told to stop, then shut down gracefully.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
@@ -19,9 +19,14 @@ use crate::manifest::{self, Manifest, ManifestError, Source};
 use crate::metrics::Metrics;
 use crate::outputs::OutputSender;
 use crate::pipeline::{Fault, LEASE_GRACE, Lane};
+use crate::relay::Relay;
 use crate::source;
 use crate::status::{ReloadReport, Status};
 use crate::store::{self, Backend, Scope};
+
+/// How long a relay is given to send what it holds: at start-up (what a crash left) before
+/// new messages are taken anyway, and at shutdown before it is stopped.
+const RELAY_DRAIN: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 enum Binding {
@@ -142,6 +147,7 @@ impl Runtime {
         let sender = Arc::new(OutputSender::new(client.clone()));
         let supervisor = Arc::new(Supervisor {
             stores: Mutex::new(Stores::new(&self.options, sender.jetstream().clone())),
+            relays: Mutex::default(),
             engine: self.engine,
             client: client.clone(),
             sender,
@@ -214,6 +220,7 @@ impl Running {
             s.task.abort();
             let _ = s.task.await;
         }
+        self.supervisor.stop_relays(Duration::ZERO).await;
     }
 
     /// Stops taking messages, finishes those already received and in flight, sends their
@@ -232,6 +239,7 @@ impl Running {
                 tracing::error!("a handler task failed: {e}");
             }
         }
+        self.supervisor.stop_relays(RELAY_DRAIN).await;
         let client = &self.supervisor.client;
         if client.connection_state() != async_nats::connection::State::Connected {
             // A flush would wait for a reconnect that may never come. Whatever is still
@@ -336,6 +344,8 @@ struct Supervisor {
     options: RuntimeOptions,
     paths: Vec<PathBuf>,
     stores: Mutex<Stores>,
+    /// The relay of each handler's outbox, kept across versions of the handler.
+    relays: Mutex<HashMap<String, Arc<Relay>>>,
     served: Mutex<BTreeMap<String, Served>>,
     /// Held for the whole of a reload: reloads run one at a time.
     reloading: Mutex<()>,
@@ -358,8 +368,13 @@ impl Supervisor {
             false => None,
         };
         let metrics = self.metrics.handler(&handler.spec.name);
+        let relay = match &scope {
+            Some(scope) => self.relay_for(&handler, scope, &metrics).await?,
+            None => None,
+        };
         Ok(Lane {
             scope,
+            relay,
             fault: self.options.fault,
             engine: self.engine.clone(),
             handler,
@@ -368,9 +383,88 @@ impl Supervisor {
         })
     }
 
+    /// The relay of `handler`'s outbox in `scope`'s store: the one already running for an
+    /// earlier version on the same store, or a new one (which first sends what a crash left in
+    /// the store). `None` when the store has no outbox.
+    async fn relay_for(
+        &self,
+        handler: &Handler,
+        scope: &Scope,
+        metrics: &Arc<crate::metrics::HandlerMetrics>,
+    ) -> anyhow::Result<Option<Arc<Relay>>> {
+        let name = handler.spec.name.to_string();
+        let mut relays = self.relays.lock().await;
+        if let Some(relay) = relays.get(&name) {
+            if relay.store().same(scope.store()) {
+                return Ok(Some(relay.clone()));
+            }
+            // Another store now: the old relay sends what it holds, then stops.
+            let old = relay.clone();
+            tokio::spawn(async move {
+                old.drained(RELAY_DRAIN).await;
+                old.stop();
+            });
+        }
+        let halt = self.options.fault == Some(Fault::HaltAfterPublish);
+        let relay = Relay::start(
+            handler.spec.name.clone(),
+            scope.store().clone(),
+            self.sender.clone(),
+            metrics.clone(),
+            handler.spec.manifest.store.max_outbox,
+            halt,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("handler {name}: reading its outbox: {e}"))?;
+        match &relay {
+            Some(r) => {
+                relays.insert(name, r.clone());
+            }
+            None => {
+                relays.remove(&name);
+            }
+        }
+        Ok(relay)
+    }
+
+    /// Stops every relay: at once (`limit` zero), or once it has sent what it holds or
+    /// `limit` has passed. Logs what is left behind.
+    async fn stop_relays(&self, limit: Duration) {
+        let relays = std::mem::take(&mut *self.relays.lock().await);
+        let deadline = tokio::time::Instant::now() + limit;
+        for (name, relay) in relays {
+            let left = match limit.is_zero() {
+                true => relay.depth(),
+                false => relay.drained(deadline.saturating_duration_since(tokio::time::Instant::now())).await,
+            };
+            relay.stop();
+            if left > 0 && !limit.is_zero() {
+                let fate = match relay.store().outbox() {
+                    Some(true) => "they stay in the state store and are sent on the next start",
+                    _ => "they are lost (the memory store does not survive a restart)",
+                };
+                tracing::warn!(handler = %name, entries = left, "outbox not empty at shutdown: {fate}");
+            }
+        }
+    }
+
     /// Everything but serving: state store, dead-letter stream, subscription or consumer.
+    /// What a crash left in the handler's outbox is sent first (for a while: past that, new
+    /// outputs queue behind it).
     async fn prepare(&self, handler: Arc<Handler>) -> anyhow::Result<Prepared> {
         let ctx = self.context(handler).await?;
+        if let Some(relay) = &ctx.relay
+            && relay.depth() > 0
+        {
+            let left = relay.drained(RELAY_DRAIN).await;
+            if left > 0 {
+                tracing::warn!(
+                    handler = &*ctx.handler.spec.name,
+                    entries = left,
+                    "outbox: outputs from the last run not sent yet; serving anyway (new outputs queue behind them)"
+                );
+            }
+        }
         let binding = self.bind_source(&ctx).await?;
         // The subscription is registered with the server before anyone is told it serves.
         round_trip(&self.client).await?;
@@ -507,6 +601,12 @@ impl Supervisor {
                 tracing::info!(handler = %name, "manifest removed: draining and stopping");
                 let _ = s.stop.send(true);
                 let _ = s.task.await;
+                if let Some(relay) = self.relays.lock().await.remove(&name) {
+                    tokio::spawn(async move {
+                        relay.drained(RELAY_DRAIN).await;
+                        relay.stop();
+                    });
+                }
                 self.status.stopped(&name);
                 self.metrics.version(&name, &s.handler.spec.digest, false);
                 report.stopped.push(name);
@@ -592,18 +692,27 @@ enum Installed {
 struct Stores {
     data_dir: Option<PathBuf>,
     redb: Option<store::RedbStore>,
+    /// Each handler's memory store (by name and bound), kept across versions of the handler.
+    memory: HashMap<(String, usize), Arc<store::MemoryStore>>,
     js: async_nats::jetstream::Context,
 }
 
 impl Stores {
     fn new(options: &RuntimeOptions, js: async_nats::jetstream::Context) -> Self {
-        Stores { data_dir: options.data_dir.clone(), redb: None, js }
+        Stores { data_dir: options.data_dir.clone(), redb: None, memory: HashMap::new(), js }
     }
 
     async fn scope_for(&mut self, handler: &Handler) -> anyhow::Result<Scope> {
         let spec = &handler.spec;
         let store = match spec.manifest.store.backend {
-            Backend::Memory => store::Store::Memory(Arc::new(store::MemoryStore::new(spec.manifest.store.max_entries))),
+            Backend::Memory => {
+                let max = spec.manifest.store.max_entries;
+                let memory = self
+                    .memory
+                    .entry((spec.name.to_string(), max))
+                    .or_insert_with(|| Arc::new(store::MemoryStore::new(max)));
+                store::Store::Memory(memory.clone())
+            }
             Backend::Redb => {
                 if self.redb.is_none() {
                     let dir = self.data_dir.as_ref().ok_or_else(|| {

@@ -81,8 +81,13 @@ async fn a_crash_after_sending_outputs_before_acking_still_yields_one_output() {
     let server = nats();
     let js = stream(&server, "WORK", &["work"]).await;
     let out_stream = stream(&server, "OUT", &["out.>"]).await;
-    let text = worker("w", "[limits]\ntimeout = \"1s\"\n\n[idempotency]\nkey = \"json:/id\"")
-        .replace("subject = \"work\"", "stream = \"WORK\"");
+    // On nats-kv, which has no outbox, outputs are sent before the commit (the local stores
+    // commit them with the call: tests/it/outbox.rs).
+    let text = worker(
+        "w",
+        "[limits]\ntimeout = \"1s\"\n\n[idempotency]\nkey = \"json:/id\"\n\n[store]\nbackend = \"nats-kv\"",
+    )
+    .replace("subject = \"work\"", "stream = \"WORK\"");
 
     // The first runtime sends the output, then stops as a crash would: no completion mark,
     // no ack.
@@ -98,9 +103,9 @@ async fn a_crash_after_sending_outputs_before_acking_still_yields_one_output() {
     stream_messages(&out_stream, "OUT", 1, Duration::from_secs(10)).await;
     first.crash().await;
 
-    // The restarted runtime gets the redelivery, waits out the dead process's lease, runs the
-    // handler again, and its re-sent output is dropped by OUT's duplicate window.
-    // Same data directory: the restarted process sees the dead one's lease and waits it out.
+    // The restarted runtime gets the redelivery, waits out the dead process's lease (a record
+    // in the KV bucket), runs the handler again, and its re-sent output is dropped by OUT's
+    // duplicate window.
     let same_data = RuntimeOptions { data_dir: Some(data.path().to_owned()), ..RuntimeOptions::default() };
     let second =
         Sluice::start_with(&server, &[("w.toml", text)], tempfile::tempdir().unwrap(), same_data).await.unwrap();

@@ -12,6 +12,7 @@ mod dispatch;
 mod golden;
 mod idempotency;
 mod jetstream;
+mod outbox;
 mod polyglot;
 mod queue_group;
 mod reload;

@@ -17,6 +17,7 @@
 //! | `kv-set:KEY:VALUE`            | sets KEY in the handler's kv, answers `set`                 |
 //! | `kv-get:KEY`                  | answers the value of KEY, or `none`                         |
 //! | `count-flaky:KEY`             | adds 1 to KEY in kv (compare-and-swap), checks it reads it back, fails (retry) on odd attempts, answers the count |
+//! | `tally:KEY:SUBJECT`           | adds 1 to KEY in kv (compare-and-swap; retry when another message won) and publishes the new count to SUBJECT |
 //! | `mark:KEY`                    | `dedup.check-and-mark(KEY, 1h)`: answers `first` or `seen`  |
 //! | `recurse`                     | recurses until the stack overflows                          |
 //! | `publish-big:N`               | publishes one N-byte message to `allowed.big`, answers what the host said |
@@ -122,6 +123,18 @@ fn handle(msg: Message) -> Result {
                 return Err(Error::retry(format!("planned failure after kv.set on attempt {attempt}")));
             }
             answer(&msg, &n.to_string())?;
+        }
+        "tally" => {
+            // Counts this message under KEY in kv and publishes the count to SUBJECT: after
+            // crashes and redeliveries, the counts published for a key must be exactly 1..n
+            // for its n messages (a count that leaked from a failed or repeated call skips one).
+            let (key, subject) = arg.split_once(':').unwrap_or((arg, ""));
+            let before = sluice_guest::kv::get(key)?;
+            let n = before.as_deref().and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok()).unwrap_or(0) + 1;
+            if !sluice_guest::kv::compare_and_swap(key, before.as_deref(), n.to_string())? {
+                return Err(Error::retry("another message changed the counter first"));
+            }
+            publish(subject, &n.to_string())?;
         }
         "kv-get" => {
             let value = sluice_guest::kv::get(arg)?;

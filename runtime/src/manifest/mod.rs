@@ -96,7 +96,12 @@ pub struct StoreConfig {
     pub replicas: usize,
     /// `memory`: entries kept at most.
     pub max_entries: usize,
+    /// Committed outputs waiting in the outbox at most (`memory`, `redb`).
+    pub max_outbox: usize,
 }
+
+/// Outputs waiting in a handler's outbox at most, when the manifest does not say.
+pub const DEFAULT_MAX_OUTBOX: usize = 10_000;
 
 /// How long a handled key is remembered when the manifest does not say.
 pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -467,6 +472,7 @@ fn resolve_store(file: &SourceText, raw: schema::StoreSection) -> Result<StoreCo
         backend: raw.backend.unwrap_or(Backend::Redb),
         replicas: bounded(raw.replicas, "replicas", 5, 1)?,
         max_entries: bounded(raw.max_entries, "max_entries", 100_000_000, 100_000)?,
+        max_outbox: bounded(raw.max_outbox, "max_outbox", 10_000_000, DEFAULT_MAX_OUTBOX)?,
     })
 }
 

@@ -331,4 +331,7 @@ pub struct StoreSection {
     pub replicas: Option<Spanned<i64>>,
     /// `max_entries = 100000`: the `memory` backend's bound.
     pub max_entries: Option<Spanned<i64>>,
+    /// `max_outbox = 10000`: committed outputs waiting to be sent, at most; when full, the
+    /// handler takes no new messages until the relay catches up.
+    pub max_outbox: Option<Spanned<i64>>,
 }

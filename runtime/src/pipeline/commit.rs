@@ -1,12 +1,23 @@
-//! The commit: what a call's outcome leaves behind. A successful call's reply is checked
-//! against the reply rules, its publications are stamped (`Nats-Msg-Id`, trace context) and
-//! sent, each awaiting its stream's ack; then the call's kv writes and the key's completion
-//! record are committed in one write, and then (with a store) the reply is sent (after a failure
-//! nothing is committed and the lease is given up so that a retry can take it at once).
+//! The commit: what a call's outcome leaves behind.
 //!
-//! Order: outputs stored, then the commit, then (the transport) the ack. A crash between any
-//! two leaves a redelivery that runs the handler again: nothing of its state was kept, and
-//! its outputs carry the same ids, which a stream downstream drops.
+//! With a store that has an outbox (`memory`, `redb`: the handler has a [`Relay`]), a
+//! successful call's publications are stamped (`Nats-Msg-Id`, trace context) and written, as
+//! outbox entries, in the same commit as its kv writes and its key's completion record: one
+//! atomic write. Then the relay is handed the entries (and the reply, which goes after them;
+//! a call that published nothing replies at once) and the transport acks the source message.
+//! Nothing leaves the process before the commit, so a crash before it leaves a redelivery that
+//! runs the handler again with a clean slate; a crash after it leaves the entries in the
+//! outbox, which the relay sends on start, and a completed key, which skips the redelivery.
+//!
+//! Without an outbox (no store; `nats-kv`) the publications are sent first, each awaiting its
+//! stream's ack, then (with a store) the commit is made and the reply sent; a crash between
+//! the two runs the handler again, and its outputs carry the same ids, which a stream
+//! downstream drops.
+//!
+//! After a failure nothing is committed and the lease is given up so that a retry can take it
+//! at once.
+//!
+//! [`Relay`]: crate::relay::Relay
 
 use async_nats::HeaderMap;
 
@@ -14,13 +25,21 @@ use super::gate::Admitted;
 use super::{Entry, Fault, Lane, Step};
 use crate::dispatch::Outcome;
 use crate::failure::{Failure, FailureKind};
-use crate::outputs::Outputs;
+use crate::outputs::{Output, Outputs};
 use crate::store::WriteSet;
+
+/// Publications committed to the outbox, for the relay once the commit is durable.
+struct Deferred {
+    seqs: Vec<u64>,
+    published: Vec<Output>,
+}
 
 /// Commits the outcome of one call.
 pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome: Outcome) -> Step {
     let spec = &lane.handler.spec;
     let key = admitted.key;
+    let mut outbox = Vec::new();
+    let mut deferred = None;
     let (result, writes, reply) = match outcome {
         Outcome::Success(mut outputs, writes) => {
             if let Some(reply) = &outputs.reply
@@ -34,14 +53,19 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
             // With a store, the reply waits for the commit: a requester that asks again at
             // once must see what this call wrote.
             let reply = if lane.scope.is_some() { outputs.reply.take() } else { None };
-            let sent = if outputs.is_empty() {
-                Ok(())
-            } else {
-                Box::pin(lane.sender.send(outputs)).await.map_err(|e| Failure {
+            let sent = match &lane.relay {
+                Some(relay) => {
+                    let (seqs, ops) = relay.stamp(&mut outputs.published);
+                    outbox = ops;
+                    deferred = Some(Deferred { seqs, published: std::mem::take(&mut outputs.published) });
+                    Ok(())
+                }
+                None if outputs.is_empty() => Ok(()),
+                None => Box::pin(lane.sender.send(outputs)).await.map_err(|e| Failure {
                     kind: FailureKind::OutputFailed,
                     reason: e.to_string(),
                     retry_after: None,
-                })
+                }),
             };
             (sent, writes, reply)
         }
@@ -62,23 +86,35 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
         _ => None,
     };
     match result {
-        // One write: the guest's kv writes and marks, and the key's completion record.
-        Ok(()) => match Box::pin(scope.commit(writes, completion)).await {
+        // One write: the guest's kv writes and marks, the outbox entries, and the key's
+        // completion record.
+        Ok(()) => match Box::pin(scope.commit(writes, outbox, completion)).await {
             Ok(()) => {
-                if let Some(reply) = reply {
-                    let reply = Outputs { reply: Some(reply), ..Outputs::default() };
-                    if let Err(e) = Box::pin(lane.sender.send(reply)).await {
-                        // Handled and committed: a retry would be skipped (or, without a key,
-                        // run again for an answer nobody may wait for any more).
-                        tracing::warn!("cannot send the reply: {e}");
+                match lane.fault {
+                    Some(Fault::HaltAfterCommit) => return Step::Halt,
+                    // Acked, but the relay never heard of the entries: they wait in the store.
+                    Some(Fault::HaltAfterAck) => return Step::Done,
+                    _ => {}
+                }
+                match (deferred, &lane.relay) {
+                    (Some(d), Some(relay)) if !d.published.is_empty() => relay.push(d.seqs, d.published, reply),
+                    _ => {
+                        if let Some(reply) = reply {
+                            let reply = Outputs { reply: Some(reply), ..Outputs::default() };
+                            if let Err(e) = Box::pin(lane.sender.send(reply)).await {
+                                // Handled and committed: a retry would be skipped (or, without
+                                // a key, run again for an answer nobody may wait for any more).
+                                tracing::warn!("cannot send the reply: {e}");
+                            }
+                        }
                     }
                 }
                 Step::Done
             }
             // Nothing of the call's state was kept (on nats-kv: nothing after the failed
             // write), and the key is not marked: the retry runs the handler again, and its
-            // outputs carry the same ids as those just sent. The lease goes, so that the retry
-            // need not wait for it to lapse.
+            // outputs carry the same ids as any sent. The lease goes, so that the retry need
+            // not wait for it to lapse.
             Err(e) => {
                 if let Some((k, _)) = &key
                     && let Err(e) = Box::pin(scope.release(k)).await

@@ -39,6 +39,7 @@ use crate::failure::Failure;
 use crate::handler::Handler;
 use crate::metrics::HandlerMetrics;
 use crate::outputs::OutputSender;
+use crate::relay::Relay;
 use crate::store::Scope;
 
 pub use self::settle::History;
@@ -54,6 +55,9 @@ pub struct Lane {
     pub sender: Arc<OutputSender>,
     /// The handler's state store (dedup records, the guest's marks and kv).
     pub scope: Option<Scope>,
+    /// The relay of the handler's outbox, when its store has one: outputs are committed with
+    /// the call and sent after it.
+    pub relay: Option<Arc<Relay>>,
     /// Fault injection for tests; `None` in production.
     pub fault: Option<Fault>,
     /// The handler's counters and histograms.
@@ -63,8 +67,15 @@ pub struct Lane {
 /// Faults a test can inject, to stop where a crash would.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// After the outputs of a successful call are sent: no completion mark, no ack.
+    /// Without an outbox: after the outputs of a successful call are sent, no commit, no ack.
+    /// With one: before the commit (nothing has left the process).
     HaltAfterOutputs,
+    /// After the commit: no ack, and the relay is not told of the entries.
+    HaltAfterCommit,
+    /// After the commit and the ack: the relay is not told of the entries.
+    HaltAfterAck,
+    /// The relay publishes a round, then removes nothing and stops.
+    HaltAfterPublish,
 }
 
 /// One message of a batch, as its transport received it.
@@ -137,6 +148,14 @@ impl Lane {
             attempt,
             outcome = tracing::field::Empty,
         )
+    }
+
+    /// Returns when the handler may take more messages: at once, unless its outbox is full
+    /// (then when the relay has made room).
+    pub async fn room(&self) {
+        if let Some(relay) = &self.relay {
+            relay.room().await;
+        }
     }
 
     /// Whether a reply (or a failure reply) may go to `subject`; counts a refusal.

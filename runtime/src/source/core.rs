@@ -60,8 +60,17 @@ pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber
             }
             next = subscription.next() => {
                 let Some(msg) = next else { break };
-                // Waiting for a permit here is the backpressure: at the concurrency limit we
-                // stop reading, and the queue group hands messages to other processes.
+                // Waiting for a permit here is the backpressure: at the concurrency limit (or
+                // with a full outbox) we stop reading, and the queue group hands messages to
+                // other processes.
+                let relay = versions.borrow().relay.clone();
+                if let Some(relay) = relay {
+                    let mut stopping = stop.clone();
+                    tokio::select! {
+                        () = relay.room() => {}
+                        _ = stopping.wait_for(|s| *s) => {}
+                    }
+                }
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
                 let mut batch = vec![(msg, permit)];
                 while batch.len() < concurrency {

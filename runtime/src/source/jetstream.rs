@@ -145,6 +145,17 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
         }
     };
     loop {
+        // A full outbox pauses the handler: no new work until the relay catches up (the
+        // messages already pulled wait, kept alive by nothing: past their ack wait they are
+        // redelivered, to this process or another).
+        let relay = versions.borrow().relay.clone();
+        if let Some(relay) = relay {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                () = relay.room() => {}
+            }
+        }
         let permit = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,

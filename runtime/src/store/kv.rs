@@ -38,7 +38,8 @@ impl KvStore {
     async fn bucket(&self, handler: &str, space: Space) -> Result<kv::Store, StoreError> {
         let (name, max_age) = match space {
             Space::Dedup | Space::GuestDedup => (format!("sluice-dedup-{handler}"), self.dedup_max_age),
-            Space::Kv => (format!("sluice-kv-{handler}"), Duration::ZERO),
+            // The outbox is not kept on nats-kv (see `Store::outbox`); the arm keeps the match whole.
+            Space::Kv | Space::Outbox => (format!("sluice-kv-{handler}"), Duration::ZERO),
         };
         // Every call looks its bucket up: a read lock, not held across an await. Creating a
         // bucket happens once per handler (in `prepare`); two racing creators get the same
@@ -72,6 +73,7 @@ impl KvStore {
             Space::Dedup => "h",
             Space::GuestDedup => "g",
             Space::Kv => "k",
+            Space::Outbox => "o",
         };
         format!("{prefix}{}", hex::encode(Sha256::digest(key.as_bytes())))
     }

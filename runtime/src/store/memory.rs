@@ -44,6 +44,19 @@ impl MemoryStore {
         self.write(handler, space, key, Some(expected), value)
     }
 
+    /// Every record of `handler`'s `space`, in key order.
+    pub fn scan(&self, handler: &str, space: Space) -> Vec<(String, Vec<u8>)> {
+        let Ok(inner) = self.inner.lock() else { return Vec::new() };
+        let mut found: Vec<(String, Vec<u8>)> = inner
+            .map
+            .iter()
+            .filter(|((h, s, _), _)| h == handler && *s == space)
+            .map(|((_, _, k), v)| (k.clone(), v.value.clone()))
+            .collect();
+        found.sort();
+        found
+    }
+
     /// Writes (or, with `None`, removes) `key` whatever its version; false only if the
     /// store's lock was poisoned by a panic.
     pub fn put(&self, handler: &str, space: Space, key: &str, value: Option<Vec<u8>>) -> bool {

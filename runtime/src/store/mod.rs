@@ -41,6 +41,8 @@ pub enum Space {
     GuestDedup,
     /// The guest's `kv` bucket.
     Kv,
+    /// Committed outputs waiting for the relay ([`crate::relay`]), by sequence number.
+    Outbox,
 }
 
 impl Space {
@@ -49,6 +51,7 @@ impl Space {
             Space::Dedup => "dedup",
             Space::GuestDedup => "guest-dedup",
             Space::Kv => "kv",
+            Space::Outbox => "outbox",
         }
     }
 }
@@ -162,6 +165,53 @@ impl Store {
                 }
                 Ok(true)
             }
+        }
+    }
+
+    /// Whether both are the same store (the same map, database or buckets).
+    pub fn same(&self, other: &Store) -> bool {
+        match (self, other) {
+            (Store::Memory(a), Store::Memory(b)) => Arc::ptr_eq(a, b),
+            (Store::Redb(a), Store::Redb(b)) => a.same(b),
+            _ => false,
+        }
+    }
+
+    /// Where committed outputs wait for the relay: `Some(true)` in the store itself (redb:
+    /// they survive a crash), `Some(false)` in the relay's memory only (memory: nothing of this
+    /// store survives a restart), `None` when the backend has no outbox (nats-kv: outputs are
+    /// sent before the commit, see the README).
+    pub fn outbox(&self) -> Option<bool> {
+        match self {
+            Store::Memory(_) => Some(false),
+            Store::Redb(_) => Some(true),
+            Store::Kv(_) => None,
+        }
+    }
+
+    /// Every record of `space`, in key order (the relay's start-up read of its outbox).
+    pub async fn scan(&self, handler: &str, space: Space) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.scan(handler, space)),
+            Store::Redb(r) => r.scan(handler, space).await,
+            Store::Kv(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Removes `keys` from `space` without waiting for it to be durable: on redb the removal
+    /// joins the writer's next group commit. A crash before then leaves them in place, which
+    /// the caller must tolerate (the relay re-sends an output, which its id makes harmless).
+    pub fn remove_lazily(&self, handler: &str, space: Space, keys: Vec<String>) {
+        if keys.is_empty() {
+            return;
+        }
+        let ops: Vec<Op> = keys.into_iter().map(|key| Op { space, key, expect: Expect::Any, value: None }).collect();
+        match self {
+            Store::Memory(m) => {
+                m.commit(handler, &ops);
+            }
+            Store::Redb(r) => r.commit_lazily(handler, ops),
+            Store::Kv(_) => {}
         }
     }
 
@@ -447,17 +497,29 @@ impl Scope {
         self.store.put(&self.handler, space, key, value).await
     }
 
-    /// Commits a successful call: its guest writes and, with an idempotency key, the key's
-    /// completion record (for `ttl`, with the payload's fingerprint), in one write where the
-    /// backend allows (see [`Store::commit`]: the record goes last). Conflicts (another call
-    /// changed what this one read) fail with [`StoreError::Conflict`] and commit nothing.
-    /// The key's lease is given up either way.
+    /// The store under this scope.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The handler this scope belongs to.
+    pub fn handler(&self) -> &Arc<str> {
+        &self.handler
+    }
+
+    /// Commits a successful call: its guest writes, its outbox entries (`outbox`) and, with an
+    /// idempotency key, the key's completion record (for `ttl`, with the payload's
+    /// fingerprint), in one write where the backend allows (see [`Store::commit`]: the record
+    /// goes last). Conflicts (another call changed what this one read) fail with
+    /// [`StoreError::Conflict`] and commit nothing. The key's lease is given up either way.
     pub async fn commit(
         &self,
         writes: WriteSet,
+        outbox: Vec<Op>,
         completion: Option<(&str, Duration, Option<String>)>,
     ) -> Result<(), StoreError> {
         let mut ops = writes.pending;
+        ops.extend(outbox);
         if let Some((key, ttl, fingerprint)) = &completion {
             let record = Record::Completed { expires_ms: after(*ttl), fingerprint: fingerprint.clone() }.encode();
             ops.push(Op { space: Space::Dedup, key: (*key).to_owned(), expect: Expect::Any, value: Some(record) });
@@ -536,7 +598,9 @@ pub mod conformance {
 
         a.release("k").await.unwrap();
         assert_eq!(a.begin("k", lease).await.unwrap(), Begin::Acquired);
-        a.commit(WriteSet::default(), Some(("k", Duration::from_millis(900), Some("fp".into())))).await.unwrap();
+        a.commit(WriteSet::default(), Vec::new(), Some(("k", Duration::from_millis(900), Some("fp".into()))))
+            .await
+            .unwrap();
         assert_eq!(a.begin("k", lease).await.unwrap(), Begin::Completed { fingerprint: Some("fp".into()) });
 
         // A lapsed lease is taken over; an expired completion is forgotten.
@@ -572,7 +636,7 @@ pub mod conformance {
         assert!(a.kv_cas_in(&mut w, "n", Some(b"1"), b"2".to_vec()).await.unwrap());
         assert!(!a.kv_cas_in(&mut w, "n", Some(b"1"), b"3".to_vec()).await.unwrap());
         assert_eq!(a.kv_get("n").await.unwrap(), None, "not visible before the commit");
-        a.commit(w, Some(("c", Duration::from_secs(60), None))).await.unwrap();
+        a.commit(w, Vec::new(), Some(("c", Duration::from_secs(60), None))).await.unwrap();
         assert_eq!(a.kv_get("n").await.unwrap(), Some(b"2".to_vec()));
         assert_eq!(a.begin("c", lease).await.unwrap(), Begin::Completed { fingerprint: None });
 
@@ -587,8 +651,8 @@ pub mod conformance {
         assert!(a.kv_cas_in(&mut first, "n", Some(b"2"), b"3".to_vec()).await.unwrap());
         assert!(a.kv_cas_in(&mut second, "n", Some(b"2"), b"30".to_vec()).await.unwrap());
         a.kv_put_in(&mut second, "side", Some(b"s".to_vec()));
-        a.commit(first, None).await.unwrap();
-        assert!(matches!(a.commit(second, None).await, Err(super::StoreError::Conflict)));
+        a.commit(first, Vec::new(), None).await.unwrap();
+        assert!(matches!(a.commit(second, Vec::new(), None).await, Err(super::StoreError::Conflict)));
         assert_eq!(a.kv_get("n").await.unwrap(), Some(b"3".to_vec()));
         assert_eq!(a.kv_get("side").await.unwrap(), None, "a conflicting commit keeps none of its writes");
         // A failed call gives up its lease: the retry takes it at once.

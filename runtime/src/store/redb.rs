@@ -33,7 +33,8 @@ pub struct RedbStore {
 struct Job {
     handler: String,
     ops: Vec<Op>,
-    reply: oneshot::Sender<Result<bool, StoreError>>,
+    /// `None`: nobody waits (a lazy removal).
+    reply: Option<oneshot::Sender<Result<bool, StoreError>>>,
 }
 
 fn table_name(handler: &str, space: Space) -> String {
@@ -108,8 +109,40 @@ impl RedbStore {
     /// in one durable transaction shared with the other writes waiting.
     pub async fn commit(&self, handler: &str, ops: Vec<Op>) -> Result<bool, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.writer.send(Job { handler: handler.to_owned(), ops, reply }).map_err(|_| StoreError::WriterStopped)?;
+        let job = Job { handler: handler.to_owned(), ops, reply: Some(reply) };
+        self.writer.send(job).map_err(|_| StoreError::WriterStopped)?;
         answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// Whether both are handles on the same database.
+    pub fn same(&self, other: &RedbStore) -> bool {
+        Arc::ptr_eq(&self.db, &other.db)
+    }
+
+    /// Queues `ops` for the writer's next transaction without waiting for it: they are
+    /// durable with the next group commit (a crash before then loses them).
+    pub fn commit_lazily(&self, handler: &str, ops: Vec<Op>) {
+        let _ = self.writer.send(Job { handler: handler.to_owned(), ops, reply: None });
+    }
+
+    /// Every record of `handler`'s `space`, in key order.
+    pub async fn scan(&self, handler: &str, space: Space) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let failed = |e: redb::Error| StoreError::backend("reading the state store", e);
+        let txn = self.db.begin_read().map_err(|e| failed(e.into()))?;
+        let name = table_name(handler, space);
+        let table = match txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(failed(e.into())),
+        };
+        let mut found = Vec::new();
+        for row in table.iter().map_err(|e| failed(e.into()))? {
+            let (key, value) = row.map_err(|e| failed(e.into()))?;
+            if let Some(v) = split(value.value()) {
+                found.push((key.value().to_owned(), v.value));
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -153,12 +186,19 @@ fn write_loop(db: &Database, queue: &mpsc::Receiver<Job>) {
         match apply(db, &batch, &next_version) {
             Ok(results) => {
                 for (job, result) in batch.into_iter().zip(results) {
-                    let _ = job.reply.send(Ok(result));
+                    if let Some(reply) = job.reply {
+                        let _ = reply.send(Ok(result));
+                    }
                 }
             }
             Err(e) => {
                 for job in batch {
-                    let _ = job.reply.send(Err(e.clone()));
+                    match job.reply {
+                        Some(reply) => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        None => tracing::warn!("a lazy write to the state store failed: {e}"),
+                    }
                 }
             }
         }

@@ -1,0 +1,255 @@
+//! The transactional outbox: a call's publications are committed with its state and key, the
+//! source is acked after that commit, and the relay sends them afterwards. A crash at each
+//! step leaves exactly one copy of each output downstream (a stream with a duplicate window).
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use sluice::RuntimeOptions;
+use sluice::pipeline::Fault;
+use sluice_tests::{Sluice, js_publish, manifest, nats, stream, stream_messages};
+
+/// A JetStream handler on stream WORK that may publish to `out.>`, keyed by `json:/id`.
+fn worker(extra: &str) -> String {
+    manifest(
+        "w",
+        "misbehave",
+        "work",
+        &format!(
+            "[capabilities]\npublish = [\"out.>\"]\n\n[limits]\ntimeout = \"1s\"\n\n\
+             [idempotency]\nkey = \"json:/id\"\n\n{extra}"
+        ),
+    )
+    .replace("subject = \"work\"", "stream = \"WORK\"\nack_wait = \"3s\"")
+}
+
+fn options(data: &std::path::Path, fault: Option<Fault>) -> RuntimeOptions {
+    RuntimeOptions { data_dir: Some(data.to_owned()), fault, ..RuntimeOptions::default() }
+}
+
+async fn out_count(js: &jetstream::Context) -> u64 {
+    js.get_stream("OUT").await.unwrap().info().await.unwrap().state.messages
+}
+
+/// The line of `metric` for handler `w` in the Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name}{{handler=\"w\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
+async fn wait_consumer_settled(js: &jetstream::Context, limit: Duration) -> jetstream::consumer::Info {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let info = js.get_stream("WORK").await.unwrap().consumer_info("w").await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return info;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the consumer never settled: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn subjects(msgs: &[jetstream::message::StreamMessage]) -> Vec<String> {
+    let mut s: Vec<String> = msgs.iter().map(|m| m.subject.to_string()).collect();
+    s.sort();
+    s
+}
+
+#[tokio::test]
+async fn a_crash_after_the_commit_before_the_ack_sends_the_outputs_on_restart_once() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work"]).await;
+    let _ = stream(&server, "OUT", &["out.>"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let text = worker("");
+
+    let first = Sluice::start_with(
+        &server,
+        &[("w.toml", text.clone())],
+        tempfile::tempdir().unwrap(),
+        options(data.path(), Some(Fault::HaltAfterCommit)),
+    )
+    .await
+    .unwrap();
+    js_publish(&js, "work", r#"{"id": "k-1", "cmd": "publish:out.1"}"#).await;
+    js_publish(&js, "work", r#"{"id": "k-2", "cmd": "publish:out.2"}"#).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(&first.metrics(), "sluice_messages_received_total") != Some(2.0) {
+        assert!(tokio::time::Instant::now() < deadline, "not received:\n{}", first.metrics());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(out_count(&js).await, 0, "an output left the process before its commit was relayed");
+    first.crash().await;
+
+    // The restart sends both from the outbox, then skips the redeliveries (the keys completed).
+    let second =
+        Sluice::start_with(&server, &[("w.toml", text)], tempfile::tempdir().unwrap(), options(data.path(), None))
+            .await
+            .unwrap();
+    assert_eq!(out_count(&js).await, 2, "the outbox is sent before the handler serves");
+    let info = wait_consumer_settled(&js, Duration::from_secs(20)).await;
+    assert!(info.delivered.consumer_sequence >= 4, "the messages were not redelivered: {info:?}");
+    let out = stream_messages(&js, "OUT", 2, Duration::from_secs(1)).await;
+    assert_eq!(subjects(&out), ["out.1", "out.2"]);
+    let m = second.metrics();
+    assert_eq!(metric(&m, "sluice_outbox_sent_total"), Some(2.0), "{m}");
+    assert_eq!(metric(&m, "sluice_messages_skipped_duplicate_total"), Some(2.0), "{m}");
+    assert_eq!(metric(&m, "sluice_outbox_entries"), Some(0.0), "{m}");
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_after_the_ack_before_the_relay_sends_the_outputs_on_restart_first() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work"]).await;
+    let _ = stream(&server, "OUT", &["out.>"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let text = worker("");
+
+    let first = Sluice::start_with(
+        &server,
+        &[("w.toml", text.clone())],
+        tempfile::tempdir().unwrap(),
+        options(data.path(), Some(Fault::HaltAfterAck)),
+    )
+    .await
+    .unwrap();
+    for i in 0..5 {
+        js_publish(&js, "work", &format!(r#"{{"id": "old-{i}", "cmd": "publish:out.old.{i}"}}"#)).await;
+    }
+    // A message without a key: committed (its handler has a store), acked, never redelivered.
+    js_publish(&js, "work", r#"{"cmd": "publish:out.old.nokey"}"#).await;
+    wait_consumer_settled(&js, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(out_count(&js).await, 0);
+    first.crash().await;
+
+    let second =
+        Sluice::start_with(&server, &[("w.toml", text)], tempfile::tempdir().unwrap(), options(data.path(), None))
+            .await
+            .unwrap();
+    for i in 0..5 {
+        js_publish(&js, "work", &format!(r#"{{"id": "new-{i}", "cmd": "publish:out.new.{i}"}}"#)).await;
+    }
+    let out = stream_messages(&js, "OUT", 11, Duration::from_secs(20)).await;
+    assert_eq!(out.len(), 11, "{:?}", subjects(&out));
+    // What the crash left goes out before anything new.
+    let order: Vec<String> = out.iter().map(|m| m.subject.to_string()).collect();
+    assert!(order[..6].iter().all(|s| s.starts_with("out.old.")), "{order:?}");
+    assert!(order[6..].iter().all(|s| s.starts_with("out.new.")), "{order:?}");
+    let nokey = out.iter().find(|m| m.subject.as_str() == "out.old.nokey").unwrap();
+    let id = nokey.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned()).unwrap_or_default();
+    assert!(id.starts_with("w/outbox/"), "a keyless output gets a stored id: {id:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(out_count(&js).await, 11);
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_after_publishing_before_removal_resends_and_the_stream_drops_the_copies() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work"]).await;
+    let _ = stream(&server, "OUT", &["out.>"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let text = worker("");
+
+    let first = Sluice::start_with(
+        &server,
+        &[("w.toml", text.clone())],
+        tempfile::tempdir().unwrap(),
+        options(data.path(), Some(Fault::HaltAfterPublish)),
+    )
+    .await
+    .unwrap();
+    js_publish(&js, "work", r#"{"id": "k-1", "cmd": "publish:out.1"}"#).await;
+    js_publish(&js, "work", r#"{"id": "k-2", "cmd": "publish:out.2"}"#).await;
+    js_publish(&js, "work", r#"{"cmd": "publish:out.nokey"}"#).await;
+    wait_consumer_settled(&js, Duration::from_secs(10)).await;
+    stream_messages(&js, "OUT", 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.crash().await;
+
+    // Every entry was still in the outbox (the one published too): all three are sent again,
+    // and OUT's duplicate window keeps one copy of each.
+    let second =
+        Sluice::start_with(&server, &[("w.toml", text)], tempfile::tempdir().unwrap(), options(data.path(), None))
+            .await
+            .unwrap();
+    let m = second.metrics();
+    assert_eq!(metric(&m, "sluice_outbox_sent_total"), Some(3.0), "{m}");
+    let out = stream_messages(&js, "OUT", 3, Duration::from_secs(5)).await;
+    assert_eq!(subjects(&out), ["out.1", "out.2", "out.nokey"]);
+    second.stop().await;
+
+    // Sent and removed: a third start has nothing left to send.
+    let third = Sluice::start_with(
+        &server,
+        &[("w.toml", worker(""))],
+        tempfile::tempdir().unwrap(),
+        options(data.path(), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(metric(&third.metrics(), "sluice_outbox_sent_total").unwrap_or(0.0), 0.0);
+    assert_eq!(out_count(&js).await, 3);
+    third.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_outbox_pauses_the_handler_without_failing_messages() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work"]).await;
+    // OUT takes two messages, then refuses (discard new) until its limit is raised.
+    js.create_stream(jetstream::stream::Config {
+        name: "OUT".into(),
+        subjects: vec!["out.>".into()],
+        max_messages: 2,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let text = worker("[store]\nmax_outbox = 4\n").replace("timeout = \"1s\"", "timeout = \"1s\"\nmax_concurrency = 2");
+    let sluice =
+        Sluice::start_with(&server, &[("w.toml", text)], tempfile::tempdir().unwrap(), options(data.path(), None))
+            .await
+            .unwrap();
+    const N: u64 = 30;
+    for i in 0..N {
+        js_publish(&js, "work", &format!(r#"{{"id": "k-{i}", "cmd": "publish:out.{i}"}}"#)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while metric(&sluice.metrics(), "sluice_outbox_full_total").unwrap_or(0.0) < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the outbox never filled:\n{}", sluice.metrics());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let m = sluice.metrics();
+    let depth = metric(&m, "sluice_outbox_entries").unwrap();
+    assert!((4.0..=6.0).contains(&depth), "the outbox holds about its bound (one batch over at most): {depth}\n{m}");
+    let info = js.get_stream("WORK").await.unwrap().consumer_info("w").await.unwrap();
+    assert!(info.num_pending > 0, "the handler kept taking messages: {info:?}");
+    assert!(metric(&m, "sluice_outbox_failures_total").unwrap_or(0.0) >= 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "sluice_messages_retried_total").unwrap_or(0.0),
+        0.0,
+        "a refused output is not a failed attempt"
+    );
+
+    // The stream takes messages again: everything arrives, once.
+    let mut out = js.get_stream("OUT").await.unwrap();
+    let mut config = out.info().await.unwrap().config.clone();
+    config.max_messages = -1;
+    js.update_stream(config).await.unwrap();
+    let got = stream_messages(&js, "OUT", N, Duration::from_secs(60)).await;
+    assert_eq!(got.len() as u64, N);
+    wait_consumer_settled(&js, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(out.info().await.unwrap().state.messages, N);
+    let m = sluice.metrics();
+    assert_eq!(metric(&m, "sluice_outbox_entries"), Some(0.0), "{m}");
+    assert_eq!(metric(&m, "sluice_messages_succeeded_total"), Some(N as f64), "{m}");
+    sluice.stop().await;
+}
