@@ -33,7 +33,23 @@ pub struct Throughput {
     /// JetStream: redeliveries the consumer reported (0 when every message was acked once).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redelivered: Option<u64>,
+    /// Rows with a state store: what the store did per message, from the counters Sluice
+    /// logs at shutdown (over every message the measured process handled, warm-up included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreCost>,
     pub notes: Vec<String>,
+}
+
+/// A state store's work per message.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreCost {
+    pub store: String,
+    pub reads_per_msg: f64,
+    /// Commits (redb) or KV writes (nats-kv) per message.
+    pub writes_per_msg: f64,
+    /// redb: durable transactions (one fsync each) per message; `None` for nats-kv (the
+    /// server syncs its stream files on its own interval).
+    pub fsyncs_per_msg: Option<f64>,
 }
 
 impl Throughput {
@@ -57,6 +73,7 @@ impl Throughput {
             method: "",
             consumer_cpu_us_per_msg: None,
             redelivered: None,
+            store: None,
             notes: Vec::new(),
         }
     }
@@ -254,6 +271,9 @@ pub fn results(
         ("sluice_jetstream_noop_dedup_memory", "native_jetstream"),
         ("sluice_jetstream_noop_dedup_redb", "native_jetstream"),
         ("sluice_jetstream_noop_dedup_nats_kv", "native_jetstream"),
+        ("sluice_jetstream_noop_dedup_local", "native_jetstream"),
+        ("sluice_jetstream_noop_dedup_local_warm", "native_jetstream"),
+        ("sluice_jetstream_noop_dedup_nats_kv_warm", "native_jetstream"),
         ("sluice_core_order_validator", "native_core"),
         ("sluice_jetstream_order_validator", "native_jetstream"),
         ("sluice_core_echo", "native_echo"),
@@ -298,6 +318,24 @@ pub fn results(
             "JetStream throughput, noop handler with the redb dedup store, vs native pull consumer",
             ">= 50%",
             0.50,
+        ),
+        (
+            "sluice_jetstream_noop_dedup_local_warm",
+            "JetStream, noop handler, idempotency on the default embedded store, warm instances, vs native",
+            ">= 50%",
+            0.50,
+        ),
+        (
+            "sluice_jetstream_noop_dedup_local",
+            "JetStream, noop handler, idempotency on the default embedded store, fresh instances, vs native",
+            ">= 30%",
+            0.30,
+        ),
+        (
+            "sluice_jetstream_noop_dedup_nats_kv_warm",
+            "JetStream, noop handler, idempotency on nats-kv, warm instances, vs native",
+            ">= 20%",
+            0.20,
         ),
     ];
     for (id, target, goal, min) in ratio_targets {
@@ -641,6 +679,32 @@ pub fn markdown(r: &Results) -> String {
         .collect();
     if !notes.is_empty() {
         let _ = writeln!(s, "\n{}", notes.join("\n"));
+    }
+    let stores: Vec<&Throughput> = r.throughput.iter().filter(|t| t.store.is_some()).collect();
+    if !stores.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n### What the state store did per message\n\nFrom the counters Sluice logs at shutdown \
+             (`state store counters`), over every message the measured process handled. redb: a \
+             write is one commit (a message's record, kv writes and outbox entries together), a \
+             transaction is one durable group commit (one fsync); nats-kv: a write is one KV \
+             operation (a round trip and a write to the bucket's stream, which the server syncs on \
+             its own interval).\n\n| scenario | store | reads/msg | writes/msg | fsyncs/msg | CPU µs/msg |\n|---|---|---:|---:|---:|---:|"
+        );
+        for t in stores {
+            if let Some(c) = &t.store {
+                let _ = writeln!(
+                    s,
+                    "| `{}` | {} | {:.2} | {:.2} | {} | {} |",
+                    t.id,
+                    c.store,
+                    c.reads_per_msg,
+                    c.writes_per_msg,
+                    c.fsyncs_per_msg.map_or("n/a".to_owned(), |f| format!("{f:.3}")),
+                    t.consumer_cpu_us_per_msg.map_or("-".to_owned(), |c| format!("{c:.1}"))
+                );
+            }
+        }
     }
     let _ = writeln!(
         s,

@@ -577,6 +577,7 @@ impl Bench {
         Ok(JsMeasured {
             warmup: warm,
             messages: n,
+            handled: total,
             took: end - start,
             cpu_ticks: ticks - start_ticks,
             redelivered: info.num_redelivered as u64,
@@ -699,6 +700,7 @@ impl Bench {
         let orders = case.plugin == "order-validator";
         let extra = match (orders, case.dedup_store) {
             (true, _) => ORDERS_EXTRA.to_owned(),
+            (false, Some(DEFAULT_STORE)) => DEDUP.to_owned(),
             (false, Some(backend)) => format!("{DEDUP}\n[store]\nbackend = \"{backend}\"\n"),
             (false, None) => String::new(),
         } + case.limits;
@@ -723,6 +725,10 @@ impl Bench {
             .how(m.warmup, JS_METHOD)
             .cpu(m.cpu_ticks);
         t.redelivered = Some(m.redelivered);
+        if case.dedup_store.is_some() {
+            let log = self.logs.join(format!("sluice-{handler}-measured.log"));
+            t.store = store_cost(&std::fs::read_to_string(&log).unwrap_or_default(), m.handled);
+        }
         Ok(t)
     }
 
@@ -1020,6 +1026,33 @@ const JS_CASES: &[JsCase] = &[
         limits: "",
     },
     JsCase {
+        id: "sluice_jetstream_noop_dedup_local",
+        label: "Sluice, JetStream, noop handler, idempotency on the default embedded store",
+        plugin: "noop",
+        stream: "BENCH_SLUICE_DEDUP_LOCAL",
+        subject: "bench.sluice.js.dedup.local",
+        dedup_store: Some(DEFAULT_STORE),
+        limits: "",
+    },
+    JsCase {
+        id: "sluice_jetstream_noop_dedup_local_warm",
+        label: "Sluice, JetStream, noop handler, idempotency on the default embedded store, warm instances",
+        plugin: "noop",
+        stream: "BENCH_SLUICE_DEDUP_LOCAL_WARM",
+        subject: "bench.sluice.js.dedup.local.warm",
+        dedup_store: Some(DEFAULT_STORE),
+        limits: WARM,
+    },
+    JsCase {
+        id: "sluice_jetstream_noop_dedup_nats_kv_warm",
+        label: "Sluice, JetStream, noop handler, idempotency on the nats-kv store, warm instances",
+        plugin: "noop",
+        stream: "BENCH_SLUICE_DEDUP_KV_WARM",
+        subject: "bench.sluice.js.dedup.kv.warm",
+        dedup_store: Some("nats-kv"),
+        limits: WARM,
+    },
+    JsCase {
         id: "sluice_jetstream_order_validator",
         label: "Sluice, JetStream, order-validator (JSON parse + publish)",
         plugin: "order-validator",
@@ -1030,6 +1063,9 @@ const JS_CASES: &[JsCase] = &[
     },
 ];
 
+/// The `_dedup_local` rows: no `[store]` section, so the default embedded store.
+const DEFAULT_STORE: &str = "default";
+
 /// Host idempotency keyed by the payload's SHA-256 (every benchmark payload is distinct).
 const DEDUP: &str = "[idempotency]\nkey = \"payload-sha256\"\n";
 
@@ -1038,6 +1074,26 @@ const DEDUP: &str = "[idempotency]\nkey = \"payload-sha256\"\n";
 fn manifest_with(name: &str, wasm: &Path, source: &str, extra: &str) -> String {
     let component = serde_json::to_string(&wasm.display().to_string()).unwrap_or_default();
     format!("[handler]\nname = \"{name}\"\ncomponent = {component}\n\n[source]\n{source}\n{extra}")
+}
+
+/// The store's work per message, from the last `state store counters` line of a Sluice log
+/// (`store="redb" reads=.. writes=.. transactions=..`) and the messages that process handled.
+fn store_cost(log: &str, handled: u64) -> Option<report::StoreCost> {
+    let line = log.lines().filter(|l| l.contains("state store counters")).last()?;
+    let field = |name: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.trim_matches('"').parse().ok())
+    };
+    let store =
+        line.split_whitespace().find_map(|w| w.strip_prefix("store=")).map(|v| v.trim_matches('"').to_owned())?;
+    let per = |v: f64| v / handled.max(1) as f64;
+    Some(report::StoreCost {
+        reads_per_msg: per(field("reads")?),
+        writes_per_msg: per(field("writes")?),
+        fsyncs_per_msg: field("transactions").map(per),
+        store,
+    })
 }
 
 /// Whether a data folder holds compiled components (`*.cwasm`, or anything under
@@ -1151,6 +1207,8 @@ struct JsRun<'a> {
 struct JsMeasured {
     warmup: u64,
     messages: u64,
+    /// Messages the measured process handled (warm-up included).
+    handled: u64,
     took: Duration,
     cpu_ticks: u64,
     redelivered: u64,

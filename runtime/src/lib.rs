@@ -3,7 +3,9 @@
 //! A handler is a component implementing the `sluice:handler/handler` world (`wit/`),
 //! declared by a TOML manifest. Sluice subscribes its subject, runs every message in a fresh
 //! instance (or, when the manifest asks, a warm one) under the manifest's limits, and sends
-//! what the handler queued and commits what it wrote only when it succeeds.
+//! what the handler queued and commits what it wrote only when it succeeds: with a local
+//! state store, its outputs, state and idempotency record in one write (the outbox), sent
+//! afterwards by a relay.
 //!
 //! # Layout
 //!
@@ -24,6 +26,7 @@
 //! | [`pipeline`] | the delivery pipeline, per batch: gate (payload, key, lease), call, commit (outputs, record), settle (retry policy, dead letters, metrics) |
 //! | [`source`] | the transports: core NATS queue groups and JetStream consumers, receiving batches and acting on each message's settlement |
 //! | [`outputs`] | a call's outputs (`Output`, `Outputs`, header checks) and sending them (stream acks awaited, replies only to inboxes) |
+//! | [`relay`] | a handler's outbox relay: sends committed outputs in order after the ack, resumes what a crash left, pauses the handler when full |
 //! | [`store`] | handler state (dedup records, guest dedup and kv) on memory, redb or NATS KV; a call's kv write set and its one-write commit; in-memory leases for the local stores |
 //! | [`dlq`] | dead-letter headers, publishing, the dead-letter stream |
 //! | [`runtime`] | load, bind, serve, swap versions, graceful shutdown |

@@ -240,6 +240,7 @@ impl Running {
             }
         }
         self.supervisor.stop_relays(RELAY_DRAIN).await;
+        self.supervisor.stores.lock().await.log_counters();
         let client = &self.supervisor.client;
         if client.connection_state() != async_nats::connection::State::Connected {
             // A flush would wait for a reconnect that may never come. Whatever is still
@@ -694,12 +695,33 @@ struct Stores {
     redb: Option<store::RedbStore>,
     /// Each handler's memory store (by name and bound), kept across versions of the handler.
     memory: HashMap<(String, usize), Arc<store::MemoryStore>>,
+    /// The counters of every nats-kv store (one per handler).
+    kv_counters: Arc<store::Counters>,
     js: async_nats::jetstream::Context,
 }
 
 impl Stores {
     fn new(options: &RuntimeOptions, js: async_nats::jetstream::Context) -> Self {
-        Stores { data_dir: options.data_dir.clone(), redb: None, memory: HashMap::new(), js }
+        Stores {
+            data_dir: options.data_dir.clone(),
+            redb: None,
+            memory: HashMap::new(),
+            kv_counters: Arc::default(),
+            js,
+        }
+    }
+
+    /// Logs what the stores did (`store=... reads=... writes=... transactions=...`): the
+    /// benchmark reads these lines for its per-message store costs.
+    fn log_counters(&self) {
+        if let Some(redb) = &self.redb {
+            let (reads, writes, transactions) = redb.counters().snapshot();
+            tracing::info!(store = "redb", reads, writes, transactions, "state store counters");
+        }
+        let (reads, writes, _) = self.kv_counters.snapshot();
+        if reads + writes > 0 {
+            tracing::info!(store = "nats-kv", reads, writes, "state store counters");
+        }
     }
 
     async fn scope_for(&mut self, handler: &Handler) -> anyhow::Result<Scope> {
@@ -728,7 +750,12 @@ impl Stores {
                 let max_age = spec.manifest.idempotency.as_ref().map_or(manifest::DEFAULT_IDEMPOTENCY_TTL, |i| i.ttl)
                     + spec.manifest.limits.timeout
                     + LEASE_GRACE;
-                let kv = store::KvStore::new(self.js.clone(), spec.manifest.store.replicas, max_age);
+                let kv = store::KvStore::new(
+                    self.js.clone(),
+                    spec.manifest.store.replicas,
+                    max_age,
+                    self.kv_counters.clone(),
+                );
                 kv.prepare(&spec.name).await.map_err(|e| anyhow::anyhow!("handler {}: {e}", spec.name))?;
                 store::Store::Kv(Box::new(kv))
             }

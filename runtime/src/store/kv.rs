@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use sha2::{Digest, Sha256};
 
-use super::{Space, StoreError, Versioned};
+use super::{Counters, Space, StoreError, Versioned};
 
 #[derive(Debug, Clone)]
 pub struct KvStore {
@@ -21,11 +21,13 @@ pub struct KvStore {
     /// How long dedup records are kept at most (the bucket's max age).
     dedup_max_age: Duration,
     buckets: Arc<RwLock<HashMap<String, kv::Store>>>,
+    counters: Arc<Counters>,
 }
 
 impl KvStore {
-    pub fn new(js: jetstream::Context, replicas: usize, dedup_max_age: Duration) -> Self {
-        KvStore { js, replicas: replicas.max(1), dedup_max_age, buckets: Arc::default() }
+    /// A store on `js`'s KV buckets; `counters` is shared by every handler's store.
+    pub fn new(js: jetstream::Context, replicas: usize, dedup_max_age: Duration, counters: Arc<Counters>) -> Self {
+        KvStore { js, replicas: replicas.max(1), dedup_max_age, buckets: Arc::default(), counters }
     }
 
     /// Creates the handler's buckets now, so a misconfiguration shows at start-up.
@@ -80,6 +82,7 @@ impl KvStore {
 
     pub async fn get(&self, handler: &str, space: Space, key: &str) -> Result<Option<Versioned>, StoreError> {
         let bucket = self.bucket(handler, space).await?;
+        Counters::add(&self.counters.reads, 1);
         let entry = bucket.entry(Self::key(space, key)).await.map_err(|e| StoreError::backend("KV get", e))?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
@@ -96,6 +99,9 @@ impl KvStore {
     ) -> Result<bool, StoreError> {
         let bucket = self.bucket(handler, space).await?;
         let key = Self::key(space, key);
+        if !(expected.is_none() && value.is_none()) {
+            Counters::add(&self.counters.writes, 1);
+        }
         match (expected, value) {
             (None, Some(value)) => match bucket.create(&key, value.into()).await {
                 Ok(_) => Ok(true),
@@ -121,6 +127,7 @@ impl KvStore {
     pub async fn put(&self, handler: &str, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         let bucket = self.bucket(handler, space).await?;
         let key = Self::key(space, key);
+        Counters::add(&self.counters.writes, 1);
         match value {
             Some(value) => {
                 bucket.put(&key, value.into()).await.map(|_| ()).map_err(|e| StoreError::backend("KV put", e))

@@ -97,6 +97,33 @@ impl StoreError {
     }
 }
 
+/// What a backend has done since it was opened, from its own counters: what an operator (and
+/// the benchmark) reads to know what a message costs in store work. Logged at shutdown.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Reads (redb: read transactions; nats-kv: KV gets, each a round trip).
+    pub reads: std::sync::atomic::AtomicU64,
+    /// Writes asked for (redb: commits, each of any number of keys; nats-kv: KV puts,
+    /// creates, updates and deletes, each a durable write to the bucket's stream and a round
+    /// trip).
+    pub writes: std::sync::atomic::AtomicU64,
+    /// redb: durable write transactions, each one fsync (redb's default one-phase commit);
+    /// a group commit applies many writes in one.
+    pub transactions: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `(reads, writes, transactions)`.
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        (g(&self.reads), g(&self.writes), g(&self.transactions))
+    }
+}
+
 /// One backend.
 #[derive(Debug, Clone)]
 pub enum Store {
@@ -583,7 +610,7 @@ impl Scope {
 pub mod conformance {
     use std::time::Duration;
 
-    use super::{Begin, Scope, Store, WriteSet};
+    use super::{Begin, Scope, Space, Store, WriteSet};
 
     pub async fn protocol(store: Store) {
         let a = Scope::new(store.clone(), "a".into());
@@ -659,6 +686,40 @@ pub mod conformance {
         assert_eq!(a.begin("r", lease).await.unwrap(), Begin::Acquired);
         a.release("r").await.unwrap();
         assert_eq!(a.begin("r", lease).await.unwrap(), Begin::Acquired);
+
+        // Outbox entries commit with the call, are read back in key order, per handler, and
+        // go once removed.
+        let entry = |key: &str| super::Op {
+            space: Space::Outbox,
+            key: key.to_owned(),
+            expect: super::Expect::Any,
+            value: Some(key.as_bytes().to_vec()),
+        };
+        if a.store().outbox() == Some(true) {
+            let mut w = WriteSet::default();
+            a.kv_put_in(&mut w, "with-outbox", Some(b"1".to_vec()));
+            a.commit(w, vec![entry("00000000000000000010"), entry("00000000000000000009")], Some(("o", lease, None)))
+                .await
+                .unwrap();
+            let keys: Vec<String> =
+                a.store().scan("a", Space::Outbox).await.unwrap().into_iter().map(|(k, _)| k).collect();
+            assert_eq!(keys, ["00000000000000000009", "00000000000000000010"]);
+            assert!(b.store().scan("b", Space::Outbox).await.unwrap().is_empty());
+            // A conflicting commit leaves no outbox entry either.
+            let (mut first, mut second) = (WriteSet::default(), WriteSet::default());
+            assert!(a.kv_cas_in(&mut first, "with-outbox", Some(b"1"), b"2".to_vec()).await.unwrap());
+            assert!(a.kv_cas_in(&mut second, "with-outbox", Some(b"1"), b"3".to_vec()).await.unwrap());
+            a.commit(first, Vec::new(), None).await.unwrap();
+            assert!(a.commit(second, vec![entry("00000000000000000011")], None).await.is_err());
+            assert_eq!(a.store().scan("a", Space::Outbox).await.unwrap().len(), 2);
+            a.store().remove_lazily("a", Space::Outbox, keys);
+            // Lazily: durable with a later commit, visible once the writer has applied it.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while !a.store().scan("a", Space::Outbox).await.unwrap().is_empty() {
+                assert!(tokio::time::Instant::now() < deadline, "the removal never applied");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 }
 

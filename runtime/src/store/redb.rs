@@ -6,6 +6,7 @@
 //! per batch, not per message: group commit), then answers each caller. It also sweeps
 //! expired dedup records once a minute.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use tokio::sync::oneshot;
 
-use super::{Expect, Leases, Op, Record, Space, StoreError, Versioned, now_ms};
+use super::{Counters, Expect, Leases, Op, Record, Space, StoreError, Versioned, now_ms};
 
 /// Commits applied in one transaction at most.
 const MAX_BATCH: usize = 1024;
@@ -26,6 +27,7 @@ pub struct RedbStore {
     db: Arc<Database>,
     writer: mpsc::Sender<Job>,
     pub(super) leases: Arc<Leases>,
+    counters: Arc<Counters>,
 }
 
 /// Writes applied together or not at all (every expectation must hold), in the writer's
@@ -65,11 +67,18 @@ impl RedbStore {
         let db = Arc::new(db);
         let (writer, queue) = mpsc::channel();
         let worker_db = db.clone();
+        let counters = Arc::new(Counters::default());
+        let worker_counters = counters.clone();
         std::thread::Builder::new()
             .name("sluice-redb".into())
-            .spawn(move || write_loop(&worker_db, &queue))
+            .spawn(move || write_loop(&worker_db, &queue, &worker_counters))
             .map_err(|e| StoreError::backend("cannot start the store writer", e))?;
-        Ok(RedbStore { db, writer, leases: Arc::default() })
+        Ok(RedbStore { db, writer, leases: Arc::default(), counters })
+    }
+
+    /// What this store has done since it was opened.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// Reads `key`. The read runs on the calling thread: a redb read transaction takes no
@@ -77,6 +86,7 @@ impl RedbStore {
     /// keys are), finishes in microseconds, far less than handing it to a blocking thread
     /// would cost.
     pub async fn get(&self, handler: &str, space: Space, key: &str) -> Result<Option<Versioned>, StoreError> {
+        Counters::add(&self.counters.reads, 1);
         let txn = self.db.begin_read().map_err(|e| StoreError::backend("reading the state store", e))?;
         let table = table_name(handler, space);
         let def = TableDefinition::<&str, &[u8]>::new(&table);
@@ -161,7 +171,7 @@ fn open_when_free(path: &Path) -> Result<Database, redb::DatabaseError> {
     }
 }
 
-fn write_loop(db: &Database, queue: &mpsc::Receiver<Job>) {
+fn write_loop(db: &Database, queue: &mpsc::Receiver<Job>, counters: &Counters) {
     // Versions only grow, across restarts too (they start from the clock), so a
     // compare-and-swap never mistakes a re-created key for the one it read.
     let next_version = AtomicU64::new(now_ms().saturating_mul(1000));
@@ -170,7 +180,7 @@ fn write_loop(db: &Database, queue: &mpsc::Receiver<Job>) {
         let first = match queue.recv_timeout(SWEEP_EVERY) {
             Ok(swap) => swap,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                sweep(db);
+                sweep(db, counters);
                 last_sweep = Instant::now();
                 continue;
             }
@@ -185,6 +195,8 @@ fn write_loop(db: &Database, queue: &mpsc::Receiver<Job>) {
         }
         match apply(db, &batch, &next_version) {
             Ok(results) => {
+                Counters::add(&counters.transactions, 1);
+                Counters::add(&counters.writes, batch.len() as u64);
                 for (job, result) in batch.into_iter().zip(results) {
                     if let Some(reply) = job.reply {
                         let _ = reply.send(Ok(result));
@@ -203,7 +215,7 @@ fn write_loop(db: &Database, queue: &mpsc::Receiver<Job>) {
             }
         }
         if last_sweep.elapsed() > SWEEP_EVERY {
-            sweep(db);
+            sweep(db, counters);
             last_sweep = Instant::now();
         }
     }
@@ -215,46 +227,57 @@ fn apply(db: &Database, batch: &[Job], next_version: &AtomicU64) -> Result<Vec<b
     let failed = |e: redb::Error| StoreError::backend("writing the state store", e);
     let txn = db.begin_write().map_err(|e| failed(e.into()))?;
     let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        let mut holds = true;
-        for op in &job.ops {
-            if let Expect::Is(expected) = op.expect {
-                let name = table_name(&job.handler, op.space);
-                let table = txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)).map_err(|e| failed(e.into()))?;
-                let current = table.get(op.key.as_str()).map_err(|e| failed(e.into()))?.and_then(|v| split(v.value()));
-                if current.map(|v| v.version) != expected {
-                    holds = false;
-                    break;
-                }
-            }
-        }
-        if holds {
+    {
+        // Each table is opened once per transaction, not once per write: opening one walks
+        // the table tree and closing it writes its root back.
+        let mut tables: HashMap<String, redb::Table<'_, &str, &[u8]>> = HashMap::new();
+        for job in batch {
             for op in &job.ops {
                 let name = table_name(&job.handler, op.space);
-                let mut table =
-                    txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)).map_err(|e| failed(e.into()))?;
-                match &op.value {
-                    None => {
-                        table.remove(op.key.as_str()).map_err(|e| failed(e.into()))?;
-                    }
-                    Some(value) => {
-                        let version = next_version.fetch_add(1, Ordering::Relaxed);
-                        let mut bytes = Vec::with_capacity(8 + value.len());
-                        bytes.extend_from_slice(&version.to_le_bytes());
-                        bytes.extend_from_slice(value);
-                        table.insert(op.key.as_str(), bytes.as_slice()).map_err(|e| failed(e.into()))?;
+                if !tables.contains_key(&name) {
+                    let table =
+                        txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)).map_err(|e| failed(e.into()))?;
+                    tables.insert(name, table);
+                }
+            }
+            let mut holds = true;
+            for op in &job.ops {
+                if let Expect::Is(expected) = op.expect {
+                    let Some(table) = tables.get(&table_name(&job.handler, op.space)) else { continue };
+                    let current =
+                        table.get(op.key.as_str()).map_err(|e| failed(e.into()))?.and_then(|v| split(v.value()));
+                    if current.map(|v| v.version) != expected {
+                        holds = false;
+                        break;
                     }
                 }
             }
+            if holds {
+                for op in &job.ops {
+                    let Some(table) = tables.get_mut(&table_name(&job.handler, op.space)) else { continue };
+                    match &op.value {
+                        None => {
+                            table.remove(op.key.as_str()).map_err(|e| failed(e.into()))?;
+                        }
+                        Some(value) => {
+                            let version = next_version.fetch_add(1, Ordering::Relaxed);
+                            let mut bytes = Vec::with_capacity(8 + value.len());
+                            bytes.extend_from_slice(&version.to_le_bytes());
+                            bytes.extend_from_slice(value);
+                            table.insert(op.key.as_str(), bytes.as_slice()).map_err(|e| failed(e.into()))?;
+                        }
+                    }
+                }
+            }
+            results.push(holds);
         }
-        results.push(holds);
     }
     txn.commit().map_err(|e| failed(e.into()))?;
     Ok(results)
 }
 
 /// Deletes expired dedup records (the guest's kv has no expiry).
-fn sweep(db: &Database) {
+fn sweep(db: &Database, counters: &Counters) {
     let result = (|| -> Result<(), redb::Error> {
         let txn = db.begin_write()?;
         let names: Vec<String> = txn
@@ -269,6 +292,7 @@ fn sweep(db: &Database) {
                 .retain(|_, bytes| split(bytes).and_then(|v| Record::decode(&v.value)).is_some_and(|r| r.live(now)))?;
         }
         txn.commit()?;
+        Counters::add(&counters.transactions, 1);
         Ok(())
     })();
     if let Err(e) = result {
