@@ -234,10 +234,11 @@ fn apply(db: &Database, batch: &[Job], next_version: &AtomicU64) -> Result<Vec<b
         for job in batch {
             for op in &job.ops {
                 let name = table_name(&job.handler, op.space);
-                if !tables.contains_key(&name) {
-                    let table =
-                        txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)).map_err(|e| failed(e.into()))?;
-                    tables.insert(name, table);
+                if let std::collections::hash_map::Entry::Vacant(slot) = tables.entry(name) {
+                    let table = txn
+                        .open_table(TableDefinition::<&str, &[u8]>::new(slot.key()))
+                        .map_err(|e| failed(e.into()))?;
+                    slot.insert(table);
                 }
             }
             let mut holds = true;
