@@ -1079,7 +1079,7 @@ fn manifest_with(name: &str, wasm: &Path, source: &str, extra: &str) -> String {
 /// The store's work per message, from the last `state store counters` line of a Sluice log
 /// (`store="redb" reads=.. writes=.. transactions=..`) and the messages that process handled.
 fn store_cost(log: &str, handled: u64) -> Option<report::StoreCost> {
-    let line = log.lines().filter(|l| l.contains("state store counters")).last()?;
+    let line = log.lines().rev().find(|l| l.contains("state store counters"))?;
     let field = |name: &str| -> Option<f64> {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(&format!("{name}=")))
