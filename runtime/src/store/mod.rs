@@ -81,8 +81,8 @@ pub enum StoreError {
     /// The embedded store's writer thread is gone.
     #[error("the store writer has stopped")]
     WriterStopped,
-    /// The memory store's lock was poisoned by a panic.
-    #[error("the memory store is unusable after a panic")]
+    /// A lock of the store (the memory store, the redb index) was poisoned by a panic.
+    #[error("the state store is unusable after a panic")]
     Poisoned,
     /// A call's commit found a key it read changed by another call since: nothing of it
     /// was committed.
