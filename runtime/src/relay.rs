@@ -55,7 +55,8 @@ struct Job {
 #[derive(Debug)]
 struct Queue {
     jobs: VecDeque<Job>,
-    /// Entries in `jobs` plus those of the round being sent.
+    /// Entries stamped and not yet sent: in `jobs`, in the round being sent, or in a commit
+    /// still under way.
     entries: usize,
     next_seq: u64,
 }
@@ -196,14 +197,19 @@ impl Relay {
         if published.is_empty() {
             return (Vec::new(), Vec::new());
         }
-        let first = match self.queue.lock() {
+        // The entries count from now on (until sent, or released when the commit fails), so
+        // that the bound covers calls still committing, not only what the relay holds.
+        let (first, depth) = match self.queue.lock() {
             Ok(mut q) => {
                 let first = q.next_seq;
                 q.next_seq += published.len() as u64;
-                first
+                q.entries += published.len();
+                (first, q.entries)
             }
-            Err(_) => 0,
+            Err(_) => (0, 0),
         };
+        self.depth.send_replace(depth);
+        self.metrics.outbox_depth(depth);
         let seqs: Vec<u64> = (first..first + published.len() as u64).collect();
         for (out, seq) in published.iter_mut().zip(&seqs) {
             if out.headers.get("Nats-Msg-Id").is_none() {
@@ -230,15 +236,23 @@ impl Relay {
     /// reply to the relay.
     pub fn push(&self, seqs: Vec<u64>, published: Vec<Output>, reply: Option<Output>) {
         let entries: Vec<(u64, Output)> = seqs.into_iter().zip(published).collect();
-        let n = entries.len();
         let Ok(mut q) = self.queue.lock() else { return };
         q.jobs.push_back(Job { entries, reply });
-        q.entries += n;
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Gives back the places of `n` stamped entries whose commit failed.
+    pub fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let Ok(mut q) = self.queue.lock() else { return };
+        q.entries = q.entries.saturating_sub(n);
         let depth = q.entries;
         drop(q);
         self.depth.send_replace(depth);
         self.metrics.outbox_depth(depth);
-        self.wake.notify_one();
     }
 
     async fn run(self: Arc<Self>) {

@@ -228,7 +228,9 @@ async fn a_full_outbox_pauses_the_handler_without_failing_messages() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let m = sluice.metrics();
     let depth = metric(&m, "sluice_outbox_entries").unwrap();
-    assert!((4.0..=6.0).contains(&depth), "the outbox holds about its bound (one batch over at most): {depth}\n{m}");
+    // Over the bound by at most the messages under way: calls running (2) and the few between
+    // their call and their commit.
+    assert!((4.0..=8.0).contains(&depth), "the outbox holds its bound, plus at most the calls under way: {depth}\n{m}");
     let info = js.get_stream("WORK").await.unwrap().consumer_info("w").await.unwrap();
     assert!(info.num_pending > 0, "the handler kept taking messages: {info:?}");
     assert!(metric(&m, "sluice_outbox_failures_total").unwrap_or(0.0) >= 1.0, "{m}");

@@ -116,6 +116,9 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
             // outputs carry the same ids as any sent. The lease goes, so that the retry need
             // not wait for it to lapse.
             Err(e) => {
+                if let (Some(d), Some(relay)) = (&deferred, &lane.relay) {
+                    relay.release(d.seqs.len());
+                }
                 if let Some((k, _)) = &key
                     && let Err(e) = Box::pin(scope.release(k)).await
                 {

@@ -188,6 +188,18 @@ fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
     pairs
 }
 
+/// What a transport keeps with each message of a batch until it is settled (a concurrency
+/// permit, its place in the count of held messages).
+pub trait Tag: Send {
+    /// The message's call has ended; its commit and settlement are still to come. A
+    /// transport whose in-flight messages are bounded elsewhere (JetStream: the consumer's
+    /// `max_ack_pending`) gives back its call permit here, so that a durable commit's latency
+    /// does not keep the next calls waiting: more messages then share each group commit.
+    fn call_ended(&mut self) {}
+}
+
+impl Tag for () {}
+
 /// Runs a batch through the pipeline. Every entry is gated (their leases taken together),
 /// the admitted ones are called as one batch on the guest threads, and each is committed
 /// and settled as soon as its own call ends: `settled(index, tag, settle, history)` is
@@ -196,7 +208,7 @@ fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
 /// attempt. Returns when every entry is settled.
 pub async fn run_batch<T, S, F>(lane: &Lane, entries: Vec<(Entry<'_>, T)>, settled: S)
 where
-    T: Send,
+    T: Tag,
     S: Fn(usize, T, Settle, Option<History>) -> F + Sync,
     F: Future<Output = ()> + Send,
 {
@@ -227,7 +239,7 @@ where
     };
     // A message's last stages, in its span: (waiting for its key, then its own call,)
     // commit, settle.
-    let finish = |i: usize, then: Then, history, tag: T| -> Pending<'_> {
+    let finish = |i: usize, then: Then, history, mut tag: T| -> Pending<'_> {
         let entry = &entries[i];
         let (settled, call_of) = (&settled, &call_of);
         let span = entry.span.clone();
@@ -243,6 +255,7 @@ where
                                 dispatch::run_batch(&lane.engine, &lane.handler, vec![call_of(i, &admitted)]);
                             match alone.next().await {
                                 Some(ended) => {
+                                    tag.call_ended();
                                     lane.metrics.call_ended(ended.took);
                                     commit::commit(lane, entry, admitted, ended.outcome).await
                                 }
@@ -292,6 +305,9 @@ where
                 Some(ended) => {
                     lane.metrics.call_ended(ended.took);
                     let i = ended.index;
+                    if let Some(tag) = tags[i].as_mut() {
+                        tag.call_ended();
+                    }
                     if let (Some(a), Some(tag)) = (admitted[i].take(), tags[i].take()) {
                         after.push(finish(i, Then::Commit(a, ended.outcome), histories[i].take(), tag));
                     }

@@ -98,6 +98,10 @@ struct Slot {
     _held: Held,
 }
 
+/// Core NATS keeps the permit until the message is settled: nothing else bounds the messages
+/// this process holds (JetStream has the consumer's `max_ack_pending`).
+impl pipeline::Tag for Slot {}
+
 /// The first attempt of each message of a batch, as one batch; a message to retry then goes
 /// on alone, inside this task, until it succeeds or is given up on.
 async fn process(

@@ -198,11 +198,18 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
     tracing::debug!(handler = &*spec.name, "stopped");
 }
 
-/// What a message of a batch holds until it is settled: its concurrency permit, and its
-/// place in the count of messages this process holds.
+/// What a message of a batch holds: its concurrency permit until its call ends, and its place
+/// in the count of messages this process holds until it is settled. Messages past their call
+/// (waiting for their commit) are bounded by the consumer's `max_ack_pending`.
 struct Slot {
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     _held: Held,
+}
+
+impl pipeline::Tag for Slot {
+    fn call_ended(&mut self) {
+        self.permit = None;
+    }
 }
 
 /// Runs one batch through the pipeline and settles each message as soon as its outcome is
@@ -222,7 +229,7 @@ async fn process(
         match msg.info() {
             Ok(info) => {
                 metas.push((info.stream.to_owned(), info.stream_sequence, info.delivered));
-                slots.push(Slot { _permit: permit, _held: lane.metrics.hold() });
+                slots.push(Slot { permit: Some(permit), _held: lane.metrics.hold() });
                 msgs.push(msg);
             }
             Err(e) => tracing::error!(handler = &*spec.name, "message without JetStream metadata: {e}"),
