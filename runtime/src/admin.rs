@@ -3,7 +3,7 @@
 //! | route | answers |
 //! |---|---|
 //! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
-//! | `GET /healthz` | 200 while the process is alive |
+//! | `GET /healthz` | 200 while the process is alive: `ok`, or `degraded: ...` naming each handler whose outbox has held outputs for more than 5 s (the broker or a target stream is not taking them) |
 //! | `GET /readyz` | 200 once every handler is loaded and bound and NATS is connected; 503 (with the reason) otherwise |
 //! | `GET /handlers` | JSON: each handler's version, source, counters and last reload error, and the reload errors of files that serve nothing |
 //! | `POST /reload` | reloads the manifests (as SIGHUP does) and answers with what changed |
@@ -81,7 +81,7 @@ pub fn serve(listener: TcpListener, state: AdminState) -> tokio::task::JoinHandl
         .route("/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(guarded)
@@ -113,6 +113,32 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
 /// reveal how much of a guessed token was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// An outbox whose oldest entry is older than this makes `/healthz` say `degraded`.
+const OUTBOX_DEGRADED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Alive (200) always; the text says `degraded` while outputs wait in an outbox: the process
+/// works and must not be restarted for it (`/readyz` stays ready), but its outputs are late.
+async fn healthz(State(state): State<AdminState>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let late: Vec<String> = state
+        .status
+        .handlers()
+        .iter()
+        .filter_map(|h| {
+            let c = state.metrics.handler(&h.name).snapshot();
+            let age = std::time::Duration::from_millis(now.saturating_sub(c.outbox_oldest_ms));
+            (c.outbox > 0 && c.outbox_oldest_ms > 0 && age > OUTBOX_DEGRADED_AFTER)
+                .then(|| format!("handler {}: outbox {} messages, oldest {}s", h.name, c.outbox, age.as_secs()))
+        })
+        .collect();
+    match late.is_empty() {
+        true => "ok\n".to_owned(),
+        false => format!("degraded: {}\n", late.join("; ")),
+    }
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {

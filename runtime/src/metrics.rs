@@ -16,7 +16,8 @@
 //! | `sluice_in_flight` | gauge | handler | calls running now |
 //! | `sluice_outbox_entries` | gauge | handler | committed outputs waiting in the outbox for the relay |
 //! | `sluice_outbox_sent_total` | counter | handler | outbox entries the relay published (and, where a stream captures them, had acknowledged) |
-//! | `sluice_outbox_failures_total` | counter | handler | relay rounds that failed (the entries stay and are re-sent with back-off) |
+//! | `sluice_outbox_oldest_timestamp_seconds` | gauge | handler | when the oldest entry still waiting was committed (Unix time; 0 when the outbox is empty): its age is `time() - this` |
+//! | `sluice_outbox_failures_total` | counter | handler, reason | relay rounds that failed, by reason (`timeout`, `no-stream`, `refused`, `connection`); the entries stay and are re-sent with back-off |
 //! | `sluice_outbox_full_total` | counter | handler | times the handler stopped taking messages because its outbox was full |
 //! | `sluice_handler_info` | gauge (1) | handler, digest | the version being served |
 //! | `sluice_nats_connected` | gauge | | 1 while the NATS connection is up |
@@ -42,6 +43,11 @@ const BUCKETS: &[f64] =
 
 /// Batch-size buckets: 1 to 1024 messages.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+/// Why a relay round failed: the stream did not answer in time, no stream captures the
+/// subject (any more), the server refused the message (a limit, a lame duck), or the
+/// connection is down.
+pub const OUTBOX_FAILURES: [&str; 4] = ["timeout", "no-stream", "refused", "connection"];
 
 /// The metrics of one runtime.
 pub struct Metrics {
@@ -125,6 +131,11 @@ fn describe(r: &PrometheusRecorder) {
     );
     r.describe_gauge("sluice_in_flight".into(), None, "Handler calls running now.".into());
     r.describe_gauge("sluice_outbox_entries".into(), None, "Committed outputs waiting in the outbox.".into());
+    r.describe_gauge(
+        "sluice_outbox_oldest_timestamp_seconds".into(),
+        None,
+        "When the oldest output still waiting in the outbox was committed (Unix time; 0 when empty).".into(),
+    );
     r.describe_gauge("sluice_handler_info".into(), None, "The version (component digest) being served.".into());
     r.describe_gauge("sluice_nats_connected".into(), None, "1 while the NATS connection is up.".into());
 }
@@ -169,8 +180,9 @@ pub struct HandlerMetrics {
     batch: Histogram,
     in_flight: Gauge,
     outbox_entries: Gauge,
+    outbox_oldest: Gauge,
     outbox_sent: Counter,
-    outbox_failures: Counter,
+    outbox_failures: HashMap<&'static str, Counter>,
     outbox_full: Counter,
     failures: HashMap<FailureKind, Counter>,
     dead_lettered: HashMap<FailureKind, Counter>,
@@ -196,6 +208,9 @@ struct Counts {
     /// Messages received and not yet settled (running, or waiting for a retry in this
     /// process): what a shutdown cut short abandons.
     held: AtomicU64,
+    outbox: AtomicU64,
+    /// Unix ms of the oldest outbox entry; 0 when empty.
+    outbox_oldest_ms: AtomicU64,
 }
 
 /// A snapshot of a handler's counters, for `/handlers`.
@@ -208,6 +223,12 @@ pub struct CountsSnapshot {
     pub skipped_duplicates: u64,
     pub failed_attempts: u64,
     pub in_flight: u64,
+    /// Committed outputs waiting in the outbox.
+    #[serde(default)]
+    pub outbox: u64,
+    /// Unix ms of the oldest of them (0 when none).
+    #[serde(default)]
+    pub outbox_oldest_ms: u64,
 }
 
 impl Counts {
@@ -221,6 +242,8 @@ impl Counts {
             skipped_duplicates: g(&self.skipped),
             failed_attempts: g(&self.failed),
             in_flight: g(&self.in_flight),
+            outbox: g(&self.outbox),
+            outbox_oldest_ms: g(&self.outbox_oldest_ms),
         }
     }
 }
@@ -254,7 +277,17 @@ impl HandlerMetrics {
             in_flight: r.register_gauge(&h("sluice_in_flight"), &META),
             outbox_entries: r.register_gauge(&h("sluice_outbox_entries"), &META),
             outbox_sent: r.register_counter(&h("sluice_outbox_sent_total"), &META),
-            outbox_failures: r.register_counter(&h("sluice_outbox_failures_total"), &META),
+            outbox_oldest: r.register_gauge(&h("sluice_outbox_oldest_timestamp_seconds"), &META),
+            outbox_failures: OUTBOX_FAILURES
+                .into_iter()
+                .map(|reason| {
+                    let key = Key::from_parts(
+                        "sluice_outbox_failures_total",
+                        labels(&[("handler", handler), ("reason", reason)]),
+                    );
+                    (reason, r.register_counter(&key, &META))
+                })
+                .collect(),
             outbox_full: r.register_counter(&h("sluice_outbox_full_total"), &META),
             failures: by_kind("sluice_failures_total"),
             dead_lettered: by_kind("sluice_messages_dead_lettered_total"),
@@ -284,17 +317,23 @@ impl HandlerMetrics {
         self.skipped.increment(1);
         self.counts.skipped.fetch_add(1, Ordering::Relaxed);
     }
-    /// The outbox now holds `n` entries.
-    pub fn outbox_depth(&self, n: usize) {
+    /// The outbox now holds `n` entries, the oldest committed at `oldest_ms` (Unix ms).
+    pub fn outbox_depth(&self, n: usize, oldest_ms: Option<u64>) {
         self.outbox_entries.set(n as f64);
+        let oldest = oldest_ms.unwrap_or(0);
+        self.outbox_oldest.set(oldest as f64 / 1000.0);
+        self.counts.outbox.store(n as u64, Ordering::Relaxed);
+        self.counts.outbox_oldest_ms.store(oldest, Ordering::Relaxed);
     }
     /// The relay sent `n` entries.
     pub fn outbox_sent(&self, n: u64) {
         self.outbox_sent.increment(n);
     }
-    /// A relay round failed.
-    pub fn outbox_failed(&self) {
-        self.outbox_failures.increment(1);
+    /// A relay round failed, for `reason` (one of [`OUTBOX_FAILURES`]).
+    pub fn outbox_failed(&self, reason: &str) {
+        if let Some(c) = self.outbox_failures.get(reason) {
+            c.increment(1);
+        }
     }
     /// The handler paused because its outbox was full.
     pub fn outbox_full(&self) {

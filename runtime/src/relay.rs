@@ -34,7 +34,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, watch};
 
 use crate::metrics::HandlerMetrics;
-use crate::outputs::{Output, OutputSender, header_map};
+use crate::outputs::{Output, OutputSender, SendError, header_map};
 use crate::store::{Expect, Op, Space, Store, StoreError};
 
 /// Entries sent in one round at most.
@@ -50,6 +50,8 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 struct Job {
     entries: Vec<(u64, Output)>,
     reply: Option<Output>,
+    /// When it was committed (Unix ms; for what a crash left, when this relay started).
+    committed_ms: u64,
 }
 
 #[derive(Debug)]
@@ -59,6 +61,21 @@ struct Queue {
     /// still under way.
     entries: usize,
     next_seq: u64,
+    /// When the oldest job of the round being sent was committed.
+    sending_since: Option<u64>,
+}
+
+impl Queue {
+    /// The commit time of the oldest entry waiting (queued or being sent).
+    fn oldest_ms(&self) -> Option<u64> {
+        self.sending_since.or_else(|| self.jobs.front().map(|j| j.committed_ms))
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A handler's relay. Cheap to share; the sending task runs until [`Relay::stop`].
@@ -95,6 +112,7 @@ impl Relay {
         halt_after_publish: bool,
     ) -> Result<Option<Arc<Relay>>, StoreError> {
         let Some(durable) = store.outbox() else { return Ok(None) };
+        let started = unix_ms();
         let mut jobs = VecDeque::new();
         let mut last = 0;
         let mut unreadable = Vec::new();
@@ -103,7 +121,7 @@ impl Relay {
                 match (key.parse::<u64>(), decode(&value)) {
                     (Ok(seq), Some(out)) => {
                         last = last.max(seq);
-                        jobs.push_back(Job { entries: vec![(seq, out)], reply: None });
+                        jobs.push_back(Job { entries: vec![(seq, out)], reply: None, committed_ms: started });
                     }
                     _ => unreadable.push(key),
                 }
@@ -121,7 +139,7 @@ impl Relay {
         if left > 0 {
             tracing::info!(handler = &*handler, entries = left, "outbox: sending what the last run left");
         }
-        metrics.outbox_depth(left);
+        metrics.outbox_depth(left, (left > 0).then_some(started));
         let relay = Arc::new(Relay {
             handler,
             store,
@@ -129,7 +147,7 @@ impl Relay {
             sender,
             metrics,
             max: max.max(1),
-            queue: Mutex::new(Queue { jobs, entries: left, next_seq: last + 1 }),
+            queue: Mutex::new(Queue { jobs, entries: left, next_seq: last + 1, sending_since: None }),
             wake: Notify::new(),
             depth: watch::Sender::new(left),
             nonce: format!("{:016x}", fastrand::u64(..)),
@@ -199,17 +217,16 @@ impl Relay {
         }
         // The entries count from now on (until sent, or released when the commit fails), so
         // that the bound covers calls still committing, not only what the relay holds.
-        let (first, depth) = match self.queue.lock() {
+        let first = match self.queue.lock() {
             Ok(mut q) => {
                 let first = q.next_seq;
                 q.next_seq += published.len() as u64;
                 q.entries += published.len();
-                (first, q.entries)
+                self.report(&q);
+                first
             }
-            Err(_) => (0, 0),
+            Err(_) => 0,
         };
-        self.depth.send_replace(depth);
-        self.metrics.outbox_depth(depth);
         let seqs: Vec<u64> = (first..first + published.len() as u64).collect();
         for (out, seq) in published.iter_mut().zip(&seqs) {
             if out.headers.get("Nats-Msg-Id").is_none() {
@@ -237,7 +254,8 @@ impl Relay {
     pub fn push(&self, seqs: Vec<u64>, published: Vec<Output>, reply: Option<Output>) {
         let entries: Vec<(u64, Output)> = seqs.into_iter().zip(published).collect();
         let Ok(mut q) = self.queue.lock() else { return };
-        q.jobs.push_back(Job { entries, reply });
+        q.jobs.push_back(Job { entries, reply, committed_ms: unix_ms() });
+        self.report(&q);
         drop(q);
         self.wake.notify_one();
     }
@@ -249,10 +267,13 @@ impl Relay {
         }
         let Ok(mut q) = self.queue.lock() else { return };
         q.entries = q.entries.saturating_sub(n);
-        let depth = q.entries;
-        drop(q);
-        self.depth.send_replace(depth);
-        self.metrics.outbox_depth(depth);
+        self.report(&q);
+    }
+
+    /// Publishes the depth (to those waiting for room or a drain) and the metrics.
+    fn report(&self, q: &Queue) {
+        self.depth.send_replace(q.entries);
+        self.metrics.outbox_depth(q.entries, q.oldest_ms().filter(|_| q.entries > 0));
     }
 
     async fn run(self: Arc<Self>) {
@@ -269,6 +290,7 @@ impl Relay {
                     n += job.entries.len().max(1);
                     round.push(job);
                 }
+                q.sending_since = round.first().map(|j| j.committed_ms);
                 round
             };
             if round.is_empty() {
@@ -301,18 +323,18 @@ impl Relay {
                     for job in round.rev() {
                         q.jobs.push_front(job);
                     }
-                    q.entries -= count;
+                    q.entries = q.entries.saturating_sub(count);
+                    q.sending_since = None;
+                    self.report(&q);
                     q.entries
                 }
                 Err(_) => return,
             };
-            self.depth.send_replace(depth);
-            self.metrics.outbox_depth(depth);
             self.metrics.outbox_sent(count as u64);
             match failure {
                 None => backoff = BACKOFF_MIN,
                 Some(e) => {
-                    self.metrics.outbox_failed();
+                    self.metrics.outbox_failed(failure_reason(&e));
                     if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                         warned = Some(Instant::now());
                         tracing::warn!(
@@ -330,9 +352,9 @@ impl Relay {
 
     /// Sends every entry of `round`, pipelined; returns how many jobs (from the front) were
     /// wholly sent, and why the next one was not.
-    async fn send(&self, round: &[Job]) -> (usize, Option<crate::outputs::SendError>) {
+    async fn send(&self, round: &[Job]) -> (usize, Option<SendError>) {
         let mut acks = Vec::new();
-        let mut failed: Option<(usize, crate::outputs::SendError)> = None;
+        let mut failed: Option<(usize, SendError)> = None;
         'jobs: for (j, job) in round.iter().enumerate() {
             for (_, out) in &job.entries {
                 match self.sender.publish(out.clone()).await {
@@ -350,7 +372,7 @@ impl Relay {
                 break;
             }
             if let Err(error) = ack.await {
-                failed = Some((j, crate::outputs::SendError::NotAcknowledged { subject, error }));
+                failed = Some((j, SendError::NotAcknowledged { subject, error }));
                 break;
             }
         }
@@ -358,6 +380,20 @@ impl Relay {
             Some((j, e)) => (j, Some(e)),
             None => (round.len(), None),
         }
+    }
+}
+
+/// The metric label of a failed round ([`crate::metrics::OUTBOX_FAILURES`]).
+fn failure_reason(e: &SendError) -> &'static str {
+    use async_nats::jetstream::context::PublishErrorKind;
+    match e {
+        SendError::Stream { error, .. } | SendError::NotAcknowledged { error, .. } => match error.kind() {
+            PublishErrorKind::TimedOut => "timeout",
+            PublishErrorKind::StreamNotFound => "no-stream",
+            PublishErrorKind::BrokenPipe => "connection",
+            _ => "refused",
+        },
+        SendError::Core { .. } | SendError::Reply { .. } => "connection",
     }
 }
 

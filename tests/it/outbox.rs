@@ -220,6 +220,9 @@ async fn a_full_outbox_pauses_the_handler_without_failing_messages() {
     for i in 0..N {
         js_publish(&js, "work", &format!(r#"{{"id": "k-{i}", "cmd": "publish:out.{i}"}}"#)).await;
     }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    sluice::admin::serve(listener, sluice::admin::AdminState::new(sluice.metrics_registry(), sluice.status()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while metric(&sluice.metrics(), "sluice_outbox_full_total").unwrap_or(0.0) < 1.0 {
         assert!(tokio::time::Instant::now() < deadline, "the outbox never filled:\n{}", sluice.metrics());
@@ -233,12 +236,30 @@ async fn a_full_outbox_pauses_the_handler_without_failing_messages() {
     assert!((4.0..=8.0).contains(&depth), "the outbox holds its bound, plus at most the calls under way: {depth}\n{m}");
     let info = js.get_stream("WORK").await.unwrap().consumer_info("w").await.unwrap();
     assert!(info.num_pending > 0, "the handler kept taking messages: {info:?}");
-    assert!(metric(&m, "sluice_outbox_failures_total").unwrap_or(0.0) >= 1.0, "{m}");
     assert_eq!(
         metric(&m, "sluice_messages_retried_total").unwrap_or(0.0),
         0.0,
         "a refused output is not a failed attempt"
     );
+    // The stream's refusal is counted by reason, and the process says it is degraded (alive,
+    // still ready) once the oldest output has waited 5 s.
+    let refused = m
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_outbox_failures_total{handler=\"w\",reason=\"refused\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1.0), "{m}");
+    assert!(metric(&m, "sluice_outbox_oldest_timestamp_seconds").unwrap_or(0.0) > 1.0e9, "{m}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = sluice_tests::http_get(&format!("{admin}/healthz")).await;
+        assert_eq!(code, 200);
+        if body.starts_with("degraded: handler w: outbox ") {
+            break;
+        }
+        assert!(body == "ok\n", "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "/healthz never said degraded: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The stream takes messages again: everything arrives, once.
     let mut out = js.get_stream("OUT").await.unwrap();
@@ -252,6 +273,8 @@ async fn a_full_outbox_pauses_the_handler_without_failing_messages() {
     assert_eq!(out.info().await.unwrap().state.messages, N);
     let m = sluice.metrics();
     assert_eq!(metric(&m, "sluice_outbox_entries"), Some(0.0), "{m}");
+    assert_eq!(metric(&m, "sluice_outbox_oldest_timestamp_seconds"), Some(0.0), "{m}");
     assert_eq!(metric(&m, "sluice_messages_succeeded_total"), Some(N as f64), "{m}");
+    assert_eq!(sluice_tests::http_get(&format!("{admin}/healthz")).await, (200, "ok\n".to_owned()));
     sluice.stop().await;
 }

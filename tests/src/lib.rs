@@ -126,6 +126,11 @@ impl Sluice {
         self.metrics.render()
     }
 
+    /// The runtime's metrics registry (for an admin listener).
+    pub fn metrics_registry(&self) -> std::sync::Arc<sluice::metrics::Metrics> {
+        self.metrics.clone()
+    }
+
     /// The echo handler (on subject `echo`) served on a connection the test made.
     pub async fn echo_on(nc: Client) -> Sluice {
         let manifests = [("echo.toml", manifest("echo", "echo", "echo", ""))];

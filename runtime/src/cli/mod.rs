@@ -506,15 +506,18 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     })
     .await??;
     println!(
-        "{:<20}  {:<14}  {:<32}  {:>9}  {:>9}  {:>7}  {:>7}  {:>7}  {:>4}",
-        "HANDLER", "VERSION", "SOURCE", "RECEIVED", "SUCCEEDED", "RETRIED", "DEAD", "DUPS", "BUSY"
+        "{:<20}  {:<14}  {:<32}  {:>9}  {:>9}  {:>7}  {:>7}  {:>7}  {:>4}  {:>6}",
+        "HANDLER", "VERSION", "SOURCE", "RECEIVED", "SUCCEEDED", "RETRIED", "DEAD", "DUPS", "BUSY", "OUTBOX"
     );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     for h in &report.handlers {
         let s = &h.status;
         let c = &h.counters;
         let version = s.digest.trim_start_matches("sha256:").chars().take(12).collect::<String>();
         println!(
-            "{:<20}  {:<14}  {:<32}  {:>9}  {:>9}  {:>7}  {:>7}  {:>7}  {:>4}",
+            "{:<20}  {:<14}  {:<32}  {:>9}  {:>9}  {:>7}  {:>7}  {:>7}  {:>4}  {:>6}",
             s.name,
             version,
             s.source,
@@ -523,8 +526,13 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
             c.retried,
             c.dead_lettered,
             c.skipped_duplicates,
-            c.in_flight
+            c.in_flight,
+            c.outbox
         );
+        if c.outbox > 0 && c.outbox_oldest_ms > 0 {
+            let age = now_ms.saturating_sub(c.outbox_oldest_ms) / 1000;
+            println!("  outbox: {} outputs waiting to be sent, the oldest for {age}s", c.outbox);
+        }
         if let Some(e) = &s.last_reload_error {
             println!("  last reload failed; still serving the version above:\n{}", indent(e));
         }
