@@ -26,6 +26,7 @@
 //! | [`pipeline`] | the delivery pipeline, per batch: gate (payload, key, lease), call, commit (outputs, record), settle (retry policy, dead letters, metrics) |
 //! | [`source`] | the transports: core NATS queue groups and JetStream consumers, receiving batches and acting on each message's settlement |
 //! | [`outputs`] | a call's outputs (`Output`, `Outputs`, header checks) and sending them (stream acks awaited, replies only to inboxes) |
+//! | [`rate`] | a handler's rate limit: a token bucket the transports draw from (a leaf) |
 //! | [`relay`] | a handler's outbox relay: sends committed outputs in order after the ack, resumes what a crash left, pauses the handler when full |
 //! | [`store`] | handler state (dedup records, guest dedup and kv) on memory, redb or NATS KV; a call's kv write set and its one-write commit; in-memory leases for the local stores |
 //! | [`dlq`] | dead-letter headers, publishing, the dead-letter stream |
@@ -55,6 +56,7 @@ pub mod metrics;
 pub mod nats_server;
 pub mod outputs;
 pub mod pipeline;
+pub mod rate;
 pub mod relay;
 pub mod reload;
 pub mod retry;

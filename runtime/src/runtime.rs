@@ -636,7 +636,8 @@ impl Supervisor {
             return Ok(Installed::Started);
         };
         let rebind = old.spec.manifest.source != handler.spec.manifest.source
-            || old.spec.manifest.limits.max_concurrency != handler.spec.manifest.limits.max_concurrency;
+            || old.spec.manifest.limits.max_concurrency != handler.spec.manifest.limits.max_concurrency
+            || old.spec.manifest.limits.rate != handler.spec.manifest.limits.rate;
         if rebind {
             let prepared = self.prepare(handler.clone()).await?;
             let fresh = self.spawn(prepared);

@@ -15,6 +15,7 @@ mod jetstream;
 mod outbox;
 mod polyglot;
 mod queue_group;
+mod rate;
 mod reload;
 mod sandbox;
 mod security;

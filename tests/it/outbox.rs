@@ -27,6 +27,13 @@ fn options(data: &std::path::Path, fault: Option<Fault>) -> RuntimeOptions {
     RuntimeOptions { data_dir: Some(data.to_owned()), fault, ..RuntimeOptions::default() }
 }
 
+/// The worker, on `data`, with `fault` injected.
+async fn serve(server: &sluice::nats_server::NatsServer, data: &std::path::Path, fault: Option<Fault>) -> Sluice {
+    Sluice::start_with(server, &[("w.toml", worker(""))], tempfile::tempdir().unwrap(), options(data, fault))
+        .await
+        .unwrap()
+}
+
 async fn out_count(js: &jetstream::Context) -> u64 {
     js.get_stream("OUT").await.unwrap().info().await.unwrap().state.messages
 }
@@ -61,16 +68,8 @@ async fn a_crash_after_the_commit_before_the_ack_sends_the_outputs_on_restart_on
     let js = stream(&server, "WORK", &["work"]).await;
     let _ = stream(&server, "OUT", &["out.>"]).await;
     let data = tempfile::tempdir().unwrap();
-    let text = worker("");
 
-    let first = Sluice::start_with(
-        &server,
-        &[("w.toml", text.clone())],
-        tempfile::tempdir().unwrap(),
-        options(data.path(), Some(Fault::HaltAfterCommit)),
-    )
-    .await
-    .unwrap();
+    let first = serve(&server, data.path(), Some(Fault::HaltAfterCommit)).await;
     js_publish(&js, "work", r#"{"id": "k-1", "cmd": "publish:out.1"}"#).await;
     js_publish(&js, "work", r#"{"id": "k-2", "cmd": "publish:out.2"}"#).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -83,10 +82,7 @@ async fn a_crash_after_the_commit_before_the_ack_sends_the_outputs_on_restart_on
     first.crash().await;
 
     // The restart sends both from the outbox, then skips the redeliveries (the keys completed).
-    let second =
-        Sluice::start_with(&server, &[("w.toml", text)], tempfile::tempdir().unwrap(), options(data.path(), None))
-            .await
-            .unwrap();
+    let second = serve(&server, data.path(), None).await;
     assert_eq!(out_count(&js).await, 2, "the outbox is sent before the handler serves");
     let info = wait_consumer_settled(&js, Duration::from_secs(20)).await;
     assert!(info.delivered.consumer_sequence >= 4, "the messages were not redelivered: {info:?}");
@@ -105,16 +101,8 @@ async fn a_crash_after_the_ack_before_the_relay_sends_the_outputs_on_restart_fir
     let js = stream(&server, "WORK", &["work"]).await;
     let _ = stream(&server, "OUT", &["out.>"]).await;
     let data = tempfile::tempdir().unwrap();
-    let text = worker("");
 
-    let first = Sluice::start_with(
-        &server,
-        &[("w.toml", text.clone())],
-        tempfile::tempdir().unwrap(),
-        options(data.path(), Some(Fault::HaltAfterAck)),
-    )
-    .await
-    .unwrap();
+    let first = serve(&server, data.path(), Some(Fault::HaltAfterAck)).await;
     for i in 0..5 {
         js_publish(&js, "work", &format!(r#"{{"id": "old-{i}", "cmd": "publish:out.old.{i}"}}"#)).await;
     }
@@ -125,10 +113,7 @@ async fn a_crash_after_the_ack_before_the_relay_sends_the_outputs_on_restart_fir
     assert_eq!(out_count(&js).await, 0);
     first.crash().await;
 
-    let second =
-        Sluice::start_with(&server, &[("w.toml", text)], tempfile::tempdir().unwrap(), options(data.path(), None))
-            .await
-            .unwrap();
+    let second = serve(&server, data.path(), None).await;
     for i in 0..5 {
         js_publish(&js, "work", &format!(r#"{{"id": "new-{i}", "cmd": "publish:out.new.{i}"}}"#)).await;
     }
@@ -152,16 +137,8 @@ async fn a_crash_after_publishing_before_removal_resends_and_the_stream_drops_th
     let js = stream(&server, "WORK", &["work"]).await;
     let _ = stream(&server, "OUT", &["out.>"]).await;
     let data = tempfile::tempdir().unwrap();
-    let text = worker("");
 
-    let first = Sluice::start_with(
-        &server,
-        &[("w.toml", text.clone())],
-        tempfile::tempdir().unwrap(),
-        options(data.path(), Some(Fault::HaltAfterPublish)),
-    )
-    .await
-    .unwrap();
+    let first = serve(&server, data.path(), Some(Fault::HaltAfterPublish)).await;
     js_publish(&js, "work", r#"{"id": "k-1", "cmd": "publish:out.1"}"#).await;
     js_publish(&js, "work", r#"{"id": "k-2", "cmd": "publish:out.2"}"#).await;
     js_publish(&js, "work", r#"{"cmd": "publish:out.nokey"}"#).await;
@@ -172,10 +149,7 @@ async fn a_crash_after_publishing_before_removal_resends_and_the_stream_drops_th
 
     // Every entry was still in the outbox (the one published too): all three are sent again,
     // and OUT's duplicate window keeps one copy of each.
-    let second =
-        Sluice::start_with(&server, &[("w.toml", text)], tempfile::tempdir().unwrap(), options(data.path(), None))
-            .await
-            .unwrap();
+    let second = serve(&server, data.path(), None).await;
     let m = second.metrics();
     assert_eq!(metric(&m, "sluice_outbox_sent_total"), Some(3.0), "{m}");
     let out = stream_messages(&js, "OUT", 3, Duration::from_secs(5)).await;
@@ -183,14 +157,7 @@ async fn a_crash_after_publishing_before_removal_resends_and_the_stream_drops_th
     second.stop().await;
 
     // Sent and removed: a third start has nothing left to send.
-    let third = Sluice::start_with(
-        &server,
-        &[("w.toml", worker(""))],
-        tempfile::tempdir().unwrap(),
-        options(data.path(), None),
-    )
-    .await
-    .unwrap();
+    let third = serve(&server, data.path(), None).await;
     assert_eq!(metric(&third.metrics(), "sluice_outbox_sent_total").unwrap_or(0.0), 0.0);
     assert_eq!(out_count(&js).await, 3);
     third.stop().await;

@@ -119,6 +119,8 @@ pub struct Limits {
     pub max_log_bytes: u64,
     /// Fresh instances, or warm ones and how many messages each serves.
     pub instances: Instances,
+    /// `[limits] rate` and `burst`: `None`, no limit.
+    pub rate: Option<crate::rate::Rate>,
 }
 
 /// How a handler's instances are used.
@@ -236,6 +238,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         max_payload: raw.limits.max_payload.map(|b| b.0),
         max_log_bytes: raw.limits.max_log_bytes.map_or(DEFAULT_MAX_LOG_BYTES, |b| b.0),
         instances: resolve_instances(&file, raw.limits.instances, raw.limits.recycle_after)?,
+        rate: resolve_rate(&file, raw.limits.rate, raw.limits.burst)?,
     };
     let source_span = raw.source.span();
     let source = resolve_source(&file, source_span, raw.source.into_inner(), &name, &limits)?;
@@ -358,6 +361,34 @@ fn resolve_source(
             }))
         }
     }
+}
+
+fn resolve_rate(
+    file: &SourceText,
+    rate: Option<toml::Spanned<String>>,
+    burst: Option<toml::Spanned<i64>>,
+) -> Result<Option<crate::rate::Rate>, ManifestError> {
+    let per_sec = match (&rate, &burst) {
+        (None, None) => return Ok(None),
+        (None, Some(b)) => {
+            return Err(ManifestError::at(file, b.span(), "burst only applies with a rate (`rate = \"500/s\"`)"));
+        }
+        (Some(r), _) => crate::rate::Rate::parse(r.get_ref()).map_err(|e| ManifestError::at(file, r.span(), e))?,
+    };
+    let burst = match burst {
+        None => crate::rate::Rate::default_burst(per_sec),
+        Some(b) => match u32::try_from(*b.get_ref()) {
+            Ok(v @ 1..=1_000_000) => v,
+            _ => {
+                return Err(ManifestError::at(
+                    file,
+                    b.span(),
+                    format!("burst = {} is out of range; expected 1 to 1000000", b.get_ref()),
+                ));
+            }
+        },
+    };
+    Ok(Some(crate::rate::Rate { per_sec, burst }))
 }
 
 fn resolve_instances(

@@ -176,6 +176,10 @@ pub struct LimitsSection {
     pub instances: Option<InstanceMode>,
     /// `recycle_after = 10000`: messages a warm instance serves before it is replaced.
     pub recycle_after: Option<Spanned<i64>>,
+    /// `rate = "500/s"`: messages started per second (or `/m`, `/h`) at most, on average.
+    pub rate: Option<Spanned<String>>,
+    /// `burst = 50`: with `rate`, messages started at once at most after a pause.
+    pub burst: Option<Spanned<i64>>,
 }
 
 /// `[limits] instances`.

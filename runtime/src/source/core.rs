@@ -45,6 +45,7 @@ pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber
         (lane.handler.spec.name.clone(), lane.handler.spec.manifest.limits.max_concurrency as usize)
     };
     let permits = Arc::new(Semaphore::new(concurrency));
+    let limiter = versions.borrow().handler.spec.manifest.limits.rate.map(crate::rate::Limiter::new);
     let mut in_flight = JoinSet::new();
     let mut draining = false;
     loop {
@@ -72,9 +73,17 @@ pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber
                     }
                 }
                 let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                // A rate limit holds the message here (the subscription buffers the rest; a
+                // queue group hands new ones to the other processes meanwhile).
+                if let Some(limiter) = &limiter {
+                    limiter.take().await;
+                }
                 let mut batch = vec![(msg, permit)];
                 while batch.len() < concurrency {
                     let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+                    if limiter.as_ref().is_some_and(|l| !l.try_take()) {
+                        break;
+                    }
                     match subscription.next().now_or_never() {
                         Some(Some(msg)) => batch.push((msg, permit)),
                         Some(None) | None => break,

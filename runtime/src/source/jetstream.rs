@@ -136,7 +136,11 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
     // five), the stream waits for its pull to expire before asking again (a 30 s stall with
     // the default, up to 10 s with 5 s), so this bounds such a stall to a few seconds. An idle
     // handler pays one pull request every 2 s.
-    let pulls = consumer.stream().max_messages_per_batch(concurrency).expires(PULL_EXPIRES);
+    // A rate-limited handler pulls no more than its burst at a time: what it pulled must
+    // start before its ack wait.
+    let limiter = spec.manifest.limits.rate.map(crate::rate::Limiter::new);
+    let per_pull = limiter.as_ref().map_or(concurrency, |l| l.burst().clamp(1, concurrency));
+    let pulls = consumer.stream().max_messages_per_batch(per_pull).expires(PULL_EXPIRES);
     let mut messages = match pulls.messages().await {
         Ok(m) => m,
         Err(e) => {
@@ -161,6 +165,13 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
             _ = stop.wait_for(|s| *s) => break,
             permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
         };
+        if let Some(limiter) = &limiter {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                () = limiter.take() => {}
+            }
+        }
         let next = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
@@ -176,6 +187,9 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
                 let mut batch = vec![(msg, permit)];
                 while batch.len() < concurrency {
                     let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+                    if limiter.as_ref().is_some_and(|l| !l.try_take()) {
+                        break;
+                    }
                     match messages.next().now_or_never() {
                         Some(Some(Ok(msg))) => batch.push((msg, permit)),
                         Some(Some(Err(e))) => {
