@@ -135,6 +135,8 @@ pub struct OutputSender {
     client: Client,
     js: jetstream::Context,
     captured: Mutex<HashMap<String, (bool, Instant)>>,
+    /// Streams seen, with their subjects: what they capture is captured for good.
+    streams: Mutex<Vec<(String, Vec<SubjectPattern>)>>,
     /// `_INBOX.>`, plus `<prefix>.>` when the connection uses a custom inbox prefix.
     inboxes: Vec<SubjectPattern>,
     /// When a refused reply was last warned about, per (handler, subject prefix).
@@ -157,6 +159,7 @@ impl OutputSender {
             js: jetstream::new(client.clone()),
             client,
             captured: Mutex::new(HashMap::new()),
+            streams: Mutex::new(Vec::new()),
             inboxes,
             refusals: Mutex::new(HashMap::new()),
         }
@@ -249,15 +252,38 @@ impl OutputSender {
             .map_err(|error| SendError::Reply { error })
     }
 
-    /// Whether a stream captures `subject`.
+    /// Whether a stream captures `subject`. A stream once seen stays known to this sender
+    /// with its subjects: if it goes away (deleted, its server down), publications to any of
+    /// its subjects keep going through JetStream and fail until it is back (the outbox keeps
+    /// them), rather than turning into core publishes that no stream stores. A subject no
+    /// known stream captures is looked up, and a miss remembered for [`STREAM_LOOKUP_TTL`].
     async fn is_captured(&self, subject: &str) -> bool {
+        if let Ok(known) = self.streams.lock()
+            && known.iter().any(|(_, subjects)| subjects.iter().any(|p| p.matches(subject)))
+        {
+            return true;
+        }
         if let Ok(cache) = self.captured.lock()
             && let Some((captured, at)) = cache.get(subject)
             && at.elapsed() < STREAM_LOOKUP_TTL
         {
             return *captured;
         }
-        let captured = self.js.stream_by_subject(subject.to_owned()).await.is_ok();
+        let found = self.js.stream_by_subject(subject.to_owned()).await.ok();
+        if let Some(name) = &found
+            && let Ok(mut stream) = self.js.get_stream(name).await
+            && let Ok(info) = stream.info().await
+        {
+            let subjects: Vec<SubjectPattern> =
+                info.config.subjects.iter().filter_map(|s| SubjectPattern::parse(s).ok()).collect();
+            if let Ok(mut known) = self.streams.lock() {
+                known.retain(|(n, _)| n != name);
+                if known.len() < 1_000 {
+                    known.push((name.clone(), subjects));
+                }
+            }
+        }
+        let captured = found.is_some();
         if let Ok(mut cache) = self.captured.lock() {
             if cache.len() > 10_000 {
                 cache.clear();

@@ -104,3 +104,82 @@ async fn a_server_killed_and_restarted_mid_stream_loses_and_repeats_nothing() {
     assert!(info.num_pending == 0, "{info:?}");
     sluice.stop().await;
 }
+
+#[tokio::test]
+async fn a_target_stream_removed_and_recreated_gets_every_output_once() {
+    let store = tempfile::tempdir().unwrap();
+    let server = server_on(0, store.path());
+    let nc = sluice::cli::connect(&server.url()).await.unwrap();
+    let js = jetstream::new(nc.clone());
+    let out_config = jetstream::stream::Config {
+        name: "OUT".into(),
+        subjects: vec!["out.>".into()],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    js.create_stream(jetstream::stream::Config {
+        name: "WORK".into(),
+        subjects: vec!["work".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.create_stream(out_config.clone()).await.unwrap();
+    let text = manifest(
+        "w",
+        "misbehave",
+        "work",
+        "[capabilities]\npublish = [\"out.>\"]\n\n[limits]\ntimeout = \"1s\"\n\n[idempotency]\nkey = \"json:/id\"\n",
+    )
+    .replace("subject = \"work\"", "stream = \"WORK\"");
+    let data = tempfile::tempdir().unwrap();
+    let options = RuntimeOptions { data_dir: Some(data.path().to_owned()), ..RuntimeOptions::default() };
+    let sluice = Sluice::start_with(&server, &[("w.toml", text)], tempfile::tempdir().unwrap(), options).await.unwrap();
+
+    // 500 messages handled with OUT in place; then OUT goes away while 1,500 more arrive, for
+    // longer than the sender remembers a stream lookup (10 s), and comes back.
+    const BEFORE: usize = 500;
+    const N: usize = 2000;
+    for i in 0..BEFORE {
+        publish_until_stored(&js, i).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while js.get_stream("OUT").await.map(|s| s.cached_info().state.messages).unwrap_or(0) < BEFORE as u64 {
+        assert!(tokio::time::Instant::now() < deadline, "the first messages were not handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    js.delete_stream("OUT").await.unwrap();
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            for i in BEFORE..N {
+                publish_until_stored(&js, i).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    js.create_stream(out_config).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), publisher).await.expect("the publisher never finished").unwrap();
+
+    // What OUT held before it was deleted is gone with it; everything after arrives once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = js.get_stream("WORK").await.unwrap().consumer_info("w").await.unwrap();
+        let m = sluice.metrics();
+        let depth = m
+            .lines()
+            .find_map(|l| l.strip_prefix("sluice_outbox_entries{handler=\"w\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if info.num_pending == 0 && info.num_ack_pending == 0 && depth == Some(0.0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "did not drain: {info:?}\n{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = js.get_stream("OUT").await.unwrap().cached_info().state.messages;
+    assert_eq!(out, (N - BEFORE) as u64, "outputs lost or doubled while the stream was away");
+    let m = sluice.metrics();
+    assert!(!m.lines().any(|l| l.starts_with("sluice_messages_dead_lettered_total") && !l.ends_with(" 0")), "{m}");
+    assert!(!m.lines().any(|l| l.starts_with("sluice_messages_retried_total") && !l.ends_with(" 0")), "{m}");
+    sluice.stop().await;
+}
