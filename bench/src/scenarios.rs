@@ -753,7 +753,7 @@ impl Bench {
                     "bench-echo-warm",
                     "echo",
                     &format!("subject = \"{warm_subject}\""),
-                    &format!("[capabilities]\nreply_to = [\"bench.echo.replies\"]\n{WARM}"),
+                    &format!("[capabilities]\nreply_to = [\"bench.echo.replies\", \"bench.latency.replies\"]\n{WARM}"),
                 ),
             ],
         )?;
@@ -808,7 +808,7 @@ impl Bench {
             // Enough samples for a meaningful p99.9, within a few seconds.
             let measure = (20_000.0 / rate).clamp(4.0, 8.0);
             self.say(&format!(
-                "latency at {:.0}% ({rate:.0} req/s): native and sluice alternately, {measure:.0} s each",
+                "latency at {:.0}% ({rate:.0} req/s): native, sluice and sluice warm in turn, {measure:.0} s each",
                 load * 100.0
             ));
             // Native and Sluice take turns, in LATENCY_TURNS slices each, so that a change in
@@ -821,12 +821,15 @@ impl Bench {
             };
             let mut native = latency::Samples::default();
             let mut sluice = latency::Samples::default();
+            let mut warm = latency::Samples::default();
             for _ in 0..LATENCY_TURNS {
                 native.extend(latency::sample(&self.server.url(), native_subject, &spec).await?);
                 sluice.extend(latency::sample(&self.server.url(), sluice_subject, &spec).await?);
+                warm.extend(latency::sample(&self.server.url(), warm_subject, &spec).await?);
             }
             runs.push(latency::summarize("native", load, rate, measure, native));
             runs.push(latency::summarize("sluice", load, rate, measure, sluice));
+            runs.push(latency::summarize("sluice_warm", load, rate, measure, warm));
         }
         Ok((native, sluice, sluice_warm, runs))
     }
