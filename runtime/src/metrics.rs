@@ -18,6 +18,7 @@
 //! | `sluice_outbox_sent_total` | counter | handler | outbox entries the relay published (and, where a stream captures them, had acknowledged) |
 //! | `sluice_outbox_oldest_timestamp_seconds` | gauge | handler | when the oldest entry still waiting was committed (Unix time; 0 when the outbox is empty): its age is `time() - this` |
 //! | `sluice_outbox_failures_total` | counter | handler, reason | relay rounds that failed, by reason (`timeout`, `no-stream`, `refused`, `connection`); the entries stay and are re-sent with back-off |
+//! | `sluice_outbox_dropped_total` | counter | handler | outbox entries dropped because no server will ever take them (larger than the server's `max_payload` or the stream's `max_msg_size`; logged with the subject) |
 //! | `sluice_outbox_full_total` | counter | handler | times the handler stopped taking messages because its outbox was full |
 //! | `sluice_handler_info` | gauge (1) | handler, digest | the version being served |
 //! | `sluice_nats_connected` | gauge | | 1 while the NATS connection is up |
@@ -103,6 +104,11 @@ fn describe(r: &PrometheusRecorder) {
             "Outbox entries the relay published (and had acknowledged by their stream).",
         ),
         d("sluice_outbox_failures_total", None, "Relay rounds that failed; their entries stay and are re-sent."),
+        d(
+            "sluice_outbox_dropped_total",
+            None,
+            "Outbox entries dropped because no server will take them (too large, invalid subject).",
+        ),
         d("sluice_outbox_full_total", None, "Times the handler stopped taking messages because its outbox was full."),
         d("sluice_nats_reconnects_total", None, "NATS reconnections since start."),
         d(
@@ -184,6 +190,7 @@ pub struct HandlerMetrics {
     outbox_sent: Counter,
     outbox_failures: HashMap<&'static str, Counter>,
     outbox_full: Counter,
+    outbox_dropped: Counter,
     failures: HashMap<FailureKind, Counter>,
     dead_lettered: HashMap<FailureKind, Counter>,
     counts: Counts,
@@ -289,6 +296,7 @@ impl HandlerMetrics {
                 })
                 .collect(),
             outbox_full: r.register_counter(&h("sluice_outbox_full_total"), &META),
+            outbox_dropped: r.register_counter(&h("sluice_outbox_dropped_total"), &META),
             failures: by_kind("sluice_failures_total"),
             dead_lettered: by_kind("sluice_messages_dead_lettered_total"),
             counts: Counts::default(),
@@ -334,6 +342,10 @@ impl HandlerMetrics {
         if let Some(c) = self.outbox_failures.get(reason) {
             c.increment(1);
         }
+    }
+    /// The relay dropped an entry no server will take.
+    pub fn outbox_dropped(&self) {
+        self.outbox_dropped.increment(1);
     }
     /// The handler paused because its outbox was full.
     pub fn outbox_full(&self) {

@@ -137,6 +137,9 @@ pub struct OutputSender {
     captured: Mutex<HashMap<String, (bool, Instant)>>,
     /// Streams seen, with their subjects: what they capture is captured for good.
     streams: Mutex<Vec<(String, Vec<SubjectPattern>)>>,
+    /// The server's `max_payload`, and when it was read (the client copies its whole server
+    /// info on every read).
+    max_payload: Mutex<(usize, Option<Instant>)>,
     /// `_INBOX.>`, plus `<prefix>.>` when the connection uses a custom inbox prefix.
     inboxes: Vec<SubjectPattern>,
     /// When a refused reply was last warned about, per (handler, subject prefix).
@@ -160,6 +163,7 @@ impl OutputSender {
             client,
             captured: Mutex::new(HashMap::new()),
             streams: Mutex::new(Vec::new()),
+            max_payload: Mutex::new((0, None)),
             inboxes,
             refusals: Mutex::new(HashMap::new()),
         }
@@ -202,6 +206,16 @@ impl OutputSender {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The largest message (headers and payload) the server takes; 0 when not known yet.
+    /// Re-read at most once a second (a reconnect may reach a server with another limit).
+    pub fn max_payload(&self) -> usize {
+        let Ok(mut cached) = self.max_payload.lock() else { return self.client.server_info().max_payload };
+        if cached.1.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+            *cached = (self.client.server_info().max_payload, Some(Instant::now()));
+        }
+        cached.0
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {

@@ -302,9 +302,29 @@ impl Relay {
                 // As a crash right after publishing would: nothing removed, nothing more sent.
                 return;
             }
+            let mut round = round;
+            let mut dropped = Vec::new();
+            let failure = match failure {
+                Some((k, e)) if permanent(&e) => {
+                    if let Some(job) = round.get_mut(sent)
+                        && k < job.entries.len()
+                    {
+                        let (seq, out) = job.entries.remove(k);
+                        tracing::error!(
+                            handler = &*self.handler,
+                            subject = %out.subject,
+                            "outbox: dropping an output no server will take: {e}"
+                        );
+                        self.metrics.outbox_dropped();
+                        dropped.push(key(seq));
+                    }
+                    None
+                }
+                other => other.map(|(_, e)| e),
+            };
             let mut round = round.into_iter();
-            let mut removed = Vec::new();
-            let mut count = 0;
+            let mut count = dropped.len();
+            let mut removed = dropped;
             for job in round.by_ref().take(sent) {
                 count += job.entries.len();
                 removed.extend(job.entries.iter().map(|(seq, _)| key(*seq)));
@@ -352,34 +372,57 @@ impl Relay {
 
     /// Sends every entry of `round`, pipelined; returns how many jobs (from the front) were
     /// wholly sent, and why the next one was not.
-    async fn send(&self, round: &[Job]) -> (usize, Option<SendError>) {
+    async fn send(&self, round: &[Job]) -> (usize, Option<(usize, SendError)>) {
         let mut acks = Vec::new();
-        let mut failed: Option<(usize, SendError)> = None;
+        // The job and the entry in it that failed first.
+        let mut failed: Option<(usize, usize, SendError)> = None;
         'jobs: for (j, job) in round.iter().enumerate() {
-            for (_, out) in &job.entries {
+            for (k, (_, out)) in job.entries.iter().enumerate() {
                 match self.sender.publish(out.clone()).await {
-                    Ok(Some((subject, ack))) => acks.push((j, subject, ack)),
+                    Ok(Some((subject, ack))) => acks.push((j, k, subject, ack)),
                     Ok(None) => {}
                     Err(e) => {
-                        failed = Some((j, e));
+                        failed = Some((j, k, e));
                         break 'jobs;
                     }
                 }
             }
         }
-        for (j, subject, ack) in acks {
-            if failed.as_ref().is_some_and(|(f, _)| j >= *f) {
+        for (j, k, subject, ack) in acks {
+            if failed.as_ref().is_some_and(|(f, _, _)| j >= *f) {
                 break;
             }
             if let Err(error) = ack.await {
-                failed = Some((j, SendError::NotAcknowledged { subject, error }));
+                failed = Some((j, k, SendError::NotAcknowledged { subject, error }));
                 break;
             }
         }
         match failed {
-            Some((j, e)) => (j, Some(e)),
+            Some((j, k, e)) => (j, Some((k, e))),
             None => (round.len(), None),
         }
+    }
+}
+
+/// Whether no re-send can ever succeed: an output larger than the server takes, or than its
+/// stream's `max_msg_size`, or a subject the server refuses. Such an entry is dropped (and
+/// counted, and logged with its subject) so that it does not hold back the handler's other
+/// outputs for ever; the commit stage refuses outputs over the server's `max_payload` before
+/// they reach the outbox, so this is the case of a server or stream changed since.
+fn permanent(e: &SendError) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind as Js;
+    match e {
+        SendError::Core { error, .. } => {
+            matches!(
+                error.kind(),
+                async_nats::client::PublishErrorKind::MaxPayloadExceeded
+                    | async_nats::client::PublishErrorKind::InvalidSubject
+            )
+        }
+        SendError::Stream { error, .. } | SendError::NotAcknowledged { error, .. } => {
+            error.kind() == Js::MaxPayloadExceeded || error.to_string().contains("message size exceeds maximum")
+        }
+        SendError::Reply { .. } => false,
     }
 }
 

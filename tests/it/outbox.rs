@@ -245,3 +245,65 @@ async fn a_full_outbox_pauses_the_handler_without_failing_messages() {
     assert_eq!(sluice_tests::http_get(&format!("{admin}/healthz")).await, (200, "ok\n".to_owned()));
     sluice.stop().await;
 }
+
+#[tokio::test]
+async fn an_output_larger_than_the_server_takes_fails_its_call_and_never_blocks_the_outbox() {
+    let server = nats();
+    let text = manifest(
+        "w",
+        "misbehave",
+        "work",
+        "[capabilities]\npublish = [\"allowed.>\", \"out.>\"]\n\n[idempotency]\n\n[store]\nbackend = \"memory\"\n",
+    );
+    let sluice = Sluice::start(&server, &[("w.toml", text)]).await;
+    let nc = sluice_tests::client(&server).await;
+    let mut out = nc.subscribe("out.>").await.unwrap();
+    sluice_tests::sync(&nc).await;
+    // 2 MB: within max_output_bytes (4 MiB), over the server's max_payload (1 MiB).
+    let reply = sluice_tests::request(&nc, "work", "publish-big:2000000").await;
+    assert_eq!(sluice_tests::header(&reply, "Sluice-Failure-Kind").as_deref(), Some("output-limit"));
+    let reason = sluice_tests::header(&reply, "Sluice-Failure-Reason").unwrap_or_default();
+    assert!(reason.contains("max_payload"), "{reason}");
+    // The outbox holds nothing of it: the next output goes out at once.
+    assert_eq!(sluice_tests::text(&sluice_tests::request(&nc, "work", "publish:out.after").await), "published");
+    let got = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut out)).await.unwrap().unwrap();
+    assert_eq!(got.subject.as_str(), "out.after");
+    assert_eq!(metric(&sluice.metrics(), "sluice_outbox_entries"), Some(0.0));
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn an_entry_its_stream_will_never_take_is_dropped_and_the_rest_flows() {
+    let server = nats();
+    let js = jetstream::new(sluice_tests::client(&server).await);
+    js.create_stream(jetstream::stream::Config {
+        name: "OUT".into(),
+        subjects: vec!["allowed.>".into()],
+        max_message_size: 300,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let text = manifest(
+        "w",
+        "misbehave",
+        "work",
+        "[capabilities]\npublish = [\"allowed.>\"]\n\n[idempotency]\n\n[store]\nbackend = \"memory\"\n",
+    );
+    let sluice = Sluice::start(&server, &[("w.toml", text)]).await;
+    let nc = sluice_tests::client(&server).await;
+    sluice_tests::sync(&nc).await;
+    // Within every limit Sluice knows of, over the stream's max_msg_size: the relay cannot
+    // ever send it.
+    assert_eq!(sluice_tests::text(&sluice_tests::request(&nc, "work", "publish-big:1000").await), "published");
+    assert_eq!(sluice_tests::text(&sluice_tests::request(&nc, "work", "publish:allowed.small").await), "published");
+    let got = stream_messages(&js, "OUT", 1, Duration::from_secs(10)).await;
+    assert_eq!(got.iter().map(|m| m.subject.to_string()).collect::<Vec<_>>(), ["allowed.small"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(&sluice.metrics(), "sluice_outbox_dropped_total") != Some(1.0) {
+        assert!(tokio::time::Instant::now() < deadline, "{}", sluice.metrics());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&sluice.metrics(), "sluice_outbox_entries"), Some(0.0));
+    sluice.stop().await;
+}

@@ -41,6 +41,9 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
     let mut outbox = Vec::new();
     let mut deferred = None;
     let (result, writes, reply) = match outcome {
+        Outcome::Success(outputs, _) if let Some(failure) = too_large(lane, &outputs) => {
+            (Err(failure), WriteSet::default(), None)
+        }
         Outcome::Success(mut outputs, writes) => {
             if let Some(reply) = &outputs.reply
                 && !lane.reply_allowed(&reply.subject)
@@ -141,6 +144,37 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
             Step::Failed(failure)
         }
     }
+}
+
+/// An output larger than the NATS server takes (`max_payload`, headers included) can never be
+/// sent: the call fails with `output-limit` (not retried by default) before anything of it is
+/// committed or queued, instead of holding the outbox.
+fn too_large(lane: &Lane, outputs: &Outputs) -> Option<Failure> {
+    if outputs.is_empty() {
+        return None;
+    }
+    let max = lane.sender.max_payload();
+    if max == 0 {
+        return None;
+    }
+    let size = |o: &Output| {
+        let headers: usize = o
+            .headers
+            .iter()
+            .map(|(n, vs)| vs.iter().map(|v| AsRef::<str>::as_ref(n).len() + v.as_str().len() + 4).sum::<usize>())
+            .sum();
+        o.payload.len() + if headers > 0 { headers + 14 } else { 0 }
+    };
+    let big = outputs.published.iter().chain(&outputs.reply).find(|o| size(o) > max)?;
+    Some(Failure {
+        kind: FailureKind::OutputLimit,
+        reason: format!(
+            "the output to {} is {} bytes, more than the NATS server's max_payload ({max} bytes)",
+            big.subject,
+            size(big)
+        ),
+        retry_after: None,
+    })
 }
 
 /// Stamps each publication `Nats-Msg-Id = <handler>/<key>/<index>` (unless the handler set
