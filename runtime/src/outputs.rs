@@ -1,7 +1,8 @@
 //! Sending what a successful call queued. A publication to a subject that a stream captures
 //! goes through JetStream, and every acknowledgement is awaited (pipelined: all are sent
-//! first, then all acks collected) before the source message is acked; other subjects and
-//! replies are core NATS publishes.
+//! first, then all acks collected); other subjects and replies are core NATS publishes.
+//! Without an outbox that happens before the source message is acked; with one
+//! ([`crate::relay`]) the relay sends after the commit and the ack.
 //!
 //! A reply goes only to a reply inbox ([`OutputSender::reply_allowed`]): the reply subject
 //! comes from whoever sent the request, and without that check a forged one

@@ -41,10 +41,7 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
     let mut outbox = Vec::new();
     let mut deferred = None;
     let (result, writes, reply) = match outcome {
-        Outcome::Success(outputs, _) if let Some(failure) = too_large(lane, &outputs) => {
-            (Err(failure), WriteSet::default(), None)
-        }
-        Outcome::Success(mut outputs, writes) => {
+        Outcome::Success(mut outputs, writes) => 'success: {
             if let Some(reply) = &outputs.reply
                 && !lane.reply_allowed(&reply.subject)
             {
@@ -53,6 +50,9 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
                 outputs.reply = None;
             }
             annotate(&mut outputs, &spec.name, key.as_ref().map(|(k, _)| k.as_str()), entry.original.headers);
+            if let Some(failure) = too_large(lane, &outputs) {
+                break 'success (Err(failure), WriteSet::default(), None);
+            }
             // With a store, the reply waits for the commit: a requester that asks again at
             // once must see what this call wrote.
             let reply = if lane.scope.is_some() { outputs.reply.take() } else { None };
