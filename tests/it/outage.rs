@@ -8,7 +8,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use sluice::RuntimeOptions;
 use sluice::nats_server::NatsServer;
-use sluice_tests::{Sluice, init_logging, manifest};
+use sluice_tests::{Sluice, init_logging, manifest, stream};
 
 fn server_on(port: u16, store: &std::path::Path) -> NatsServer {
     init_logging();
@@ -37,18 +37,8 @@ async fn a_server_killed_and_restarted_mid_stream_loses_and_repeats_nothing() {
     let store = tempfile::tempdir().unwrap();
     let server = server_on(0, store.path());
     let port = server.port();
-    let url = server.url();
-    let nc = sluice::cli::connect(&url).await.unwrap();
-    let js = jetstream::new(nc.clone());
-    for (name, subject) in [("WORK", "work"), ("OUT", "out.>")] {
-        js.create_stream(jetstream::stream::Config {
-            name: name.into(),
-            subjects: vec![subject.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
+    let js = stream(&server, "WORK", &["work"]).await;
+    stream(&server, "OUT", &["out.>"]).await;
     let text = manifest(
         "w",
         "misbehave",
@@ -109,21 +99,13 @@ async fn a_server_killed_and_restarted_mid_stream_loses_and_repeats_nothing() {
 async fn a_target_stream_removed_and_recreated_gets_every_output_once() {
     let store = tempfile::tempdir().unwrap();
     let server = server_on(0, store.path());
-    let nc = sluice::cli::connect(&server.url()).await.unwrap();
-    let js = jetstream::new(nc.clone());
+    let js = stream(&server, "WORK", &["work"]).await;
     let out_config = jetstream::stream::Config {
         name: "OUT".into(),
         subjects: vec!["out.>".into()],
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
     };
-    js.create_stream(jetstream::stream::Config {
-        name: "WORK".into(),
-        subjects: vec!["work".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     js.create_stream(out_config.clone()).await.unwrap();
     let text = manifest(
         "w",
