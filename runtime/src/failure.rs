@@ -43,6 +43,8 @@ pub enum FailureKind {
     MissingIdempotencyKey,
     /// The key was handled before with a different payload.
     IdempotencyConflict,
+    /// The message has no ordering key and the manifest says to dead-letter such.
+    MissingOrderingKey,
 }
 
 impl FailureKind {
@@ -61,11 +63,12 @@ impl FailureKind {
             FailureKind::PayloadTooLarge => "payload-too-large",
             FailureKind::MissingIdempotencyKey => "missing-idempotency-key",
             FailureKind::IdempotencyConflict => "idempotency-conflict",
+            FailureKind::MissingOrderingKey => "missing-ordering-key",
         }
     }
 
     /// Every kind, for parsing and documentation.
-    pub const ALL: [FailureKind; 13] = [
+    pub const ALL: [FailureKind; 14] = [
         FailureKind::Rejected,
         FailureKind::RetryRequested,
         FailureKind::Trap,
@@ -79,6 +82,7 @@ impl FailureKind {
         FailureKind::PayloadTooLarge,
         FailureKind::MissingIdempotencyKey,
         FailureKind::IdempotencyConflict,
+        FailureKind::MissingOrderingKey,
     ];
 
     /// The kind named `name` (as in `Sluice-Failure-Kind`).

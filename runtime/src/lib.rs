@@ -22,6 +22,7 @@
 //! | [`failure`] | the failure vocabulary: kinds and reasons (a leaf) |
 //! | [`dispatch`] | calls: one message through one instance (fresh or warm), with a typed outcome; a batch of calls handed to the guest threads at once |
 //! | [`idempotency`] | idempotency keys: deriving them from a message |
+//! | [`ordering`] | per-key order in a process: a key's messages one at a time, in the order received (a leaf) |
 //! | [`retry`] | the retry policy: attempts, backoff with jitter, retryable kinds |
 //! | [`pipeline`] | the delivery pipeline, per batch: gate (payload, key, lease), call, commit (outputs, record), settle (retry policy, dead letters, metrics) |
 //! | [`source`] | the transports: core NATS queue groups and JetStream consumers, receiving batches and acting on each message's settlement |
@@ -54,6 +55,7 @@ pub mod instance;
 pub mod manifest;
 pub mod metrics;
 pub mod nats_server;
+pub mod ordering;
 pub mod outputs;
 pub mod pipeline;
 pub mod rate;

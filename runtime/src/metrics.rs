@@ -20,6 +20,8 @@
 //! | `sluice_outbox_failures_total` | counter | handler, reason | relay rounds that failed, by reason (`timeout`, `no-stream`, `refused`, `connection`); the entries stay and are re-sent with back-off |
 //! | `sluice_outbox_dropped_total` | counter | handler | outbox entries dropped because no server will ever take them (larger than the server's `max_payload` or the stream's `max_msg_size`; logged with the subject) |
 //! | `sluice_outbox_full_total` | counter | handler | times the handler stopped taking messages because its outbox was full |
+//! | `sluice_ordering_keys` | gauge | handler | ordering keys with a message in flight or waiting (`[ordering]`) |
+//! | `sluice_ordering_waiting` | gauge | handler | messages waiting behind an earlier message of their key |
 //! | `sluice_handler_info` | gauge (1) | handler, digest | the version being served |
 //! | `sluice_nats_connected` | gauge | | 1 while the NATS connection is up |
 //! | `sluice_nats_reconnects_total` | counter | | reconnections since start |
@@ -142,6 +144,12 @@ fn describe(r: &PrometheusRecorder) {
         None,
         "When the oldest output still waiting in the outbox was committed (Unix time; 0 when empty).".into(),
     );
+    r.describe_gauge("sluice_ordering_keys".into(), None, "Ordering keys with a message in flight or waiting.".into());
+    r.describe_gauge(
+        "sluice_ordering_waiting".into(),
+        None,
+        "Messages waiting behind an earlier message of their ordering key.".into(),
+    );
     r.describe_gauge("sluice_handler_info".into(), None, "The version (component digest) being served.".into());
     r.describe_gauge("sluice_nats_connected".into(), None, "1 while the NATS connection is up.".into());
 }
@@ -191,6 +199,7 @@ pub struct HandlerMetrics {
     outbox_failures: HashMap<&'static str, Counter>,
     outbox_full: Counter,
     outbox_dropped: Counter,
+    ordering: crate::ordering::Gauges,
     failures: HashMap<FailureKind, Counter>,
     dead_lettered: HashMap<FailureKind, Counter>,
     counts: Counts,
@@ -297,6 +306,10 @@ impl HandlerMetrics {
                 .collect(),
             outbox_full: r.register_counter(&h("sluice_outbox_full_total"), &META),
             outbox_dropped: r.register_counter(&h("sluice_outbox_dropped_total"), &META),
+            ordering: crate::ordering::Gauges {
+                keys: r.register_gauge(&h("sluice_ordering_keys"), &META),
+                waiting: r.register_gauge(&h("sluice_ordering_waiting"), &META),
+            },
             failures: by_kind("sluice_failures_total"),
             dead_lettered: by_kind("sluice_messages_dead_lettered_total"),
             counts: Counts::default(),
@@ -350,6 +363,10 @@ impl HandlerMetrics {
     /// The handler paused because its outbox was full.
     pub fn outbox_full(&self) {
         self.outbox_full.increment(1);
+    }
+    /// The gauges a handler's ordering sequencer keeps up to date.
+    pub fn ordering(&self) -> crate::ordering::Gauges {
+        self.ordering.clone()
     }
     pub fn reply_refused(&self) {
         self.replies_refused.increment(1);

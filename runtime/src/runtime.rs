@@ -637,15 +637,29 @@ impl Supervisor {
         };
         let rebind = old.spec.manifest.source != handler.spec.manifest.source
             || old.spec.manifest.limits.max_concurrency != handler.spec.manifest.limits.max_concurrency
-            || old.spec.manifest.limits.rate != handler.spec.manifest.limits.rate;
+            || old.spec.manifest.limits.rate != handler.spec.manifest.limits.rate
+            || old.spec.manifest.ordering != handler.spec.manifest.ordering;
         if rebind {
             let prepared = self.prepare(handler.clone()).await?;
-            let fresh = self.spawn(prepared);
-            let previous = self.served.lock().await.insert(name.clone(), fresh);
-            if let Some(previous) = previous {
-                tracing::info!(handler = %name, digest = handler.short_digest(), "source changed: re-bound; the old binding drains");
+            // An ordered handler's old binding stops before the new one starts, so that
+            // what waited behind its keys goes back to the broker (and comes back first)
+            // before the new binding takes later messages of those keys.
+            let ordered = old.spec.manifest.ordering.is_some() || handler.spec.manifest.ordering.is_some();
+            let mut stopped = None;
+            if ordered && let Some(mut previous) = self.served.lock().await.remove(&name) {
+                tracing::info!(handler = %name, "ordered handler re-bound: the old binding stops first");
                 let _ = previous.stop.send(true);
-                let _ = previous.task.await;
+                let _ = (&mut previous.task).await;
+                stopped = Some(previous);
+            }
+            let fresh = self.spawn(prepared);
+            let previous = self.served.lock().await.insert(name.clone(), fresh).or(stopped);
+            if let Some(previous) = previous {
+                if !previous.task.is_finished() {
+                    tracing::info!(handler = %name, digest = handler.short_digest(), "source changed: re-bound; the old binding drains");
+                    let _ = previous.stop.send(true);
+                    let _ = previous.task.await;
+                }
                 if previous.handler.spec.digest != handler.spec.digest {
                     self.metrics.version(&name, &previous.handler.spec.digest, false);
                 }

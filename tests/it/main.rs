@@ -12,6 +12,7 @@ mod dispatch;
 mod golden;
 mod idempotency;
 mod jetstream;
+mod ordering;
 mod outage;
 mod outbox;
 mod polyglot;

@@ -19,6 +19,7 @@
 //! | `count-flaky:KEY`             | adds 1 to KEY in kv (compare-and-swap), checks it reads it back, fails (retry) on odd attempts, answers the count |
 //! | `tally:KEY:SUBJECT`           | adds 1 to KEY in kv (compare-and-swap; retry when another message won) and publishes the new count to SUBJECT |
 //! | `mark:KEY`                    | `dedup.check-and-mark(KEY, 1h)`: answers `first` or `seen`  |
+//! | `trace:SUBJECT` (JSON)        | sleeps `sleep_us` microseconds (a field of the JSON payload), failing with `Error::Retry` on attempts 1..=`fail_attempts`; then publishes `{"key", "seq", "attempt", "start_ns", "end_ns"}` (the fields `key` and `seq` copied, the times of the call's start and end, wall clock) to SUBJECT |
 //! | `recurse`                     | recurses until the stack overflows                          |
 //! | `publish-big:N`               | publishes one N-byte message to `allowed.big`, answers what the host said |
 //! | `publish-many:N`              | publishes N messages to `allowed.many`, answers how many were accepted |
@@ -144,6 +145,28 @@ fn handle(msg: Message) -> Result {
         "mark" => {
             let first = sluice_guest::dedup::check_and_mark(arg, std::time::Duration::from_secs(3600))?;
             answer(&msg, if first { "first" } else { "seen" })?;
+        }
+        "trace" => {
+            // For the ordering tests: when each message ran, so that a test can check that
+            // no two messages of one key overlapped and that different keys did.
+            let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            let start = now();
+            let doc: serde_json::Value = msg.json()?;
+            let sleep_us = doc.get("sleep_us").and_then(serde_json::Value::as_u64).unwrap_or(0);
+            std::thread::sleep(std::time::Duration::from_micros(sleep_us));
+            let attempt = msg.delivery().attempt;
+            let fail_attempts = doc.get("fail_attempts").and_then(serde_json::Value::as_u64).unwrap_or(0);
+            if u64::from(attempt) <= fail_attempts {
+                return Err(Error::retry(format!("planned failure on attempt {attempt}")));
+            }
+            let record = serde_json::json!({
+                "key": doc.get("key"),
+                "seq": doc.get("seq"),
+                "attempt": attempt,
+                "start_ns": start.to_string(),
+                "end_ns": now().to_string(),
+            });
+            publish(arg, &record.to_string())?;
         }
         "recurse" => {
             let depth = recurse(std::hint::black_box(0));

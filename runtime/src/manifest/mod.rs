@@ -18,6 +18,7 @@ pub use units::{ByteSize, HumanDuration};
 
 use crate::failure::FailureKind;
 use crate::idempotency::{Idempotency, OnMissing};
+use crate::ordering::Ordering;
 use crate::retry::RetryPolicy;
 use crate::store::Backend;
 use crate::subject::SubjectPattern;
@@ -42,6 +43,8 @@ pub struct Manifest {
     pub retry: RetryPolicy,
     pub dead_letter: Option<DeadLetter>,
     pub idempotency: Option<Idempotency>,
+    /// `[ordering]`: per-key order.
+    pub ordering: Option<Ordering>,
     pub store: StoreConfig,
     pub publish: Vec<SubjectPattern>,
     /// Reply subjects accepted besides the reply inboxes (`[capabilities] reply_to`).
@@ -260,6 +263,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         fingerprint: i.fingerprint,
     });
     let store = resolve_store(&file, raw.store)?;
+    let ordering = raw.ordering.map(|o| resolve_ordering(&file, o.into_inner())).transpose()?;
 
     Ok(Manifest {
         spans: Spans {
@@ -275,6 +279,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         retry,
         dead_letter,
         idempotency,
+        ordering,
         store,
         publish,
         reply_to,
@@ -361,6 +366,23 @@ fn resolve_source(
             }))
         }
     }
+}
+
+fn resolve_ordering(file: &SourceText, raw: schema::OrderingSection) -> Result<Ordering, ManifestError> {
+    let max_waiting = match raw.max_waiting {
+        None => crate::ordering::DEFAULT_MAX_WAITING,
+        Some(n) => match usize::try_from(*n.get_ref()) {
+            Ok(v @ 1..=1_000_000) => v,
+            _ => {
+                return Err(ManifestError::at(
+                    file,
+                    n.span(),
+                    format!("max_waiting = {} is out of range; expected 1 to 1000000", n.get_ref()),
+                ));
+            }
+        },
+    };
+    Ok(Ordering { key: raw.key, on_missing: raw.on_missing.unwrap_or(OnMissing::Process), max_waiting })
 }
 
 fn resolve_rate(
@@ -634,6 +656,9 @@ fn with_hint(message: &str) -> String {
         "missing field `name`" => "[handler] needs `name = \"...\"`, unique across the runtime",
         "missing field `component`" => "[handler] needs `component = \"path/to/handler.wasm\"`",
         "missing field `subject`" => "[source] needs `subject = \"...\"`, the NATS subject to subscribe to",
+        "missing field `key`" => {
+            "[ordering] needs `key = \"...\"`, what messages that must stay in order share (\"json:/order/id\", \"header:Tenant\", ...)"
+        }
         _ => return message.to_owned(),
     };
     format!("{message}: {hint}")

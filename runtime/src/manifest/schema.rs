@@ -37,6 +37,8 @@ pub struct RawManifest {
     /// `[store]`: where dedup records and the guest's dedup marks and kv live.
     #[serde(default)]
     pub store: StoreSection,
+    /// `[ordering]`: messages with the same key handled one at a time, in order.
+    pub ordering: Option<Spanned<OrderingSection>>,
     /// `[config]`: values the handler reads with `config.get`.
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
@@ -324,6 +326,20 @@ pub struct IdempotencySection {
     /// `idempotency-conflict` instead of skipped.
     #[serde(default)]
     pub fingerprint: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderingSection {
+    /// `key = "json:/order/id"`: the ordering key, in the `[idempotency] key` syntax
+    /// (`header:NAME`, `json:/pointer`, `subject`, a template). Required.
+    pub key: crate::idempotency::KeySpec,
+    /// `on_missing = "process"`: a message without a key is processed unordered, or, with
+    /// `"dead-letter"`, dead-lettered as `missing-ordering-key`.
+    pub on_missing: Option<crate::idempotency::OnMissing>,
+    /// `max_waiting = 10000`: messages waiting behind their key at most; at the bound the
+    /// handler takes no new messages until keys move on.
+    pub max_waiting: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -67,6 +67,14 @@ pub async fn admit(lane: &Lane, entry: &Entry<'_>) -> Gate {
         let reason = format!("payload of {} bytes is over limits.max_payload ({max} bytes)", original.payload.len());
         return final_failure(FailureKind::PayloadTooLarge, reason);
     }
+    // The transport found no ordering key and ran the message unordered; the manifest may
+    // say to dead-letter such instead.
+    if let Some(ordering) = &manifest.ordering
+        && ordering.on_missing == OnMissing::DeadLetter
+        && let Err(why) = ordering.key.derive(original.subject, original.headers, original.payload)
+    {
+        return final_failure(FailureKind::MissingOrderingKey, format!("no ordering key: {why}"));
+    }
     let (Some(idem), Some(scope)) = (&manifest.idempotency, &lane.scope) else {
         return Gate::Run(Admitted::default());
     };

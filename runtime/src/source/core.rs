@@ -18,6 +18,7 @@ use crate::bindings::Message;
 use crate::dlq::{self, Original};
 use crate::manifest::Source;
 use crate::metrics::Held;
+use crate::ordering::Sequencer;
 use crate::pipeline::{self, Entry, History, Lane, Settle};
 
 /// Subscribes the handler of `lane` to its subject in its queue group.
@@ -40,16 +41,26 @@ pub async fn subscribe(client: &Client, lane: &Lane) -> anyhow::Result<Subscribe
 /// in `versions` when its batch forms (a hot reload swaps it); a retry uses the version
 /// current at that attempt.
 pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber, mut stop: watch::Receiver<bool>) {
-    let (name, concurrency) = {
+    let (name, concurrency, ordering) = {
         let lane = versions.borrow();
-        (lane.handler.spec.name.clone(), lane.handler.spec.manifest.limits.max_concurrency as usize)
+        let manifest = &lane.handler.spec.manifest;
+        (lane.handler.spec.name.clone(), manifest.limits.max_concurrency as usize, manifest.ordering.clone())
     };
     let permits = Arc::new(Semaphore::new(concurrency));
     let limiter = versions.borrow().handler.spec.manifest.limits.rate.map(crate::rate::Limiter::new);
+    // An ordered handler's messages wait behind their key here.
+    let mut sequencer = ordering.as_ref().map(|_| Sequencer::new(versions.borrow().metrics.ordering()));
+    let max_waiting = ordering.as_ref().map_or(usize::MAX, |o| o.max_waiting);
+    let has_room = |s: &Option<Sequencer<async_nats::Message>>| s.as_ref().is_none_or(|s| s.waiting() < max_waiting);
     let mut in_flight = JoinSet::new();
     let mut draining = false;
+    // The subscription has ended (drained): what is left are the calls in flight and, for an
+    // ordered handler, the messages waiting behind their key; they all run before returning
+    // (core NATS would not deliver them again).
+    let mut ended = false;
     loop {
-        tokio::select! {
+        let room = has_room(&sequencer);
+        let (msg, turn) = tokio::select! {
             biased;
             changed = stop.changed(), if !draining => {
                 if changed.is_err() || *stop.borrow() {
@@ -58,52 +69,111 @@ pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber
                         tracing::warn!(handler = &*name, "cannot drain subscription: {e}");
                     }
                 }
+                continue;
             }
-            next = subscription.next() => {
-                let Some(msg) = next else { break };
-                // Waiting for a permit here is the backpressure: at the concurrency limit (or
-                // with a full outbox) we stop reading, and the queue group hands messages to
-                // other processes.
-                let relay = versions.borrow().relay.clone();
-                if let Some(relay) = relay {
-                    let mut stopping = stop.clone();
-                    tokio::select! {
-                        () = relay.room() => {}
-                        _ = stopping.wait_for(|s| *s) => {}
-                    }
+            (msg, turn) = next_ready(&mut sequencer) => (msg, Some(turn)),
+            next = subscription.next(), if room && !ended => {
+                let Some(msg) = next else {
+                    ended = true;
+                    continue;
+                };
+                // Waiting behind its key: no permit taken.
+                let Some(admitted) = in_order(&sequencer, ordering.as_ref(), msg) else { continue };
+                admitted
+            }
+            joined = in_flight.join_next(), if ended => {
+                if joined.is_none() && sequencer.as_ref().is_none_or(Sequencer::idle) {
+                    break;
                 }
-                let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                // A rate limit holds the message here (the subscription buffers the rest; a
-                // queue group hands new ones to the other processes meanwhile).
-                if let Some(limiter) = &limiter {
-                    limiter.take().await;
-                }
-                let mut batch = vec![(msg, permit)];
-                while batch.len() < concurrency {
-                    let Ok(permit) = permits.clone().try_acquire_owned() else { break };
-                    if limiter.as_ref().is_some_and(|l| !l.try_take()) {
-                        break;
-                    }
-                    match subscription.next().now_or_never() {
-                        Some(Some(msg)) => batch.push((msg, permit)),
-                        Some(None) | None => break,
-                    }
-                }
-                let task = process(versions.clone(), batch, permits.clone(), stop.clone());
-                // Boxed: the task then holds a pointer, not the whole state machine.
-                in_flight.spawn(Box::pin(task));
-                while in_flight.try_join_next().is_some() {}
+                continue;
+            }
+        };
+        // Waiting for a permit here is the backpressure: at the concurrency limit (or
+        // with a full outbox) we stop reading, and the queue group hands messages to
+        // other processes.
+        let relay = versions.borrow().relay.clone();
+        if let Some(relay) = relay {
+            let mut stopping = stop.clone();
+            tokio::select! {
+                () = relay.room() => {}
+                _ = stopping.wait_for(|s| *s) => {}
             }
         }
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        // A rate limit holds the message here (the subscription buffers the rest; a
+        // queue group hands new ones to the other processes meanwhile).
+        if let Some(limiter) = &limiter {
+            limiter.take().await;
+        }
+        let mut batch = vec![(msg, permit, turn)];
+        while batch.len() < concurrency {
+            let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+            if limiter.as_ref().is_some_and(|l| !l.try_take()) {
+                break;
+            }
+            if let Some((msg, turn)) = sequencer.as_mut().and_then(Sequencer::try_ready) {
+                batch.push((msg, permit, Some(turn)));
+                continue;
+            }
+            if ended || !has_room(&sequencer) {
+                break;
+            }
+            match subscription.next().now_or_never() {
+                Some(Some(msg)) => {
+                    if let Some((msg, turn)) = in_order(&sequencer, ordering.as_ref(), msg) {
+                        batch.push((msg, permit, turn));
+                    }
+                }
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let task = process(versions.clone(), batch, permits.clone(), stop.clone());
+        // Boxed: the task then holds a pointer, not the whole state machine.
+        in_flight.spawn(Box::pin(task));
+        while in_flight.try_join_next().is_some() {}
     }
     while in_flight.join_next().await.is_some() {}
     tracing::debug!(handler = &*name, "stopped");
+}
+
+type Turn = crate::ordering::Turn<async_nats::Message>;
+
+/// The next message of an ordered handler whose turn came; never, without ordering.
+async fn next_ready(sequencer: &mut Option<Sequencer<async_nats::Message>>) -> (async_nats::Message, Turn) {
+    match sequencer {
+        Some(s) => s.ready().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A received message through the handler's sequencer: with its key's turn when it may go
+/// now, `None` when it waits behind its key. Without ordering, or without a key (it then runs
+/// unordered, or the gate dead-letters it), it goes at once without a turn.
+fn in_order(
+    sequencer: &Option<Sequencer<async_nats::Message>>,
+    ordering: Option<&crate::ordering::Ordering>,
+    msg: async_nats::Message,
+) -> Option<(async_nats::Message, Option<Turn>)> {
+    let (Some(sequencer), Some(ordering)) = (sequencer, ordering) else { return Some((msg, None)) };
+    match ordering.key.derive(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) {
+        Ok(key) => sequencer.offer(key, msg).map(|(msg, turn)| (msg, Some(turn))),
+        Err(why) => {
+            tracing::debug!("no ordering key ({why}): the message runs unordered");
+            Some((msg, None))
+        }
+    }
 }
 
 /// What a message holds until it is settled: its concurrency permit, and its place in the
 /// count of messages this process holds.
 struct Slot {
     permit: Option<OwnedSemaphorePermit>,
+    /// An ordered handler's key turn, held through the message's retries.
+    _turn: Option<Turn>,
     _held: Held,
 }
 
@@ -115,22 +185,26 @@ impl pipeline::Tag for Slot {}
 /// on alone, inside this task, until it succeeds or is given up on.
 async fn process(
     versions: watch::Receiver<Lane>,
-    batch: Vec<(async_nats::Message, OwnedSemaphorePermit)>,
+    batch: Vec<(async_nats::Message, OwnedSemaphorePermit, Option<Turn>)>,
     permits: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
 ) {
     let lane = versions.borrow().clone();
     let received = Instant::now();
-    let (msgs, permits_held): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let (mut msgs, mut held) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
+    for (msg, permit, turn) in batch {
+        msgs.push(msg);
+        held.push((permit, turn));
+    }
     // Counted once: a retry in this process is not a new delivery.
     lane.metrics.batch(msgs.len() as u64);
     let wits: Vec<Arc<Message>> = msgs.iter().map(|m| Arc::new(pipeline::to_wit(m))).collect();
     let entries = msgs
         .iter()
         .zip(&wits)
-        .zip(permits_held)
-        .map(|((msg, wit), permit)| {
-            let slot = Slot { permit: Some(permit), _held: lane.metrics.hold() };
+        .zip(held)
+        .map(|((msg, wit), (permit, turn))| {
+            let slot = Slot { permit: Some(permit), _turn: turn, _held: lane.metrics.hold() };
             (entry(&lane, msg, wit, 1, None, received), slot)
         })
         .collect();

@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use crate::dlq::Original;
 use crate::manifest::{JetStreamSource, Source};
 use crate::metrics::Held;
+use crate::ordering::Sequencer;
 use crate::pipeline::{self, Entry, History, Lane, Settle};
 
 /// Failure histories of messages in a retry sequence, by stream sequence.
@@ -129,6 +130,13 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
     let permits = Arc::new(Semaphore::new(concurrency));
     let histories: Histories = Arc::default();
     let mut in_flight = JoinSet::new();
+    // An ordered handler's messages wait behind their key here, kept alive by in-progress
+    // acks until their turn.
+    let ordering = spec.manifest.ordering.clone();
+    let mut sequencer = ordering.as_ref().map(|_| Sequencer::new(versions.borrow().metrics.ordering()));
+    let _keepalive = sequencer.as_ref().map(|s| KeepAlive::start(s.watcher(), ack_wait));
+    let max_waiting = ordering.as_ref().map_or(usize::MAX, |o| o.max_waiting);
+    let has_room = |s: &Option<Sequencer<jetstream::Message>>| s.as_ref().is_none_or(|s| s.waiting() < max_waiting);
     // Pull no more than can run at once: a message waiting in a local buffer would reach
     // its ack wait and be redelivered elsewhere while still queued here.
     // Pull requests expire after 2 s rather than async-nats's 30 s: when the client's count
@@ -172,51 +180,141 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
                 () = limiter.take() => {}
             }
         }
+        // An ordered handler at its bound of waiting messages pulls nothing new until a key
+        // moves on.
+        let room = has_room(&sequencer);
         let next = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
-            next = messages.next() => next,
+            ready = next_ready(&mut sequencer) => Some(Ok(ready)),
+            next = messages.next(), if room => match next {
+                None => break,
+                Some(Ok(msg)) => Some(Err(msg)),
+                Some(Err(e)) => {
+                    tracing::warn!(handler = &*spec.name, "pulling messages: {e}");
+                    None
+                }
+            },
         };
-        match next {
-            None => break,
-            Some(Err(e)) => {
-                tracing::warn!(handler = &*spec.name, "pulling messages: {e}");
+        let first = match next {
+            None => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
-            Some(Ok(msg)) => {
-                let mut batch = vec![(msg, permit)];
-                while batch.len() < concurrency {
-                    let Ok(permit) = permits.clone().try_acquire_owned() else { break };
-                    if limiter.as_ref().is_some_and(|l| !l.try_take()) {
-                        break;
-                    }
-                    match messages.next().now_or_never() {
-                        Some(Some(Ok(msg))) => batch.push((msg, permit)),
-                        Some(Some(Err(e))) => {
-                            tracing::warn!(handler = &*spec.name, "pulling messages: {e}");
-                            break;
-                        }
-                        Some(None) | None => break,
+            Some(Ok((msg, turn))) => Some((msg, Some(turn))),
+            Some(Err(msg)) => in_order(&sequencer, ordering.as_ref(), msg),
+        };
+        // Queued behind its key: the permit goes back.
+        let Some((msg, turn)) = first else { continue };
+        let mut batch = vec![(msg, permit, turn)];
+        while batch.len() < concurrency {
+            let Ok(permit) = permits.clone().try_acquire_owned() else { break };
+            if limiter.as_ref().is_some_and(|l| !l.try_take()) {
+                break;
+            }
+            if let Some((msg, turn)) = sequencer.as_mut().and_then(Sequencer::try_ready) {
+                batch.push((msg, permit, Some(turn)));
+                continue;
+            }
+            if !has_room(&sequencer) {
+                break;
+            }
+            match messages.next().now_or_never() {
+                Some(Some(Ok(msg))) => {
+                    if let Some((msg, turn)) = in_order(&sequencer, ordering.as_ref(), msg) {
+                        batch.push((msg, permit, turn));
                     }
                 }
-                let lane = versions.borrow().clone();
-                // Boxed: the task then holds a pointer, not the whole state machine, which
-                // tokio would otherwise copy as it creates, finishes and reads the task.
-                in_flight.spawn(Box::pin(process(lane, batch, histories.clone(), ack_wait)));
-                while in_flight.try_join_next().is_some() {}
+                Some(Some(Err(e))) => {
+                    tracing::warn!(handler = &*spec.name, "pulling messages: {e}");
+                    break;
+                }
+                Some(None) | None => break,
             }
         }
+        let lane = versions.borrow().clone();
+        // Boxed: the task then holds a pointer, not the whole state machine, which
+        // tokio would otherwise copy as it creates, finishes and reads the task.
+        in_flight.spawn(Box::pin(process(lane, batch, histories.clone(), ack_wait, stop.clone())));
+        while in_flight.try_join_next().is_some() {}
     }
     drop(messages);
     while in_flight.join_next().await.is_some() {}
+    // What waited behind its key goes back to the broker now, each key's in its order
+    // (redeliveries come before new messages), rather than after its ack wait.
+    if let Some(sequencer) = &mut sequencer {
+        for msg in sequencer.drain() {
+            if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+                tracing::warn!(handler = &*spec.name, "cannot give back a waiting message: {e}");
+            }
+        }
+    }
     tracing::debug!(handler = &*spec.name, "stopped");
 }
 
-/// What a message of a batch holds: its concurrency permit until its call ends, and its place
-/// in the count of messages this process holds until it is settled. Messages past their call
-/// (waiting for their commit) are bounded by the consumer's `max_ack_pending`.
+/// The next message of an ordered handler whose turn came; never, without ordering.
+async fn next_ready(sequencer: &mut Option<Sequencer<jetstream::Message>>) -> (jetstream::Message, Turn) {
+    match sequencer {
+        Some(s) => s.ready().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A received message through the handler's sequencer: with its key's turn when it may go
+/// now, `None` when it waits behind its key. Without ordering, or without a key (it then runs
+/// unordered, or the gate dead-letters it), it goes at once without a turn.
+fn in_order(
+    sequencer: &Option<Sequencer<jetstream::Message>>,
+    ordering: Option<&crate::ordering::Ordering>,
+    msg: jetstream::Message,
+) -> Option<(jetstream::Message, Option<Turn>)> {
+    let (Some(sequencer), Some(ordering)) = (sequencer, ordering) else { return Some((msg, None)) };
+    match ordering.key.derive(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) {
+        Ok(key) => sequencer.offer(key, msg).map(|(msg, turn)| (msg, Some(turn))),
+        Err(why) => {
+            tracing::debug!("no ordering key ({why}): the message runs unordered");
+            Some((msg, None))
+        }
+    }
+}
+
+type Turn = crate::ordering::Turn<jetstream::Message>;
+
+/// Sends in-progress acks, every half ack wait, for the messages waiting behind their key,
+/// so that they are not redelivered while earlier messages of their key run. Stops when
+/// dropped.
+struct KeepAlive(tokio::task::JoinHandle<()>);
+
+impl KeepAlive {
+    fn start(waiting: crate::ordering::Watcher<jetstream::Message>, ack_wait: Duration) -> Self {
+        let period = ack_wait / 2;
+        KeepAlive(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                ticker.tick().await;
+                for msg in waiting.waiting() {
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        tracing::warn!("cannot send an in-progress ack for a waiting message: {e}");
+                    }
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What a message of a batch holds: its concurrency permit until its call ends, its place
+/// in the count of messages this process holds until it is settled, and for an ordered
+/// handler its key's turn until it is settled. Messages past their call (waiting for their
+/// commit) are bounded by the consumer's `max_ack_pending`.
 struct Slot {
     permit: Option<OwnedSemaphorePermit>,
+    turn: Option<Turn>,
     _held: Held,
 }
 
@@ -226,24 +324,56 @@ impl pipeline::Tag for Slot {
     }
 }
 
+/// A stream message's place: stream, stream sequence, delivery count.
+type Meta = (String, u64, i64);
+
+/// The pipeline's view of a stream message, for `attempt`.
+fn entry_of<'a>(
+    lane: &Lane,
+    msg: &'a jetstream::Message,
+    (stream, seq, _): &'a Meta,
+    attempt: u32,
+    history: Option<History>,
+    received: Instant,
+) -> Entry<'a> {
+    let mut wit = pipeline::to_wit(&msg.message);
+    // A stream message's reply subject is JetStream's ack subject, not a requester: a
+    // handler's `reply` there would ack, nak or term its own message.
+    wit.reply_to = None;
+    Entry {
+        original: Original {
+            subject: msg.subject.as_str(),
+            headers: msg.headers.as_ref(),
+            payload: &msg.payload,
+            stream: Some((stream.as_str(), *seq)),
+        },
+        wit: Arc::new(wit),
+        attempt,
+        history,
+        received,
+        span: lane.span(&msg.message, attempt),
+    }
+}
+
 /// Runs one batch through the pipeline and settles each message as soon as its outcome is
 /// known.
 async fn process(
     lane: Lane,
-    batch: Vec<(jetstream::Message, OwnedSemaphorePermit)>,
+    batch: Vec<(jetstream::Message, OwnedSemaphorePermit, Option<Turn>)>,
     histories: Histories,
     ack_wait: Duration,
+    stop: watch::Receiver<bool>,
 ) {
     let spec = lane.handler.spec.clone();
     let received = Instant::now();
     let mut msgs = Vec::with_capacity(batch.len());
-    let mut metas = Vec::with_capacity(batch.len());
+    let mut metas: Vec<Meta> = Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
-    for (msg, permit) in batch {
+    for (msg, permit, turn) in batch {
         match msg.info() {
             Ok(info) => {
                 metas.push((info.stream.to_owned(), info.stream_sequence, info.delivered));
-                slots.push(Slot { permit: Some(permit), _held: lane.metrics.hold() });
+                slots.push(Slot { permit: Some(permit), turn, _held: lane.metrics.hold() });
                 msgs.push(msg);
             }
             Err(e) => tracing::error!(handler = &*spec.name, "message without JetStream metadata: {e}"),
@@ -255,39 +385,78 @@ async fn process(
         msgs.iter()
             .zip(&metas)
             .zip(slots)
-            .map(|((msg, (stream, seq, delivered)), slot)| {
-                let attempt = u32::try_from(*delivered).unwrap_or(u32::MAX);
-                let mut wit = pipeline::to_wit(&msg.message);
-                // A stream message's reply subject is JetStream's ack subject, not a
-                // requester: a handler's `reply` there would ack, nak or term its own message.
-                wit.reply_to = None;
-                let entry = Entry {
-                    original: Original {
-                        subject: msg.subject.as_str(),
-                        headers: msg.headers.as_ref(),
-                        payload: &msg.payload,
-                        stream: Some((stream.as_str(), *seq)),
-                    },
-                    wit: Arc::new(wit),
-                    attempt,
-                    history: taken.as_mut().and_then(|h| h.remove(seq)),
-                    received,
-                    span: lane.span(&msg.message, attempt),
-                };
-                (entry, slot)
+            .map(|((msg, meta), slot)| {
+                let attempt = u32::try_from(meta.2).unwrap_or(u32::MAX);
+                let history = taken.as_mut().and_then(|h| h.remove(&meta.1));
+                (entry_of(&lane, msg, meta, attempt, history, received), slot)
             })
             .collect()
     };
     let settled: Vec<AtomicBool> = msgs.iter().map(|_| AtomicBool::new(false)).collect();
     let work = pipeline::run_batch(&lane, entries, |i, slot, settle, history| {
-        let (msg, seq, settled, histories, lane) = (&msgs[i], metas[i].1, &settled[i], &histories, &lane);
+        let (msg, meta, settled, histories, lane, stop) = (&msgs[i], &metas[i], &settled[i], &histories, &lane, &stop);
         async move {
-            apply(lane, msg, seq, histories, settle, history).await;
+            match settle {
+                // An ordered message is retried here, holding its key: the later messages
+                // of the key wait for it, the other keys flow.
+                Settle::Retry(delay) if slot.turn.is_some() => {
+                    Box::pin(retry_in_order(lane, msg, meta, delay, history, histories, stop.clone(), received)).await;
+                }
+                settle => apply(lane, msg, meta.1, histories, settle, history).await,
+            }
             settled.store(true, Ordering::Relaxed);
             drop(slot);
         }
     });
     with_progress_acks(&msgs, &settled, ack_wait, work).await;
+}
+
+/// The attempts after the first of an ordered message, in this process (the message's
+/// in-progress acks keep it here meanwhile), each after its backoff and alone through the
+/// pipeline, until it is settled. Its attempt is JetStream's delivery count plus the retries
+/// made here. On shutdown it goes back to the broker at once (a nak), to be redelivered first.
+#[allow(clippy::too_many_arguments)]
+async fn retry_in_order(
+    lane: &Lane,
+    msg: &jetstream::Message,
+    meta: &Meta,
+    mut delay: Duration,
+    mut history: Option<History>,
+    histories: &Histories,
+    mut stop: watch::Receiver<bool>,
+    received: Instant,
+) {
+    let mut attempt = u32::try_from(meta.2).unwrap_or(u32::MAX);
+    loop {
+        let stopping = tokio::select! {
+            () = tokio::time::sleep(delay) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        if stopping {
+            apply(lane, msg, meta.1, histories, Settle::Retry(Duration::ZERO), history).await;
+            return;
+        }
+        attempt = attempt.saturating_add(1);
+        let next = Mutex::new(None);
+        let entries = vec![(entry_of(lane, msg, meta, attempt, history.take(), received), ())];
+        pipeline::run_batch(lane, entries, |_, (), settle, history| {
+            let next = &next;
+            async move {
+                if let Ok(mut next) = next.lock() {
+                    *next = Some((settle, history));
+                }
+            }
+        })
+        .await;
+        match next.into_inner().ok().flatten() {
+            Some((Settle::Retry(d), h)) => (delay, history) = (d, h),
+            Some((settle, h)) => {
+                apply(lane, msg, meta.1, histories, settle, h).await;
+                return;
+            }
+            None => return,
+        }
+    }
 }
 
 /// Acts on a message's settlement: ack, nak with the retry delay, term after its dead letter,

@@ -1,0 +1,225 @@
+//! `[ordering]`: messages with the same key are handled one at a time, in the order received;
+//! different keys run in parallel; a retry holds back its own key only.
+//!
+//! The handler (misbehave's `trace` command) publishes, for every message, its key, its
+//! sequence within the key and when its call started and ended; the tests check those
+//! intervals: per key, in published order and never overlapping; across keys, overlapping.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use sluice_tests::{Sluice, client, manifest, nats, stream, sync};
+
+/// One handled message, as the handler reported it.
+#[derive(Debug, Clone)]
+struct Run {
+    key: String,
+    seq: u64,
+    attempt: u64,
+    start: u128,
+    end: u128,
+}
+
+fn parse(msg: &async_nats::Message) -> Run {
+    let v: serde_json::Value = serde_json::from_slice(&msg.payload).expect("trace record");
+    let n = |f: &str| v[f].as_str().and_then(|s| s.parse::<u128>().ok()).expect("time");
+    Run {
+        key: v["key"].as_str().expect("key").to_owned(),
+        seq: v["seq"].as_u64().expect("seq"),
+        attempt: v["attempt"].as_u64().expect("attempt"),
+        start: n("start_ns"),
+        end: n("end_ns"),
+    }
+}
+
+fn command(key: &str, seq: u64, sleep_us: u64, fail_attempts: u64) -> String {
+    serde_json::json!({"cmd": "trace:ord.out", "key": key, "seq": seq, "sleep_us": sleep_us, "fail_attempts": fail_attempts})
+        .to_string()
+}
+
+/// Reads `n` trace records from `sub`, failing after `limit`.
+async fn collect(sub: &mut async_nats::Subscriber, n: usize, limit: Duration) -> Vec<Run> {
+    let mut runs = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + limit;
+    while runs.len() < n {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(msg)) => runs.push(parse(&msg)),
+            _ => panic!("only {} of {n} messages handled in {limit:?}", runs.len()),
+        }
+    }
+    runs
+}
+
+/// Per key: handled in sequence order, one at a time, each message once. Returns the largest
+/// number of calls that ran at the same time (over all keys).
+fn check_order(runs: &[Run], keys: usize, per_key: u64) -> usize {
+    let mut by_key: BTreeMap<&str, Vec<&Run>> = BTreeMap::new();
+    for run in runs {
+        by_key.entry(&run.key).or_default().push(run);
+    }
+    assert_eq!(by_key.len(), keys, "keys seen");
+    for (key, list) in &mut by_key {
+        list.sort_by_key(|r| r.start);
+        let seqs: Vec<u64> = list.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (0..per_key).collect::<Vec<_>>(), "key {key}: handled out of order (or twice, or not at all)");
+        for pair in list.windows(2) {
+            assert!(
+                pair[1].start >= pair[0].end,
+                "key {key}: seq {} started before seq {} ended",
+                pair[1].seq,
+                pair[0].seq
+            );
+        }
+    }
+    // The most calls in flight at once: sweep over the starts and ends.
+    let mut events: Vec<(u128, i32)> = runs.iter().flat_map(|r| [(r.start, 1), (r.end, -1)]).collect();
+    events.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in events {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+fn ordered(name: &str, source: &str, extra: &str) -> String {
+    manifest(
+        name,
+        "misbehave",
+        "ord.in",
+        &format!(
+            "[limits]\nmax_concurrency = 32\n\n[capabilities]\npublish = [\"ord.out\"]\n\n\
+             [ordering]\nkey = \"json:/key\"\n\n{extra}"
+        ),
+    )
+    .replace("subject = \"ord.in\"", source)
+}
+
+#[tokio::test]
+async fn jetstream_keys_are_handled_in_stream_order_one_at_a_time_and_in_parallel() {
+    let server = nats();
+    let js = stream(&server, "ORD", &["ord.in"]).await;
+    let (keys, per_key) = (20usize, 500u64);
+    // Acks awaited in a window: the client allows only so many in flight.
+    let mut acks = std::collections::VecDeque::new();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            let sleep_us = fastrand::u64(0..1500);
+            let payload = command(&format!("k{k}"), seq, sleep_us, 0);
+            acks.push_back(js.publish("ord.in", payload.into()).await.unwrap());
+            if acks.len() >= 256
+                && let Some(ack) = acks.pop_front()
+            {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("ord.out").await.unwrap();
+    sync(&nc).await;
+    let sluice = Sluice::start(&server, &[("o.toml", ordered("o", "stream = \"ORD\"", ""))]).await;
+    let runs = collect(&mut out, keys * per_key as usize, Duration::from_secs(240)).await;
+    let most = check_order(&runs, keys, per_key);
+    assert!(most > 1, "never more than one call at a time: ordering serialised every key");
+    assert!(runs.iter().all(|r| r.attempt == 1), "nothing failed, nothing was retried");
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn core_keys_are_handled_in_arrival_order_one_at_a_time_and_in_parallel() {
+    let server = nats();
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("ord.out").await.unwrap();
+    let sluice = Sluice::start(&server, &[("o.toml", ordered("o", "subject = \"ord.in\"", ""))]).await;
+    sync(&nc).await;
+    let (keys, per_key) = (10usize, 100u64);
+    for seq in 0..per_key {
+        for k in 0..keys {
+            nc.publish("ord.in", command(&format!("k{k}"), seq, fastrand::u64(0..1500), 0).into()).await.unwrap();
+        }
+    }
+    nc.flush().await.unwrap();
+    let runs = collect(&mut out, keys * per_key as usize, Duration::from_secs(120)).await;
+    let most = check_order(&runs, keys, per_key);
+    assert!(most > 1, "never more than one call at a time: ordering serialised every key");
+    sluice.stop().await;
+}
+
+/// A retry holds back the later messages of its key, and only of its key.
+async fn a_retry_holds_its_key_only(source: &str, jetstream: bool) {
+    let server = nats();
+    let js = stream(&server, "ORD", &["ord.in"]).await;
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("ord.out").await.unwrap();
+    let retry = "[retry]\nbackoff = \"constant\"\ninitial = \"1500ms\"\njitter = \"none\"\n";
+    let sluice = Sluice::start(&server, &[("o.toml", ordered("o", source, retry))]).await;
+    sync(&nc).await;
+    for seq in 0..5 {
+        // The first message of key a fails once; everything else succeeds.
+        for (key, fail) in [("a", u64::from(seq == 0)), ("b", 0)] {
+            let payload = command(key, seq, 1000, fail);
+            if jetstream {
+                js.publish("ord.in", payload.into()).await.unwrap().await.unwrap();
+            } else {
+                nc.publish("ord.in", payload.into()).await.unwrap();
+            }
+        }
+    }
+    nc.flush().await.unwrap();
+    let runs = collect(&mut out, 10, Duration::from_secs(60)).await;
+    check_order(&runs, 2, 5);
+    let find = |key: &str, seq: u64| runs.iter().find(|r| r.key == key && r.seq == seq).expect("handled").clone();
+    let a0 = find("a", 0);
+    assert_eq!(a0.attempt, 2, "a's first message succeeds on its second attempt");
+    // Its retry came 1.5 s after its first attempt; key b did not wait for it.
+    let b4 = find("b", 4);
+    assert!(
+        b4.end < a0.start,
+        "key b waited for key a's retry: b4 ended {} ns after a0's retry began",
+        b4.end - a0.start
+    );
+    // Key a's later messages did.
+    assert!(find("a", 1).start >= a0.end, "a1 ran before a0's retry succeeded");
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_jetstream_retry_holds_back_its_key_and_no_other() {
+    a_retry_holds_its_key_only("stream = \"ORD\"", true).await;
+}
+
+#[tokio::test]
+async fn a_core_retry_holds_back_its_key_and_no_other() {
+    a_retry_holds_its_key_only("subject = \"ord.in\"", false).await;
+}
+
+#[tokio::test]
+async fn a_message_without_an_ordering_key_is_dead_lettered_when_the_manifest_says_so() {
+    let server = nats();
+    let js = stream(&server, "ORD", &["ord.in"]).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "DLQ".to_owned(),
+        subjects: vec!["dlq.ord".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("ord.out").await.unwrap();
+    let extra = "on_missing = \"dead-letter\"\n\n[dead_letter]\nsubject = \"dlq.ord\"\n";
+    let text =
+        ordered("o", "stream = \"ORD\"", "").replace("key = \"json:/key\"\n", &format!("key = \"json:/key\"\n{extra}"));
+    let sluice = Sluice::start(&server, &[("o.toml", text)]).await;
+    js.publish("ord.in", r#"{"cmd": "trace:ord.out", "seq": 0}"#.into()).await.unwrap().await.unwrap();
+    js.publish("ord.in", command("k", 1, 0, 0).into()).await.unwrap().await.unwrap();
+    let runs = collect(&mut out, 1, Duration::from_secs(30)).await;
+    assert_eq!(runs[0].seq, 1, "the keyed message runs");
+    let dead = sluice_tests::stream_messages(&js, "DLQ", 1, Duration::from_secs(30)).await;
+    let kind = dead[0].headers.get("Sluice-Failure-Kind").map(|v| v.as_str().to_owned());
+    assert_eq!(kind.as_deref(), Some("missing-ordering-key"));
+    sluice.stop().await;
+}
