@@ -276,6 +276,7 @@ pub fn results(
         ("sluice_jetstream_noop_dedup_local", "native_jetstream"),
         ("sluice_jetstream_noop_dedup_local_warm", "native_jetstream"),
         ("sluice_jetstream_noop_dedup_nats_kv_warm", "native_jetstream"),
+        ("sluice_jetstream_ordered_warm", "native_jetstream"),
         ("sluice_core_order_validator", "native_core"),
         ("sluice_jetstream_order_validator", "native_jetstream"),
         ("sluice_core_echo", "native_echo"),
@@ -288,6 +289,8 @@ pub fn results(
         // Against the peer (after the native pairs: a row's first ratio is its native one).
         ("sluice_jetstream_noop_warm", PEER_EXTISM),
         ("sluice_jetstream_noop", PEER_EXTISM),
+        // What per-key order costs against the same handler unordered.
+        ("sluice_jetstream_ordered_warm", "sluice_jetstream_noop_warm"),
     ];
     let ratios: Vec<Ratio> =
         pairs.iter().filter_map(|&(s, n)| Some(Ratio { sluice: s, native: n, ratio: rate(s)? / rate(n)? })).collect();

@@ -718,7 +718,13 @@ impl Bench {
             counter: counter.as_ref(),
             who: JsConsumer::Sluice { dir },
         };
-        let payload = if orders { order } else { blob };
+        let payload = if orders {
+            order
+        } else if case.limits.contains("[ordering]") {
+            keyed
+        } else {
+            blob
+        };
         let m = self.js_measure(&run, (5_000, 5_000, 500_000), &payload).await?;
         let _ = js.delete_stream(case.stream).await;
         let mut t = Throughput::new(case.id, case.label, "jetstream", case.plugin, m.messages, m.took)
@@ -979,6 +985,9 @@ struct JsCase {
 /// The `[limits]` of the warm rows.
 const WARM: &str = "\n[limits]\ninstances = \"warm\"\n";
 
+/// The ordered row: warm, and one key at a time per key of [`keyed`]'s payloads.
+const ORDERED_WARM: &str = "\n[limits]\ninstances = \"warm\"\n\n[ordering]\nkey = \"json:/k\"\n";
+
 /// The Sluice JetStream measurements, in the order they run: the noop handler bare, then with
 /// host idempotency on each dedup store (a key per message, so every message is looked up,
 /// leased and marked completed: the full cost of dedup), then order-validator.
@@ -1056,6 +1065,15 @@ const JS_CASES: &[JsCase] = &[
         limits: WARM,
     },
     JsCase {
+        id: "sluice_jetstream_ordered_warm",
+        label: "Sluice, JetStream, noop handler, warm instances, ordered by a key (1,000 keys)",
+        plugin: "noop",
+        stream: "BENCH_SLUICE_ORDERED_WARM",
+        subject: "bench.sluice.js.ordered.warm",
+        dedup_store: None,
+        limits: ORDERED_WARM,
+    },
+    JsCase {
         id: "sluice_jetstream_order_validator",
         label: "Sluice, JetStream, order-validator (JSON parse + publish)",
         plugin: "order-validator",
@@ -1131,6 +1149,13 @@ fn blob(seq: u64) -> Bytes {
     b.put_u64_le(seq);
     b.resize(MESSAGE_BYTES, b'x');
     b.freeze()
+}
+
+/// A 128-byte JSON payload whose `k` is one of 1,000 ordering keys (round robin).
+fn keyed(seq: u64) -> Bytes {
+    let head = format!(r#"{{"k":"{:03}","pad":""#, seq % 1000);
+    let pad = MESSAGE_BYTES.saturating_sub(head.len() + 2);
+    Bytes::from(format!("{head}{}\"}}", "x".repeat(pad)))
 }
 
 /// A valid 128-byte order for order-validator (plugins/order-validator/src/lib.rs).

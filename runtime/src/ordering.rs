@@ -30,6 +30,37 @@ pub struct Ordering {
     /// Messages waiting behind their key, at most; at the bound the transport takes no new
     /// messages until keys move on.
     pub max_waiting: usize,
+    /// JetStream: one consumer per partition, each pinned to one process at a time.
+    pub partitions: Option<Partitions>,
+}
+
+/// `[ordering] partitions` and `partition_subject`: the stream's messages split by a subject
+/// token that the server fills in on ingest (a `partition(n, ...)` subject mapping).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partitions {
+    /// How many (1 to 1024); partition tokens run from 0 to `count - 1`.
+    pub count: u32,
+    /// The subject pattern with `{partition}` as one whole token.
+    pub subject: String,
+}
+
+impl Partitions {
+    /// The token that stands for the partition number in `subject`.
+    pub const TOKEN: &'static str = "{partition}";
+
+    /// Partition `i`'s filter subject.
+    pub fn filter(&self, i: u32) -> String {
+        self.subject
+            .split('.')
+            .map(|t| if t == Self::TOKEN { i.to_string() } else { t.to_owned() })
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// Partition `i`'s durable consumer name, from the handler's consumer name.
+    pub fn consumer(consumer: &str, i: u32) -> String {
+        format!("{consumer}-{i}")
+    }
 }
 
 /// `[ordering] max_waiting` when the manifest does not say.

@@ -31,7 +31,8 @@ const RELAY_DRAIN: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 enum Binding {
     Core(async_nats::Subscriber),
-    JetStream(Box<async_nats::jetstream::consumer::PullConsumer>),
+    /// The handler's consumer, or one per partition.
+    JetStream(Vec<async_nats::jetstream::consumer::PullConsumer>),
 }
 
 /// Why a set of manifests cannot be loaded.
@@ -479,9 +480,7 @@ impl Supervisor {
         }
         Ok(match &spec.manifest.source {
             Source::Core { .. } => Binding::Core(source::core::subscribe(&self.client, ctx).await?),
-            Source::JetStream(_) => {
-                Binding::JetStream(Box::new(source::jetstream::bind(self.sender.jetstream(), ctx).await?))
-            }
+            Source::JetStream(_) => Binding::JetStream(source::jetstream::bind(self.sender.jetstream(), ctx).await?),
         })
     }
 
@@ -496,7 +495,7 @@ impl Supervisor {
         let (stop, stopped) = watch::channel(false);
         let task = match binding {
             Binding::Core(sub) => tokio::spawn(source::core::serve(ctx_rx, sub, stopped)),
-            Binding::JetStream(consumer) => tokio::spawn(source::jetstream::serve(ctx_rx, *consumer, stopped)),
+            Binding::JetStream(consumers) => tokio::spawn(source::jetstream::serve(ctx_rx, consumers, stopped)),
         };
         Served { handler, ctx: ctx_tx, stop, task }
     }

@@ -223,3 +223,118 @@ async fn a_message_without_an_ordering_key_is_dead_lettered_when_the_manifest_sa
     assert_eq!(kind.as_deref(), Some("missing-ordering-key"));
     sluice.stop().await;
 }
+
+/// The next trace record and the `Test-Tag` of the process that published it.
+async fn next(sub: &mut async_nats::Subscriber, deadline: tokio::time::Instant) -> (String, Run) {
+    let msg = tokio::time::timeout_at(deadline, sub.next()).await.ok().flatten().expect("outputs stopped");
+    (sluice_tests::header(&msg, "Test-Tag").unwrap_or_default(), parse(&msg))
+}
+
+/// Per key: the first runs of each sequence number in order, and no two runs overlapping
+/// (a message handled again after a crash, when its ack was lost, runs again right after
+/// itself, never after a later one).
+fn check_order_allowing_reruns(runs: &[Run], keys: usize, per_key: u64) {
+    let mut by_key: BTreeMap<&str, Vec<&Run>> = BTreeMap::new();
+    for run in runs {
+        by_key.entry(&run.key).or_default().push(run);
+    }
+    assert_eq!(by_key.len(), keys, "keys seen");
+    for (key, list) in &mut by_key {
+        list.sort_by_key(|r| r.start);
+        let mut seqs: Vec<u64> = list.iter().map(|r| r.seq).collect();
+        seqs.dedup();
+        assert_eq!(seqs, (0..per_key).collect::<Vec<_>>(), "key {key}: handled out of order");
+        for pair in list.windows(2) {
+            assert!(
+                pair[1].start >= pair[0].end,
+                "key {key}: seq {} started before seq {} ended: two processes ran one key at once",
+                pair[1].seq,
+                pair[0].seq
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn partitions_keep_each_key_in_one_process_at_a_time_and_move_when_it_dies() {
+    let server = nats();
+    let js = async_nats::jetstream::new(client(&server).await);
+    // The stream fills in the partition token on ingest: `ordp.in.KEY` is stored as
+    // `ordp.p.P.KEY`, P a hash of KEY in 0..4 (what a server-wide mapping would do too).
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDP".to_owned(),
+        subjects: vec!["ordp.in.*".to_owned()],
+        subject_transform: Some(async_nats::jetstream::stream::SubjectTransform {
+            source: "ordp.in.*".to_owned(),
+            destination: "ordp.p.{{partition(4,1)}}.{{wildcard(1)}}".to_owned(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("ord.out").await.unwrap();
+    let text = |tag: &str| {
+        ordered("o", "stream = \"ORDP\"", &format!("[config]\ntag = \"{tag}\"\n"))
+            .replace("[limits]\n", "[limits]\ntimeout = \"1s\"\n")
+            .replace(
+                "key = \"json:/key\"\n",
+                "key = \"subject\"\npartitions = 4\npartition_subject = \"ordp.p.{partition}.*\"\n",
+            )
+    };
+    let mut processes = Vec::new();
+    for tag in ["p0", "p1", "p2"] {
+        processes.push(Sluice::start(&server, &[("o.toml", text(tag))]).await);
+    }
+    let (keys, per_key) = (12usize, 150u64);
+    let mut acks = std::collections::VecDeque::new();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            let payload = command(&format!("k{k}"), seq, fastrand::u64(0..2000), 0);
+            acks.push_back(js.publish(format!("ordp.in.k{k}"), payload.into()).await.unwrap());
+            if acks.len() >= 256
+                && let Some(ack) = acks.pop_front()
+            {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    // Let some work happen, then kill the process that has done the most.
+    let total = keys * per_key as usize;
+    let mut runs: Vec<(String, Run)> = Vec::with_capacity(total + 64);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while runs.len() < total / 4 {
+        runs.push(next(&mut out, deadline).await);
+    }
+    let busiest = ["p0", "p1", "p2"]
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, tag)| runs.iter().filter(|(t, _)| t == *tag).count())
+        .map(|(i, _)| i)
+        .unwrap();
+    let killed = format!("p{busiest}");
+    processes.remove(busiest).crash().await;
+    let crashed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    // Every message handled in the end (partitions of the dead process taken over), some of
+    // them twice at most (those whose ack died with it).
+    loop {
+        let mut seen: Vec<(&str, u64)> = runs.iter().map(|(_, r)| (r.key.as_str(), r.seq)).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() == total {
+            break;
+        }
+        runs.push(next(&mut out, deadline).await);
+    }
+    let after: Vec<&String> = runs.iter().filter(|(_, r)| r.start > crashed_at).map(|(t, _)| t).collect();
+    assert!(after.iter().all(|t| **t != killed), "the killed process {killed} kept working");
+    assert!(!after.is_empty(), "nothing was left after the kill");
+    let only: Vec<Run> = runs.iter().map(|(_, r)| r.clone()).collect();
+    check_order_allowing_reruns(&only, keys, per_key);
+    for p in processes {
+        p.stop().await;
+    }
+}

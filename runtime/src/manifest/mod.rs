@@ -263,7 +263,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         fingerprint: i.fingerprint,
     });
     let store = resolve_store(&file, raw.store)?;
-    let ordering = raw.ordering.map(|o| resolve_ordering(&file, o.into_inner())).transpose()?;
+    let ordering = raw.ordering.map(|o| resolve_ordering(&file, o, &source)).transpose()?;
 
     Ok(Manifest {
         spans: Spans {
@@ -368,7 +368,11 @@ fn resolve_source(
     }
 }
 
-fn resolve_ordering(file: &SourceText, raw: schema::OrderingSection) -> Result<Ordering, ManifestError> {
+fn resolve_ordering(
+    file: &SourceText,
+    raw: schema::OrderingSection,
+    source: &Source,
+) -> Result<Ordering, ManifestError> {
     let max_waiting = match raw.max_waiting {
         None => crate::ordering::DEFAULT_MAX_WAITING,
         Some(n) => match usize::try_from(*n.get_ref()) {
@@ -382,7 +386,64 @@ fn resolve_ordering(file: &SourceText, raw: schema::OrderingSection) -> Result<O
             }
         },
     };
-    Ok(Ordering { key: raw.key, on_missing: raw.on_missing.unwrap_or(OnMissing::Process), max_waiting })
+    let partitions = match (raw.partitions, raw.partition_subject) {
+        (None, None) => None,
+        (None, Some(subject)) => {
+            return Err(ManifestError::at(
+                file,
+                subject.span(),
+                "partition_subject only applies with `partitions = N` (one consumer per partition)",
+            ));
+        }
+        (Some(n), None) => {
+            return Err(ManifestError::at(
+                file,
+                n.span(),
+                "partitions needs `partition_subject = \"...\"`: the stream's subjects with the partition token written {partition}, like \"orders.{partition}.>\"",
+            ));
+        }
+        (Some(n), Some(subject)) => {
+            let Source::JetStream(js) = source else {
+                return Err(ManifestError::at(
+                    file,
+                    n.span(),
+                    "partitions only apply to a JetStream source (`stream = ...`): core NATS has no consumer to pin",
+                ));
+            };
+            let count = match u32::try_from(*n.get_ref()) {
+                Ok(v @ 1..=1024) => v,
+                _ => {
+                    return Err(ManifestError::at(
+                        file,
+                        n.span(),
+                        format!("partitions = {} is out of range; expected 1 to 1024", n.get_ref()),
+                    ));
+                }
+            };
+            let text = subject.get_ref();
+            let tokens = text.split('.').filter(|t| *t == crate::ordering::Partitions::TOKEN).count();
+            if tokens != 1 {
+                return Err(ManifestError::at(
+                    file,
+                    subject.span(),
+                    format!(
+                        "partition_subject {text:?} must hold the token {{partition}} exactly once, as a whole token, like \"orders.{{partition}}.>\""
+                    ),
+                ));
+            }
+            let as_pattern = text.replace(crate::ordering::Partitions::TOKEN, "*");
+            SubjectPattern::parse(&as_pattern).map_err(|e| ManifestError::at(file, subject.span(), e))?;
+            if !js.filters.is_empty() {
+                return Err(ManifestError::at(
+                    file,
+                    subject.span(),
+                    "with partitions, each partition's consumer filters on partition_subject; remove `filter` from [source]",
+                ));
+            }
+            Some(crate::ordering::Partitions { count, subject: text.clone() })
+        }
+    };
+    Ok(Ordering { key: raw.key, on_missing: raw.on_missing.unwrap_or(OnMissing::Process), max_waiting, partitions })
 }
 
 fn resolve_rate(

@@ -38,7 +38,7 @@ pub struct RawManifest {
     #[serde(default)]
     pub store: StoreSection,
     /// `[ordering]`: messages with the same key handled one at a time, in order.
-    pub ordering: Option<Spanned<OrderingSection>>,
+    pub ordering: Option<OrderingSection>,
     /// `[config]`: values the handler reads with `config.get`.
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
@@ -340,6 +340,13 @@ pub struct OrderingSection {
     /// `max_waiting = 10000`: messages waiting behind their key at most; at the bound the
     /// handler takes no new messages until keys move on.
     pub max_waiting: Option<Spanned<i64>>,
+    /// `partitions = 16`: JetStream only: one consumer per partition, each served by one
+    /// Sluice process at a time (a pinned client), so a key's messages never run in two
+    /// processes at once. Needs `partition_subject`.
+    pub partitions: Option<Spanned<i64>>,
+    /// `partition_subject = "orders.{partition}.>"`: the stream's subjects with the partition
+    /// token written `{partition}`; partition `i`'s consumer filters on it with `i` there.
+    pub partition_subject: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

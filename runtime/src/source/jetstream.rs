@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt, StreamExt};
@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use crate::dlq::Original;
 use crate::manifest::{JetStreamSource, Source};
 use crate::metrics::Held;
-use crate::ordering::Sequencer;
+use crate::ordering::{Partitions, Sequencer};
 use crate::pipeline::{self, Entry, History, Lane, Settle};
 
 /// Failure histories of messages in a retry sequence, by stream sequence.
@@ -48,21 +48,62 @@ pub fn consumer_config(src: &JetStreamSource) -> pull::Config {
     }
 }
 
-/// Finds or creates the handler's durable consumer. An existing consumer whose filter, ack
-/// policy or type differs is a conflict (another deployment uses it differently) and is
-/// refused; a different ack wait or ack-pending limit is updated in place.
-pub async fn bind(js: &jetstream::Context, lane: &Lane) -> anyhow::Result<PullConsumer> {
+/// The priority group partitioned consumers pin their clients in.
+pub const GROUP: &str = "sluice";
+
+/// How long past the ack wait a pinned process may go without pulling before the server
+/// moves its partition to another: by then every message it held has been redelivered (its
+/// in-progress acks stopped with it), so the new owner gets those first, in order.
+const PIN_GRACE: Duration = Duration::from_secs(5);
+
+/// The durable consumer of partition `i` of an ordered handler: the handler's consumer
+/// filtered on the partition's subjects, pinned to one client (process) at a time.
+pub fn partition_config(src: &JetStreamSource, partitions: &Partitions, i: u32) -> pull::Config {
+    pull::Config {
+        durable_name: Some(Partitions::consumer(&src.consumer, i)),
+        description: Some(format!("Sluice handler consumer, partition {i} of {}", partitions.count)),
+        filter_subjects: vec![partitions.filter(i)],
+        priority_policy: PriorityPolicy::PinnedClient,
+        priority_groups: vec![GROUP.to_owned()],
+        priority_timeout: src.ack_wait + PIN_GRACE,
+        ..consumer_config(src)
+    }
+}
+
+/// Finds or creates the handler's durable consumer (one per partition for a partitioned
+/// ordered handler). An existing consumer whose filter, ack policy, type or priority policy
+/// differs is a conflict (another deployment uses it differently) and is refused; a different
+/// ack wait, ack-pending limit or pin timeout is updated in place.
+pub async fn bind(js: &jetstream::Context, lane: &Lane) -> anyhow::Result<Vec<PullConsumer>> {
     let spec = &lane.handler.spec;
     let Source::JetStream(src) = &spec.manifest.source else {
         anyhow::bail!("handler {} does not have a JetStream source", spec.name);
     };
-    let what = format!("handler {}: consumer {} on stream {}", spec.name, src.consumer, src.stream);
     let stream = js
         .get_stream(&src.stream)
         .await
         .map_err(|e| anyhow::anyhow!("handler {}: stream {}: {e}", spec.name, src.stream))?;
-    let wanted = consumer_config(src);
-    match stream.consumer_info(&src.consumer).await {
+    match spec.manifest.ordering.as_ref().and_then(|o| o.partitions.as_ref()) {
+        None => Ok(vec![bind_one(&stream, &spec.name, &src.stream, consumer_config(src)).await?]),
+        Some(partitions) => {
+            let mut all = Vec::with_capacity(partitions.count as usize);
+            for i in 0..partitions.count {
+                all.push(bind_one(&stream, &spec.name, &src.stream, partition_config(src, partitions, i)).await?);
+            }
+            Ok(all)
+        }
+    }
+}
+
+async fn bind_one(
+    stream: &jetstream::stream::Stream,
+    handler: &str,
+    stream_name: &str,
+    wanted: pull::Config,
+) -> anyhow::Result<PullConsumer> {
+    let name = wanted.durable_name.clone().unwrap_or_default();
+    let what = format!("handler {handler}: consumer {name} on stream {stream_name}");
+    match stream.consumer_info(&name).await {
         Ok(info) => {
             let have = &info.config;
             let mut have_filters = have.filter_subjects.clone();
@@ -83,6 +124,12 @@ pub async fn bind(js: &jetstream::Context, lane: &Lane) -> anyhow::Result<PullCo
                     have_filters, wanted.filter_subjects
                 ));
             }
+            if have.priority_policy != wanted.priority_policy || have.priority_groups != wanted.priority_groups {
+                conflicts.push(format!(
+                    "its priority policy is {:?} with groups {:?}, the manifest asks for {:?} with {:?}",
+                    have.priority_policy, have.priority_groups, wanted.priority_policy, wanted.priority_groups
+                ));
+            }
             if !conflicts.is_empty() {
                 anyhow::bail!(
                     "{what} exists with a conflicting configuration: {}; delete the consumer or make the manifest match",
@@ -92,9 +139,10 @@ pub async fn bind(js: &jetstream::Context, lane: &Lane) -> anyhow::Result<PullCo
             if have.ack_wait != wanted.ack_wait
                 || have.max_ack_pending != wanted.max_ack_pending
                 || have.max_deliver != wanted.max_deliver
+                || have.priority_timeout != wanted.priority_timeout
             {
                 tracing::info!(
-                    handler = &*spec.name,
+                    handler,
                     "updating {what}: ack_wait {:?}, max_ack_pending {}",
                     wanted.ack_wait,
                     wanted.max_ack_pending
@@ -103,12 +151,12 @@ pub async fn bind(js: &jetstream::Context, lane: &Lane) -> anyhow::Result<PullCo
             }
         }
         Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
-            tracing::info!(handler = &*spec.name, "creating {what}");
+            tracing::info!(handler, "creating {what}");
             stream.create_consumer(wanted).await.map_err(|e| anyhow::anyhow!("{what}: cannot create: {e}"))?;
         }
         Err(e) => anyhow::bail!("{what}: {e}"),
     }
-    stream.get_consumer(&src.consumer).await.map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    stream.get_consumer(&name).await.map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
 /// How long one pull request stays open on the server.
@@ -122,12 +170,38 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// here, every further message already received (up to the free concurrency) joins it.
 /// Each message is handled by the version in `versions` when its batch forms (a hot reload
 /// swaps it); redeliveries naturally get the version current then.
-pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut stop: watch::Receiver<bool>) {
+pub async fn serve(versions: watch::Receiver<Lane>, consumers: Vec<PullConsumer>, stop: watch::Receiver<bool>) {
+    let spec = versions.borrow().handler.spec.clone();
+    let concurrency = spec.manifest.limits.max_concurrency as usize;
+    // The partitions of an ordered handler share the handler's concurrency and rate.
+    let shared = Shared {
+        permits: Arc::new(Semaphore::new(concurrency)),
+        limiter: spec.manifest.limits.rate.map(|r| Arc::new(crate::rate::Limiter::new(r))),
+    };
+    let all = consumers.into_iter().map(|c| Box::pin(serve_one(versions.clone(), c, stop.clone(), &shared)));
+    futures::future::join_all(all).await;
+}
+
+/// What the consumers of one handler share.
+struct Shared {
+    permits: Arc<Semaphore>,
+    limiter: Option<Arc<crate::rate::Limiter>>,
+}
+
+/// [`serve`] for one consumer.
+async fn serve_one(
+    versions: watch::Receiver<Lane>,
+    consumer: PullConsumer,
+    mut stop: watch::Receiver<bool>,
+    shared: &Shared,
+) {
     let spec = versions.borrow().handler.spec.clone();
     // The consumer's own ack wait, as the server has it (`bind` made it the manifest's).
     let ack_wait = consumer.cached_info().config.ack_wait;
+    let name = consumer.cached_info().name.clone();
+    let pinned = consumer.cached_info().config.priority_policy == PriorityPolicy::PinnedClient;
     let concurrency = spec.manifest.limits.max_concurrency as usize;
-    let permits = Arc::new(Semaphore::new(concurrency));
+    let permits = shared.permits.clone();
     let histories: Histories = Arc::default();
     let mut in_flight = JoinSet::new();
     // An ordered handler's messages wait behind their key here, kept alive by in-progress
@@ -146,9 +220,16 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
     // handler pays one pull request every 2 s.
     // A rate-limited handler pulls no more than its burst at a time: what it pulled must
     // start before its ack wait.
-    let limiter = spec.manifest.limits.rate.map(crate::rate::Limiter::new);
-    let per_pull = limiter.as_ref().map_or(concurrency, |l| l.burst().clamp(1, concurrency));
-    let pulls = consumer.stream().max_messages_per_batch(per_pull).expires(PULL_EXPIRES);
+    // A partition's consumer pins one process at a time: this one pulls in the priority
+    // group, and waits on standby while another holds the pin.
+    let limiter = shared.limiter.as_deref();
+    let per_pull = limiter.map_or(concurrency, |l| l.burst().clamp(1, concurrency));
+    let mut pulls = consumer.stream().max_messages_per_batch(per_pull).expires(PULL_EXPIRES);
+    if pinned {
+        pulls = pulls.group(GROUP);
+    }
+    // A partition's pin, and what taking it over from another process holds back.
+    let mut takeover = Takeover::new(pinned, ack_wait);
     let mut messages = match pulls.messages().await {
         Ok(m) => m,
         Err(e) => {
@@ -173,7 +254,7 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
             _ = stop.wait_for(|s| *s) => break,
             permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
         };
-        if let Some(limiter) = &limiter {
+        if let Some(limiter) = limiter {
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break,
@@ -183,33 +264,46 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
         // An ordered handler at its bound of waiting messages pulls nothing new until a key
         // moves on.
         let room = has_room(&sequencer);
-        let next = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            ready = next_ready(&mut sequencer) => Some(Ok(ready)),
-            next = messages.next(), if room => match next {
-                None => break,
-                Some(Ok(msg)) => Some(Err(msg)),
-                Some(Err(e)) => {
-                    tracing::warn!(handler = &*spec.name, "pulling messages: {e}");
-                    None
-                }
-            },
+        let next = if let Some(msg) = takeover.released.pop_front() {
+            Got::Pulled(msg)
+        } else {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                (msg, turn) = next_ready(&mut sequencer) => Got::Ready(msg, turn),
+                () = takeover.until(), if takeover.holding() => Got::Tick,
+                next = messages.next(), if room => match next {
+                    None => break,
+                    Some(Ok(msg)) => Got::Received(msg),
+                    Some(Err(e)) => {
+                        tracing::warn!(handler = &*spec.name, "pulling messages: {e}");
+                        Got::Nothing
+                    }
+                },
+            }
         };
         let first = match next {
-            None => {
+            Got::Nothing => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-            Some(Ok((msg, turn))) => Some((msg, Some(turn))),
-            Some(Err(msg)) => in_order(&sequencer, ordering.as_ref(), msg),
+            Got::Tick => {
+                takeover.tick().await;
+                continue;
+            }
+            Got::Ready(msg, turn) => Some((msg, Some(turn))),
+            Got::Pulled(msg) => in_order(&sequencer, ordering.as_ref(), msg),
+            Got::Received(msg) => match takeover.admit(msg, &consumer).await {
+                Some(msg) => in_order(&sequencer, ordering.as_ref(), msg),
+                None => continue,
+            },
         };
         // Queued behind its key: the permit goes back.
         let Some((msg, turn)) = first else { continue };
         let mut batch = vec![(msg, permit, turn)];
         while batch.len() < concurrency {
             let Ok(permit) = permits.clone().try_acquire_owned() else { break };
-            if limiter.as_ref().is_some_and(|l| !l.try_take()) {
+            if limiter.is_some_and(|l| !l.try_take()) {
                 break;
             }
             if let Some((msg, turn)) = sequencer.as_mut().and_then(Sequencer::try_ready) {
@@ -219,8 +313,13 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
             if !has_room(&sequencer) {
                 break;
             }
-            match messages.next().now_or_never() {
+            let pulled = match takeover.released.pop_front() {
+                Some(msg) => Some(Some(Ok(msg))),
+                None => messages.next().now_or_never(),
+            };
+            match pulled {
                 Some(Some(Ok(msg))) => {
+                    let Some(msg) = takeover.admit(msg, &consumer).await else { continue };
                     if let Some((msg, turn)) = in_order(&sequencer, ordering.as_ref(), msg) {
                         batch.push((msg, permit, turn));
                     }
@@ -249,7 +348,145 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumer: PullConsumer, mut 
             }
         }
     }
-    tracing::debug!(handler = &*spec.name, "stopped");
+    // Hand the partition on at once rather than after the pin timeout, when this process
+    // still holds it: what it held is settled or given back.
+    if let Some(pin) = takeover.pin {
+        let js = versions.borrow().sender.jetstream().clone();
+        if let Err(e) = release_pin(&js, &consumer.cached_info().stream_name, &name, &pin).await {
+            tracing::warn!(handler = &*spec.name, consumer = %name, "cannot release the partition (another process takes it after the pin timeout): {e}");
+        }
+    }
+    tracing::debug!(handler = &*spec.name, consumer = %name, "stopped");
+}
+
+/// What the serve loop got.
+enum Got {
+    /// A message whose key's turn came.
+    Ready(jetstream::Message, Turn),
+    /// A message from the consumer, past the takeover check.
+    Pulled(jetstream::Message),
+    /// A message from the consumer, for the takeover check.
+    Received(jetstream::Message),
+    /// Holding back after a takeover: time to keep the held messages alive, or to release them.
+    Tick,
+    /// A pull error (logged): pause a little.
+    Nothing,
+}
+
+/// A pinned partition's view of its pin. When this process gains the pin and the consumer
+/// shows messages delivered before its first one still unacknowledged, another process held
+/// them when it lost the pin (a crash, a pause, messages given back on a clean stop): they
+/// come back after their ack wait, and must be handled before what was delivered since. So
+/// for one ack wait everything received is held; then it is released in stream order.
+struct Takeover {
+    pinned: bool,
+    ack_wait: Duration,
+    /// The pin id of the messages delivered to this process (a header the server adds).
+    pin: Option<String>,
+    /// While holding back: until when, when their next in-progress ack is due, and what was
+    /// received meanwhile.
+    held: Option<(tokio::time::Instant, tokio::time::Instant, Vec<jetstream::Message>)>,
+    /// What was held, in stream order, to be handled before anything newer.
+    released: std::collections::VecDeque<jetstream::Message>,
+}
+
+impl Takeover {
+    fn new(pinned: bool, ack_wait: Duration) -> Self {
+        Takeover { pinned, ack_wait, pin: None, held: None, released: Default::default() }
+    }
+
+    fn holding(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// When holding back ends or the held messages need an in-progress ack (never, when not
+    /// holding); then call [`tick`](Self::tick).
+    async fn until(&self) {
+        match &self.held {
+            Some((until, keepalive, _)) => tokio::time::sleep_until(*until.min(keepalive)).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Releases what was held when its time came; otherwise keeps it alive.
+    async fn tick(&mut self) {
+        let now = tokio::time::Instant::now();
+        let Some((until, keepalive, held)) = &mut self.held else { return };
+        if now >= *until {
+            self.release();
+            return;
+        }
+        if now >= *keepalive {
+            for msg in held.iter() {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::warn!("cannot send an in-progress ack for a held message: {e}");
+                }
+            }
+            *keepalive = now + self.ack_wait / 2;
+        }
+    }
+
+    /// A received message: returned to be handled now, or held back.
+    async fn admit(&mut self, msg: jetstream::Message, consumer: &PullConsumer) -> Option<jetstream::Message> {
+        if !self.pinned {
+            return Some(msg);
+        }
+        if let Some((_, _, held)) = &mut self.held {
+            held.push(msg);
+            return None;
+        }
+        let id = msg.headers.as_ref().and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID));
+        let Some(id) = id.map(|id| id.as_str().to_owned()) else { return Some(msg) };
+        if self.pin.as_deref() == Some(id.as_str()) {
+            return Some(msg);
+        }
+        self.pin = Some(id);
+        // Delivered before this message and not acknowledged: held elsewhere.
+        let first = msg.info().map(|i| i.consumer_sequence).unwrap_or(0);
+        let orphans = match consumer.get_info().await {
+            Ok(info) => info.ack_floor.consumer_sequence + 1 < first,
+            // Cannot tell: assume the worst.
+            Err(_) => true,
+        };
+        if !orphans {
+            return Some(msg);
+        }
+        let name = &consumer.cached_info().name;
+        tracing::info!(
+            consumer = %name,
+            "partition taken over with messages of the previous holder unacknowledged: holding new ones for {:?}, until those are redelivered",
+            self.ack_wait
+        );
+        // One ack wait, and a little for the redeliveries to arrive.
+        let now = tokio::time::Instant::now();
+        self.held = Some((now + self.ack_wait + Duration::from_secs(1), now + self.ack_wait / 2, vec![msg]));
+        None
+    }
+
+    /// Ends holding back: what was received goes out in stream order.
+    fn release(&mut self) {
+        if let Some((_, _, mut held)) = self.held.take() {
+            held.sort_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX));
+            // A message delivered twice meanwhile (its ack wait passed while held) is kept
+            // once, in its latest delivery; the other acks nothing.
+            held.dedup_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX));
+            self.released.extend(held);
+        }
+    }
+}
+
+/// Unpins `consumer` when `pin` is still the pinned client's id (the server moves the pin
+/// only after the pin timeout without pulls, so it cannot move between the check and the
+/// unpin).
+async fn release_pin(js: &jetstream::Context, stream: &str, consumer: &str, pin: &str) -> anyhow::Result<()> {
+    let stream = js.get_stream(stream).await?;
+    let info = stream.consumer_info(consumer).await?;
+    let holds = info.priority_groups.iter().any(|g| g.group == GROUP && g.pinned_client_id.as_deref() == Some(pin));
+    if holds {
+        stream.unpin_consumer(consumer, GROUP).await?;
+        tracing::debug!(consumer, "partition released");
+    }
+    Ok(())
 }
 
 /// The next message of an ordered handler whose turn came; never, without ordering.
