@@ -45,6 +45,9 @@ pub enum FailureKind {
     IdempotencyConflict,
     /// The message has no ordering key and the manifest says to dead-letter such.
     MissingOrderingKey,
+    /// An earlier message of its ordering key was dead-lettered and the key is parked
+    /// (`on_poison = "park"`) until an operator releases it.
+    KeyParked,
 }
 
 impl FailureKind {
@@ -64,11 +67,12 @@ impl FailureKind {
             FailureKind::MissingIdempotencyKey => "missing-idempotency-key",
             FailureKind::IdempotencyConflict => "idempotency-conflict",
             FailureKind::MissingOrderingKey => "missing-ordering-key",
+            FailureKind::KeyParked => "key-parked",
         }
     }
 
     /// Every kind, for parsing and documentation.
-    pub const ALL: [FailureKind; 14] = [
+    pub const ALL: [FailureKind; 15] = [
         FailureKind::Rejected,
         FailureKind::RetryRequested,
         FailureKind::Trap,
@@ -83,6 +87,7 @@ impl FailureKind {
         FailureKind::MissingIdempotencyKey,
         FailureKind::IdempotencyConflict,
         FailureKind::MissingOrderingKey,
+        FailureKind::KeyParked,
     ];
 
     /// The kind named `name` (as in `Sluice-Failure-Kind`).

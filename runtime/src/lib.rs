@@ -23,6 +23,7 @@
 //! | [`dispatch`] | calls: one message through one instance (fresh or warm), with a typed outcome; a batch of calls handed to the guest threads at once |
 //! | [`idempotency`] | idempotency keys: deriving them from a message |
 //! | [`ordering`] | per-key order in a process: a key's messages one at a time, in the order received (a leaf) |
+//! | [`parked`] | parked ordering keys (`on_poison = "park"`): a NATS KV bucket per handler, mirrored in memory (a leaf) |
 //! | [`retry`] | the retry policy: attempts, backoff with jitter, retryable kinds |
 //! | [`pipeline`] | the delivery pipeline, per batch: gate (payload, key, lease), call, commit (outputs, record), settle (retry policy, dead letters, metrics) |
 //! | [`source`] | the transports: core NATS queue groups and JetStream consumers, receiving batches and acting on each message's settlement |
@@ -57,6 +58,7 @@ pub mod metrics;
 pub mod nats_server;
 pub mod ordering;
 pub mod outputs;
+pub mod parked;
 pub mod pipeline;
 pub mod rate;
 pub mod relay;

@@ -22,6 +22,7 @@
 //! | `sluice_outbox_full_total` | counter | handler | times the handler stopped taking messages because its outbox was full |
 //! | `sluice_ordering_keys` | gauge | handler | ordering keys with a message in flight or waiting (`[ordering]`) |
 //! | `sluice_ordering_waiting` | gauge | handler | messages waiting behind an earlier message of their key |
+//! | `sluice_ordering_parked_keys` | gauge | handler | ordering keys parked after a dead letter (`on_poison = "park"`), until released |
 //! | `sluice_handler_info` | gauge (1) | handler, digest | the version being served |
 //! | `sluice_nats_connected` | gauge | | 1 while the NATS connection is up |
 //! | `sluice_nats_reconnects_total` | counter | | reconnections since start |
@@ -150,6 +151,11 @@ fn describe(r: &PrometheusRecorder) {
         None,
         "Messages waiting behind an earlier message of their ordering key.".into(),
     );
+    r.describe_gauge(
+        "sluice_ordering_parked_keys".into(),
+        None,
+        "Ordering keys parked after a dead letter, until released.".into(),
+    );
     r.describe_gauge("sluice_handler_info".into(), None, "The version (component digest) being served.".into());
     r.describe_gauge("sluice_nats_connected".into(), None, "1 while the NATS connection is up.".into());
 }
@@ -200,6 +206,7 @@ pub struct HandlerMetrics {
     outbox_full: Counter,
     outbox_dropped: Counter,
     ordering: crate::ordering::Gauges,
+    parked_keys: Gauge,
     failures: HashMap<FailureKind, Counter>,
     dead_lettered: HashMap<FailureKind, Counter>,
     counts: Counts,
@@ -310,6 +317,7 @@ impl HandlerMetrics {
                 keys: r.register_gauge(&h("sluice_ordering_keys"), &META),
                 waiting: r.register_gauge(&h("sluice_ordering_waiting"), &META),
             },
+            parked_keys: r.register_gauge(&h("sluice_ordering_parked_keys"), &META),
             failures: by_kind("sluice_failures_total"),
             dead_lettered: by_kind("sluice_messages_dead_lettered_total"),
             counts: Counts::default(),
@@ -363,6 +371,10 @@ impl HandlerMetrics {
     /// The handler paused because its outbox was full.
     pub fn outbox_full(&self) {
         self.outbox_full.increment(1);
+    }
+    /// The gauge of the handler's parked ordering keys.
+    pub fn parked_keys(&self) -> Gauge {
+        self.parked_keys.clone()
     }
     /// The gauges a handler's ordering sequencer keeps up to date.
     pub fn ordering(&self) -> crate::ordering::Gauges {

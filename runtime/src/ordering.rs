@@ -32,6 +32,20 @@ pub struct Ordering {
     pub max_waiting: usize,
     /// JetStream: one consumer per partition, each pinned to one process at a time.
     pub partitions: Option<Partitions>,
+    /// What a dead-lettered message means for the later messages of its key.
+    pub on_poison: OnPoison,
+}
+
+/// `[ordering] on_poison`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnPoison {
+    /// The key's next message goes on.
+    #[default]
+    Skip,
+    /// The key is parked: its later messages are dead-lettered as `key-parked`, in order,
+    /// until an operator releases it (`sluice ordering release`).
+    Park,
 }
 
 /// `[ordering] partitions` and `partition_subject`: the stream's messages split by a subject

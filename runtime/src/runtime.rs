@@ -374,9 +374,25 @@ impl Supervisor {
             Some(scope) => self.relay_for(&handler, scope, &metrics).await?,
             None => None,
         };
+        let parked = match &handler.spec.manifest.ordering {
+            Some(o) if o.on_poison == crate::ordering::OnPoison::Park => {
+                let replicas = handler.spec.manifest.store.replicas;
+                Some(
+                    crate::parked::Parked::open(
+                        self.sender.jetstream(),
+                        &handler.spec.name,
+                        replicas,
+                        metrics.parked_keys(),
+                    )
+                    .await?,
+                )
+            }
+            _ => None,
+        };
         Ok(Lane {
             scope,
             relay,
+            parked,
             fault: self.options.fault,
             engine: self.engine.clone(),
             handler,

@@ -338,3 +338,80 @@ async fn partitions_keep_each_key_in_one_process_at_a_time_and_move_when_it_dies
         p.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_parked_key_sends_its_later_messages_to_the_dead_letters_in_order_until_released_and_replayed() {
+    let server = nats();
+    let js = stream(&server, "ORD", &["ord.in"]).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "DLQ".to_owned(),
+        subjects: vec!["dlq.ord".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("ord.out").await.unwrap();
+    let text = |fixed: bool| {
+        ordered(
+            "o",
+            "stream = \"ORD\"",
+            &format!("[dead_letter]\nsubject = \"dlq.ord\"\n\n[config]\nfixed = {fixed}\n"),
+        )
+        .replace("key = \"json:/key\"\n", "key = \"json:/key\"\non_poison = \"park\"\n")
+    };
+    let sluice = Sluice::start(&server, &[("o.toml", text(false))]).await;
+    let publish = |key: &str, seq: u64, poison: bool| {
+        let payload = serde_json::json!({"cmd": "trace:ord.out", "key": key, "seq": seq, "poison": poison}).to_string();
+        let js = js.clone();
+        async move { js.publish("ord.in", payload.into()).await.unwrap().await.unwrap() }
+    };
+    publish("a", 0, true).await;
+    for seq in 1..5 {
+        publish("a", seq, false).await;
+    }
+    for seq in 0..5 {
+        publish("b", seq, false).await;
+    }
+    // Key b is untouched; key a's first message is dead-lettered as rejected, the rest of its
+    // messages, in order, as key-parked.
+    let runs = collect(&mut out, 5, Duration::from_secs(30)).await;
+    assert!(runs.iter().all(|r| r.key == "b"), "{runs:?}");
+    let dead = sluice_tests::stream_messages(&js, "DLQ", 5, Duration::from_secs(30)).await;
+    let seen: Vec<(String, String, u64)> = dead
+        .iter()
+        .map(|m| {
+            let h = |n: &str| m.headers.get(n).map(|v| v.as_str().to_owned()).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            (h("Sluice-Failure-Kind"), h("Sluice-Ordering-Key"), v["seq"].as_u64().unwrap())
+        })
+        .collect();
+    let expected: Vec<(String, String, u64)> = std::iter::once(("rejected".to_owned(), "a".to_owned(), 0))
+        .chain((1..5).map(|s| ("key-parked".to_owned(), "a".to_owned(), s)))
+        .collect();
+    assert_eq!(seen, expected);
+    let parked = sluice::parked::list(&js, "o").await.unwrap();
+    assert_eq!(parked.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert!(parked[0].reason.contains("poison"), "{parked:?}");
+    // Still parked: a new message of a follows the others.
+    publish("a", 5, false).await;
+    sluice_tests::stream_messages(&js, "DLQ", 6, Duration::from_secs(30)).await;
+
+    // The handler is fixed, the key released, its dead letters replayed: all six, in order.
+    std::fs::write(sluice.manifest_dir().join("o.toml"), text(true)).unwrap();
+    assert_eq!(sluice.reloader().reload().await.updated, ["o"]);
+    assert!(sluice::parked::release(&js, "o", "a").await.unwrap());
+    assert!(!sluice::parked::release(&js, "o", "a").await.unwrap(), "released twice");
+    let sender = sluice::outputs::OutputSender::new(nc.clone());
+    let options = sluice::dlq::admin::ReplayOptions {
+        filter: sluice::dlq::admin::Filter { key: Some("a".to_owned()), ..Default::default() },
+        to: None,
+        dry_run: false,
+    };
+    let report = sluice::dlq::admin::replay(&sender, "DLQ", &options, |_, _| {}).await.unwrap();
+    assert_eq!(report.replayed.len(), 6);
+    let runs = collect(&mut out, 6, Duration::from_secs(30)).await;
+    check_order(&runs, 1, 6);
+    assert!(sluice::parked::list(&js, "o").await.unwrap().is_empty());
+    sluice.stop().await;
+}

@@ -19,7 +19,7 @@
 //! | `count-flaky:KEY`             | adds 1 to KEY in kv (compare-and-swap), checks it reads it back, fails (retry) on odd attempts, answers the count |
 //! | `tally:KEY:SUBJECT`           | adds 1 to KEY in kv (compare-and-swap; retry when another message won) and publishes the new count to SUBJECT |
 //! | `mark:KEY`                    | `dedup.check-and-mark(KEY, 1h)`: answers `first` or `seen`  |
-//! | `trace:SUBJECT` (JSON)        | sleeps `sleep_us` microseconds (a field of the JSON payload), failing with `Error::Retry` on attempts 1..=`fail_attempts`; then publishes `{"key", "seq", "attempt", "start_ns", "end_ns"}` (the fields `key` and `seq` copied, the times of the call's start and end, wall clock) to SUBJECT |
+//! | `trace:SUBJECT` (JSON)        | sleeps `sleep_us` microseconds (a field of the JSON payload), failing with `Error::Retry` on attempts 1..=`fail_attempts` and with `Error::Reject` when `poison` is true (unless config `fixed` is `true`); then publishes `{"key", "seq", "attempt", "start_ns", "end_ns"}` (the fields `key` and `seq` copied, the times of the call's start and end, wall clock) to SUBJECT |
 //! | `recurse`                     | recurses until the stack overflows                          |
 //! | `publish-big:N`               | publishes one N-byte message to `allowed.big`, answers what the host said |
 //! | `publish-many:N`              | publishes N messages to `allowed.many`, answers how many were accepted |
@@ -158,6 +158,10 @@ fn handle(msg: Message) -> Result {
             let fail_attempts = doc.get("fail_attempts").and_then(serde_json::Value::as_u64).unwrap_or(0);
             if u64::from(attempt) <= fail_attempts {
                 return Err(Error::retry(format!("planned failure on attempt {attempt}")));
+            }
+            let poison = doc.get("poison").and_then(serde_json::Value::as_bool).unwrap_or(false);
+            if poison && sluice_guest::config("fixed").as_deref() != Some("true") {
+                return Err(Error::reject("a poison message (until config `fixed` is true)"));
             }
             let record = serde_json::json!({
                 "key": doc.get("key"),

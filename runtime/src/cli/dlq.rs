@@ -24,6 +24,10 @@ pub struct Selection {
     /// Only messages that failed with this kind (rejected, retries-exhausted, ...).
     #[arg(long)]
     pub kind: Option<String>,
+    /// Only messages of this ordering key (`Sluice-Ordering-Key`), in the order they were
+    /// dead-lettered: an ordered handler's parked key.
+    #[arg(long)]
+    pub key: Option<String>,
     #[command(flatten)]
     pub nats: crate::connect::NatsArgs,
 }
@@ -57,7 +61,7 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
 }
 
 fn filter(s: &Selection, limit: Option<usize>) -> Filter {
-    Filter { handler: s.handler.clone(), kind: s.kind.clone(), limit }
+    Filter { handler: s.handler.clone(), kind: s.kind.clone(), key: s.key.clone(), limit }
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<()> {

@@ -1,7 +1,9 @@
-//! The `sluice` command line: `run`, `validate`, `test`, `new`, `publish`, `request`, `dlq`.
+//! The `sluice` command line: `run`, `validate`, `test`, `new`, `publish`, `request`, `dlq`,
+//! `ordering`, `status`.
 
 mod dlq;
 mod new;
+mod ordering;
 mod test;
 
 use std::io::Write;
@@ -64,6 +66,9 @@ pub enum Command {
     /// Inspect and replay a dead-letter stream.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// The parked keys of an ordered handler (`on_poison = "park"`): list, release.
+    #[command(subcommand)]
+    Ordering(ordering::OrderingCommand),
     /// A table of the handlers a running Sluice serves (from its admin listener).
     Status(StatusArgs),
 }
@@ -209,6 +214,7 @@ pub async fn run_command(cli: Cli) -> u8 {
         Command::Publish(args) => publish(args).await,
         Command::Request(args) => return request(args).await,
         Command::Dlq(command) => dlq::run(command).await,
+        Command::Ordering(command) => ordering::run(command).await,
         Command::Status(args) => status(args).await,
     };
     match result {

@@ -61,12 +61,16 @@ impl Entry {
 pub struct Filter {
     pub handler: Option<String>,
     pub kind: Option<String>,
+    /// Only the dead letters of this ordering key (`Sluice-Ordering-Key`).
+    pub key: Option<String>,
     pub limit: Option<usize>,
 }
 
 impl Filter {
     fn matches(&self, e: &Entry) -> bool {
-        self.handler.as_deref().is_none_or(|h| h == e.handler()) && self.kind.as_deref().is_none_or(|k| k == e.kind())
+        self.handler.as_deref().is_none_or(|h| h == e.handler())
+            && self.kind.as_deref().is_none_or(|k| k == e.kind())
+            && self.key.as_deref().is_none_or(|k| Some(k) == e.header(header::ORDERING_KEY))
     }
 }
 

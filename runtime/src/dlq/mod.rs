@@ -33,6 +33,7 @@ pub mod header {
     pub const LAST_FAILURE_AT: &str = "Sluice-Last-Failure-At";
     pub const STREAM: &str = "Sluice-Stream";
     pub const STREAM_SEQUENCE: &str = "Sluice-Stream-Sequence";
+    pub const ORDERING_KEY: &str = "Sluice-Ordering-Key";
     pub const REPLAYED_FROM: &str = "Sluice-Replayed-From";
 }
 
@@ -76,6 +77,11 @@ pub fn verdict_headers(spec: &HandlerSpec, verdict: &Verdict, original: &Origina
     if let Some((stream, seq)) = original.stream {
         h.insert(header::STREAM, stream);
         h.insert(header::STREAM_SEQUENCE, seq.to_string());
+    }
+    if let Some(ordering) = &spec.manifest.ordering
+        && let Ok(key) = ordering.key.derive(original.subject, original.headers, original.payload)
+    {
+        h.insert(header::ORDERING_KEY, one_line(&key));
     }
     h
 }

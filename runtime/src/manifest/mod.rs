@@ -443,7 +443,13 @@ fn resolve_ordering(
             Some(crate::ordering::Partitions { count, subject: text.clone() })
         }
     };
-    Ok(Ordering { key: raw.key, on_missing: raw.on_missing.unwrap_or(OnMissing::Process), max_waiting, partitions })
+    Ok(Ordering {
+        key: raw.key,
+        on_missing: raw.on_missing.unwrap_or(OnMissing::Process),
+        max_waiting,
+        partitions,
+        on_poison: raw.on_poison.unwrap_or_default(),
+    })
 }
 
 fn resolve_rate(

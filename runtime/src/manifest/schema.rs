@@ -340,6 +340,10 @@ pub struct OrderingSection {
     /// `max_waiting = 10000`: messages waiting behind their key at most; at the bound the
     /// handler takes no new messages until keys move on.
     pub max_waiting: Option<Spanned<i64>>,
+    /// `on_poison = "skip"`: when a message of a key is dead-lettered, its key's later
+    /// messages go on (`skip`), or are dead-lettered as `key-parked` until the key is released
+    /// (`park`).
+    pub on_poison: Option<crate::ordering::OnPoison>,
     /// `partitions = 16`: JetStream only: one consumer per partition, each served by one
     /// Sluice process at a time (a pinned client), so a key's messages never run in two
     /// processes at once. Needs `partition_subject`.

@@ -67,13 +67,24 @@ pub async fn admit(lane: &Lane, entry: &Entry<'_>) -> Gate {
         let reason = format!("payload of {} bytes is over limits.max_payload ({max} bytes)", original.payload.len());
         return final_failure(FailureKind::PayloadTooLarge, reason);
     }
-    // The transport found no ordering key and ran the message unordered; the manifest may
-    // say to dead-letter such instead.
     if let Some(ordering) = &manifest.ordering
-        && ordering.on_missing == OnMissing::DeadLetter
-        && let Err(why) = ordering.key.derive(original.subject, original.headers, original.payload)
+        && (ordering.on_missing == OnMissing::DeadLetter || lane.parked.is_some())
     {
-        return final_failure(FailureKind::MissingOrderingKey, format!("no ordering key: {why}"));
+        match ordering.key.derive(original.subject, original.headers, original.payload) {
+            // The transport found no ordering key and ran the message unordered; the manifest
+            // may say to dead-letter such instead.
+            Err(why) if ordering.on_missing == OnMissing::DeadLetter => {
+                return final_failure(FailureKind::MissingOrderingKey, format!("no ordering key: {why}"));
+            }
+            Ok(key) if lane.parked.as_ref().is_some_and(|p| p.contains(&key)) => {
+                let reason = format!(
+                    "ordering key {key:?} is parked: an earlier message of it was dead-lettered; release it with `sluice ordering release {} KEY`",
+                    spec.name
+                );
+                return final_failure(FailureKind::KeyParked, reason);
+            }
+            _ => {}
+        }
     }
     let (Some(idem), Some(scope)) = (&manifest.idempotency, &lane.scope) else {
         return Gate::Run(Admitted::default());

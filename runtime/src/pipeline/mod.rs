@@ -58,6 +58,8 @@ pub struct Lane {
     /// The relay of the handler's outbox, when its store has one: outputs are committed with
     /// the call and sent after it.
     pub relay: Option<Arc<Relay>>,
+    /// The handler's parked ordering keys, with `on_poison = "park"`.
+    pub parked: Option<Arc<crate::parked::Parked>>,
     /// Fault injection for tests; `None` in production.
     pub fault: Option<Fault>,
     /// The handler's counters and histograms.

@@ -70,8 +70,28 @@ pub async fn settle(lane: &Lane, entry: &Entry<'_>, step: Step, history: Option<
             }
         }
     };
+    if let Settle::GaveUp { verdict, parked: true } = &settle {
+        Box::pin(park_key(lane, verdict, entry)).await;
+    }
     count(lane, &settle, entry);
     (settle, history)
+}
+
+/// With `on_poison = "park"`: a message dead-lettered parks its ordering key, so that the
+/// key's later messages follow it to the dead letters, in order, until it is released.
+async fn park_key(lane: &Lane, verdict: &Verdict, entry: &Entry<'_>) {
+    let (Some(parked), Some(ordering)) = (&lane.parked, &lane.handler.spec.manifest.ordering) else { return };
+    if verdict.kind == FailureKind::KeyParked {
+        return;
+    }
+    let original = &entry.original;
+    let Ok(key) = ordering.key.derive(original.subject, original.headers, original.payload) else { return };
+    tracing::warn!(key = %key, kind = %verdict.kind, "ordering key parked: its later messages are dead-lettered until it is released");
+    if let Err(e) = parked.park(&key, &verdict.reason).await {
+        // Parked in this process all the same; another process (or this one after a restart)
+        // does not know.
+        tracing::error!(key = %key, "{e}");
+    }
 }
 
 /// Logs the failed attempt and decides what comes next.
