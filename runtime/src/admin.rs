@@ -5,7 +5,7 @@
 //! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
 //! | `GET /healthz` | 200 while the process is alive: `ok`, or `degraded: ...` naming each handler whose outbox has held outputs for more than 5 s (the broker or a target stream is not taking them) |
 //! | `GET /readyz` | 200 once every handler is loaded and bound and NATS is connected; 503 (with the reason) otherwise |
-//! | `GET /handlers` | JSON: each handler's version, source, counters and last reload error, and the reload errors of files that serve nothing |
+//! | `GET /handlers` | JSON: each handler's version, source, counters, parked ordering keys and last reload error, and the reload errors of files that serve nothing |
 //! | `POST /reload` | reloads the manifests (as SIGHUP does) and answers with what changed |
 //!
 //! With a token ([`AdminState::with_token`], `--admin-token`), `/handlers` and `/reload`
@@ -172,6 +172,9 @@ pub struct HandlerReport {
     #[serde(flatten)]
     pub status: HandlerStatus,
     pub counters: CountsSnapshot,
+    /// Ordering keys parked after a dead letter (`on_poison = "park"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parked_keys: Vec<String>,
 }
 
 async fn handlers(State(state): State<AdminState>) -> Json<HandlersReport> {
@@ -181,7 +184,8 @@ async fn handlers(State(state): State<AdminState>) -> Json<HandlersReport> {
         .into_iter()
         .map(|status| {
             let counters = state.metrics.handler(&status.name).snapshot();
-            HandlerReport { status, counters }
+            let parked_keys = state.status.parked_keys(&status.name);
+            HandlerReport { status, counters, parked_keys }
         })
         .collect();
     Json(HandlersReport { handlers, reload_errors: state.status.reload_errors() })

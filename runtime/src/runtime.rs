@@ -377,15 +377,11 @@ impl Supervisor {
         let parked = match &handler.spec.manifest.ordering {
             Some(o) if o.on_poison == crate::ordering::OnPoison::Park => {
                 let replicas = handler.spec.manifest.store.replicas;
-                Some(
-                    crate::parked::Parked::open(
-                        self.sender.jetstream(),
-                        &handler.spec.name,
-                        replicas,
-                        metrics.parked_keys(),
-                    )
-                    .await?,
-                )
+                let js = self.sender.jetstream();
+                let parked =
+                    crate::parked::Parked::open(js, &handler.spec.name, replicas, metrics.parked_keys()).await?;
+                self.status.track_parked(&handler.spec.name, &parked);
+                Some(parked)
             }
             _ => None,
         };

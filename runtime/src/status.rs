@@ -41,6 +41,8 @@ pub struct HandlerStatus {
 #[derive(Debug, Default)]
 pub struct Status {
     handlers: RwLock<BTreeMap<String, HandlerStatus>>,
+    /// The parked ordering keys of handlers with `on_poison = "park"`, as served now.
+    parked: RwLock<BTreeMap<String, std::sync::Weak<crate::parked::Parked>>>,
     /// Reload errors by manifest file.
     errors: RwLock<BTreeMap<String, String>>,
 }
@@ -79,6 +81,19 @@ impl Status {
         if let Ok(mut e) = self.errors.write() {
             *e = errors;
         }
+    }
+
+    /// Follows `handler`'s parked keys (its version being served holds them).
+    pub(crate) fn track_parked(&self, handler: &str, parked: &std::sync::Arc<crate::parked::Parked>) {
+        if let Ok(mut p) = self.parked.write() {
+            p.insert(handler.to_owned(), std::sync::Arc::downgrade(parked));
+        }
+    }
+
+    /// The parked ordering keys of `handler` (none unless it parks keys).
+    pub fn parked_keys(&self, handler: &str) -> Vec<String> {
+        let parked = self.parked.read().ok().and_then(|p| p.get(handler).and_then(std::sync::Weak::upgrade));
+        parked.map(|p| p.list()).unwrap_or_default()
     }
 
     /// Every handler served now, by name.

@@ -393,6 +393,7 @@ async fn a_parked_key_sends_its_later_messages_to_the_dead_letters_in_order_unti
     let parked = sluice::parked::list(&js, "o").await.unwrap();
     assert_eq!(parked.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), ["a"]);
     assert!(parked[0].reason.contains("poison"), "{parked:?}");
+    assert_eq!(sluice.status().parked_keys("o"), ["a"], "what /handlers shows");
     // Still parked: a new message of a follows the others.
     publish("a", 5, false).await;
     sluice_tests::stream_messages(&js, "DLQ", 6, Duration::from_secs(30)).await;
@@ -413,5 +414,6 @@ async fn a_parked_key_sends_its_later_messages_to_the_dead_letters_in_order_unti
     let runs = collect(&mut out, 6, Duration::from_secs(30)).await;
     check_order(&runs, 1, 6);
     assert!(sluice::parked::list(&js, "o").await.unwrap().is_empty());
+    assert!(sluice.status().parked_keys("o").is_empty(), "the release reached the running handler");
     sluice.stop().await;
 }
