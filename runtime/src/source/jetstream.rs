@@ -637,7 +637,16 @@ async fn process(
                 // An ordered message is retried here, holding its key: the later messages
                 // of the key wait for it, the other keys flow.
                 Settle::Retry(delay) if slot.turn.is_some() => {
-                    Box::pin(retry_in_order(lane, msg, meta, delay, history, histories, stop.clone(), received)).await;
+                    let attempt = u32::try_from(meta.2).unwrap_or(u32::MAX);
+                    let again = Again { delay, attempt, history };
+                    Box::pin(retry_in_order(lane, msg, meta, again, histories, stop.clone(), received)).await;
+                }
+                // Its dead letter could not be stored: kept here too (not nak'd behind the
+                // key's next messages), and dead-lettered on its next turn.
+                Settle::GaveUp { parked: false, .. } if slot.turn.is_some() => {
+                    let retry = &lane.handler.spec.manifest.retry;
+                    let again = Again { delay: retry.max, attempt: retry.max_attempts, history };
+                    Box::pin(retry_in_order(lane, msg, meta, again, histories, stop.clone(), received)).await;
                 }
                 settle => apply(lane, msg, meta.1, histories, settle, history).await,
             }
@@ -648,22 +657,30 @@ async fn process(
     with_progress_acks(&msgs, &settled, ack_wait, work).await;
 }
 
+/// The next attempt of an ordered message kept in this process.
+struct Again {
+    delay: Duration,
+    /// The attempt that just ended.
+    attempt: u32,
+    history: Option<History>,
+}
+
 /// The attempts after the first of an ordered message, in this process (the message's
 /// in-progress acks keep it here meanwhile), each after its backoff and alone through the
 /// pipeline, until it is settled. Its attempt is JetStream's delivery count plus the retries
-/// made here. On shutdown it goes back to the broker at once (a nak), to be redelivered first.
-#[allow(clippy::too_many_arguments)]
+/// made here; a message whose dead letter could not be stored waits `retry.max` and is
+/// dead-lettered again. On shutdown it goes back to the broker at once (a nak), to be
+/// redelivered first.
 async fn retry_in_order(
     lane: &Lane,
     msg: &jetstream::Message,
     meta: &Meta,
-    mut delay: Duration,
-    mut history: Option<History>,
+    again: Again,
     histories: &Histories,
     mut stop: watch::Receiver<bool>,
     received: Instant,
 ) {
-    let mut attempt = u32::try_from(meta.2).unwrap_or(u32::MAX);
+    let Again { mut delay, mut attempt, mut history } = again;
     loop {
         let stopping = tokio::select! {
             () = tokio::time::sleep(delay) => false,
@@ -687,6 +704,10 @@ async fn retry_in_order(
         .await;
         match next.into_inner().ok().flatten() {
             Some((Settle::Retry(d), h)) => (delay, history) = (d, h),
+            Some((Settle::GaveUp { parked: false, .. }, h)) => {
+                let retry = &lane.handler.spec.manifest.retry;
+                (delay, history, attempt) = (retry.max, h, attempt.max(retry.max_attempts));
+            }
             Some((settle, h)) => {
                 apply(lane, msg, meta.1, histories, settle, h).await;
                 return;
