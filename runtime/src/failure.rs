@@ -29,8 +29,13 @@ pub enum FailureKind {
     MemoryLimit,
     /// No instance could be created (for example the instance pool is exhausted).
     Instantiation,
-    /// The call succeeded but its outputs could not be sent (a stream did not acknowledge).
+    /// The call succeeded but its outputs can never be sent as they are (larger than the
+    /// server or the stream takes, a subject it refuses).
     OutputFailed,
+    /// The call succeeded but the broker did not take its outputs now (no connection, no
+    /// stream answering, a timeout, a stream at its limits), for a handler without an outbox:
+    /// retried after a back-off, without counting the attempt.
+    BrokerBusy,
     /// A retryable failure happened on the last allowed attempt.
     RetriesExhausted,
     /// The handler's state store could not be reached.
@@ -60,6 +65,7 @@ impl FailureKind {
             FailureKind::MemoryLimit => "memory-limit",
             FailureKind::Instantiation => "instantiation",
             FailureKind::OutputFailed => "output-failed",
+            FailureKind::BrokerBusy => "broker-busy",
             FailureKind::RetriesExhausted => "retries-exhausted",
             FailureKind::StoreError => "store-error",
             FailureKind::OutputLimit => "output-limit",
@@ -72,7 +78,7 @@ impl FailureKind {
     }
 
     /// Every kind, for parsing and documentation.
-    pub const ALL: [FailureKind; 15] = [
+    pub const ALL: [FailureKind; 16] = [
         FailureKind::Rejected,
         FailureKind::RetryRequested,
         FailureKind::Trap,
@@ -80,6 +86,7 @@ impl FailureKind {
         FailureKind::MemoryLimit,
         FailureKind::Instantiation,
         FailureKind::OutputFailed,
+        FailureKind::BrokerBusy,
         FailureKind::RetriesExhausted,
         FailureKind::StoreError,
         FailureKind::OutputLimit,

@@ -130,6 +130,29 @@ pub enum SendError {
     },
 }
 
+impl SendError {
+    /// No server will ever take this publication (larger than the server's `max_payload` or
+    /// the stream's `max_msg_size`, a subject the server refuses): sending it again cannot
+    /// help. Every other failure is the broker not taking it now (no connection, no stream
+    /// answering, a timeout, a stream at its limits), which a later try may get past.
+    pub fn is_permanent(&self) -> bool {
+        use async_nats::jetstream::context::PublishErrorKind as Js;
+        match self {
+            SendError::Core { error, .. } => {
+                matches!(
+                    error.kind(),
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded
+                        | async_nats::client::PublishErrorKind::InvalidSubject
+                )
+            }
+            SendError::Stream { error, .. } | SendError::NotAcknowledged { error, .. } => {
+                error.kind() == Js::MaxPayloadExceeded || error.to_string().contains("message size exceeds maximum")
+            }
+            SendError::Reply { .. } => false,
+        }
+    }
+}
+
 /// Sends outputs, knowing which subjects are stored by streams.
 #[derive(Debug)]
 pub struct OutputSender {

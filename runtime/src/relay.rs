@@ -304,8 +304,13 @@ impl Relay {
             }
             let mut round = round;
             let mut dropped = Vec::new();
+            // An entry no re-send can ever get through (larger than the server or its stream
+            // takes, a subject it refuses) is dropped, counted and logged with its subject, so
+            // that it does not hold back the handler's other outputs for ever; the commit stage
+            // refuses outputs over the server's `max_payload` before they reach the outbox, so
+            // this is the case of a server or stream changed since.
             let failure = match failure {
-                Some((k, e)) if permanent(&e) => {
+                Some((k, e)) if e.is_permanent() => {
                     if let Some(job) = round.get_mut(sent)
                         && k < job.entries.len()
                     {
@@ -401,28 +406,6 @@ impl Relay {
             Some((j, k, e)) => (j, Some((k, e))),
             None => (round.len(), None),
         }
-    }
-}
-
-/// Whether no re-send can ever succeed: an output larger than the server takes, or than its
-/// stream's `max_msg_size`, or a subject the server refuses. Such an entry is dropped (and
-/// counted, and logged with its subject) so that it does not hold back the handler's other
-/// outputs for ever; the commit stage refuses outputs over the server's `max_payload` before
-/// they reach the outbox, so this is the case of a server or stream changed since.
-fn permanent(e: &SendError) -> bool {
-    use async_nats::jetstream::context::PublishErrorKind as Js;
-    match e {
-        SendError::Core { error, .. } => {
-            matches!(
-                error.kind(),
-                async_nats::client::PublishErrorKind::MaxPayloadExceeded
-                    | async_nats::client::PublishErrorKind::InvalidSubject
-            )
-        }
-        SendError::Stream { error, .. } | SendError::NotAcknowledged { error, .. } => {
-            error.kind() == Js::MaxPayloadExceeded || error.to_string().contains("message size exceeds maximum")
-        }
-        SendError::Reply { .. } => false,
     }
 }
 

@@ -80,6 +80,16 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The wait after the broker did not take a call's outputs for the `n`th time in a row
+/// (1-based; [`FailureKind::BrokerBusy`]): 1 s doubling to 10 s (the back-off Azure Service
+/// Bus asks of a client told "server busy"), with equal jitter so that many messages do not
+/// come back at the same moment. Not the handler's retry policy: such a retry is not an
+/// attempt.
+pub fn broker_backoff(n: u32) -> Duration {
+    let base = Duration::from_secs(1).saturating_mul(1u32 << n.saturating_sub(1).min(4)).min(Duration::from_secs(10));
+    base / 2 + base.mul_f64(fastrand::f64() / 2.0)
+}
+
 /// What to do with a message after a failed attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {

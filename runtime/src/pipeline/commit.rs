@@ -64,8 +64,10 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
                     Ok(())
                 }
                 None if outputs.is_empty() => Ok(()),
+                // Without an outbox the outputs go before the ack: when the broker does not take
+                // them now, the message waits and comes back (not an attempt of the handler's).
                 None => Box::pin(lane.sender.send(outputs)).await.map_err(|e| Failure {
-                    kind: FailureKind::OutputFailed,
+                    kind: if e.is_permanent() { FailureKind::OutputFailed } else { FailureKind::BrokerBusy },
                     reason: e.to_string(),
                     retry_after: None,
                 }),

@@ -15,12 +15,22 @@ pub struct History {
     pub first_failure_at: SystemTime,
     pub last_failure_at: SystemTime,
     pub last: Failure,
+    /// Deliveries that ended with the broker not taking the outputs ([`FailureKind::BrokerBusy`]):
+    /// not attempts, so a transport subtracts them from its delivery count.
+    pub deferrals: u32,
 }
 
 impl History {
     pub fn record(previous: Option<History>, failure: Failure) -> History {
         let now = SystemTime::now();
-        History { first_failure_at: previous.map_or(now, |h| h.first_failure_at), last_failure_at: now, last: failure }
+        let deferred = u32::from(failure.kind == FailureKind::BrokerBusy);
+        let (first_failure_at, deferrals) = previous.map_or((now, 0), |h| (h.first_failure_at, h.deferrals));
+        History { first_failure_at, last_failure_at: now, last: failure, deferrals: deferrals + deferred }
+    }
+
+    /// The deliveries of a message that were not attempts (see [`History::deferrals`]).
+    pub fn deferred(history: Option<&History>) -> u32 {
+        history.map_or(0, |h| h.deferrals)
     }
 
     /// The verdict when the policy gives up with `kind` after `attempts`.
@@ -55,6 +65,19 @@ pub async fn settle(lane: &Lane, entry: &Entry<'_>, step: Step, history: Option<
             let verdict = history.verdict(kind, entry.attempt);
             let parked = Box::pin(park(lane, &verdict, entry)).await;
             (Settle::GaveUp { verdict, parked }, Some(history))
+        }
+        // The broker did not take the outputs: wait and come back, without spending an
+        // attempt (however long the broker is away: never a dead letter for that).
+        Step::Failed(failure) if failure.kind == FailureKind::BrokerBusy => {
+            lane.metrics.failed(failure.kind);
+            let history = History::record(history, failure);
+            let delay = crate::retry::broker_backoff(history.deferrals);
+            tracing::info!(
+                reason = %history.last.reason,
+                retry_in = ?delay,
+                "the broker did not take the outputs; back in a while (not counted as an attempt)"
+            );
+            (Settle::Retry(delay), Some(history))
         }
         Step::Failed(failure) => {
             lane.metrics.failed(failure.kind);

@@ -258,7 +258,7 @@ async fn retry(
     mut stop: watch::Receiver<bool>,
     received: Instant,
 ) {
-    let mut attempt = 1;
+    let mut deliveries = 1;
     loop {
         slot.permit = None;
         let last_chance = tokio::select! {
@@ -271,7 +271,10 @@ async fn retry(
         };
         let lane = versions.borrow().clone();
         let max_attempts = lane.handler.spec.manifest.retry.max_attempts;
-        attempt = if last_chance { max_attempts.max(attempt + 1) } else { attempt + 1 };
+        // Deliveries the broker's back-pressure caused are not attempts.
+        let deferred = History::deferred(history.as_ref());
+        deliveries = if last_chance { (max_attempts + deferred).max(deliveries + 1) } else { deliveries + 1 };
+        let attempt = deliveries.saturating_sub(deferred).max(1);
         let next = std::sync::Mutex::new(None);
         let entries = vec![(entry(&lane, msg, wit, attempt, history.take(), received), ())];
         pipeline::run_batch(&lane, entries, |_, (), settle, history| {
@@ -285,6 +288,12 @@ async fn retry(
         })
         .await;
         match next.into_inner().ok().flatten() {
+            // Only the broker not taking the outputs retries past the last chance (a retry
+            // policy's failure is dead-lettered then); on shutdown that cannot wait.
+            Some(_) if last_chance => {
+                tracing::error!("message lost: the broker did not take its outputs before shutdown");
+                return;
+            }
             Some((d, h)) => (delay, history) = (d, h),
             None => return,
         }

@@ -561,6 +561,13 @@ impl pipeline::Tag for Slot {
     }
 }
 
+/// The attempt a delivery is: JetStream's delivery count (plus any retries made in this
+/// process), less the deliveries the broker's back-pressure caused (not attempts).
+fn effective_attempt(deliveries: i64, history: Option<&History>) -> u32 {
+    let deliveries = u32::try_from(deliveries).unwrap_or(u32::MAX);
+    deliveries.saturating_sub(History::deferred(history)).max(1)
+}
+
 /// A stream message's place: stream, stream sequence, delivery count.
 type Meta = (String, u64, i64);
 
@@ -623,8 +630,8 @@ async fn process(
             .zip(&metas)
             .zip(slots)
             .map(|((msg, meta), slot)| {
-                let attempt = u32::try_from(meta.2).unwrap_or(u32::MAX);
                 let history = taken.as_mut().and_then(|h| h.remove(&meta.1));
+                let attempt = effective_attempt(meta.2, history.as_ref());
                 (entry_of(&lane, msg, meta, attempt, history, received), slot)
             })
             .collect()
@@ -637,15 +644,15 @@ async fn process(
                 // An ordered message is retried here, holding its key: the later messages
                 // of the key wait for it, the other keys flow.
                 Settle::Retry(delay) if slot.turn.is_some() => {
-                    let attempt = u32::try_from(meta.2).unwrap_or(u32::MAX);
-                    let again = Again { delay, attempt, history };
+                    let again = Again { delay, deliveries: meta.2, history };
                     Box::pin(retry_in_order(lane, msg, meta, again, histories, stop.clone(), received)).await;
                 }
                 // Its dead letter could not be stored: kept here too (not nak'd behind the
                 // key's next messages), and dead-lettered on its next turn.
                 Settle::GaveUp { parked: false, .. } if slot.turn.is_some() => {
                     let retry = &lane.handler.spec.manifest.retry;
-                    let again = Again { delay: retry.max, attempt: retry.max_attempts, history };
+                    let deliveries = i64::from(retry.max_attempts + History::deferred(history.as_ref()));
+                    let again = Again { delay: retry.max, deliveries: deliveries.max(meta.2), history };
                     Box::pin(retry_in_order(lane, msg, meta, again, histories, stop.clone(), received)).await;
                 }
                 settle => apply(lane, msg, meta.1, histories, settle, history).await,
@@ -660,8 +667,8 @@ async fn process(
 /// The next attempt of an ordered message kept in this process.
 struct Again {
     delay: Duration,
-    /// The attempt that just ended.
-    attempt: u32,
+    /// Deliveries so far, JetStream's and this process's (see [`effective_attempt`]).
+    deliveries: i64,
     history: Option<History>,
 }
 
@@ -680,7 +687,7 @@ async fn retry_in_order(
     mut stop: watch::Receiver<bool>,
     received: Instant,
 ) {
-    let Again { mut delay, mut attempt, mut history } = again;
+    let Again { mut delay, mut deliveries, mut history } = again;
     loop {
         let stopping = tokio::select! {
             () = tokio::time::sleep(delay) => false,
@@ -690,7 +697,8 @@ async fn retry_in_order(
             apply(lane, msg, meta.1, histories, Settle::Retry(Duration::ZERO), history).await;
             return;
         }
-        attempt = attempt.saturating_add(1);
+        deliveries = deliveries.saturating_add(1);
+        let attempt = effective_attempt(deliveries, history.as_ref());
         let next = Mutex::new(None);
         let entries = vec![(entry_of(lane, msg, meta, attempt, history.take(), received), ())];
         pipeline::run_batch(lane, entries, |_, (), settle, history| {
@@ -706,7 +714,8 @@ async fn retry_in_order(
             Some((Settle::Retry(d), h)) => (delay, history) = (d, h),
             Some((Settle::GaveUp { parked: false, .. }, h)) => {
                 let retry = &lane.handler.spec.manifest.retry;
-                (delay, history, attempt) = (retry.max, h, attempt.max(retry.max_attempts));
+                let last = i64::from(retry.max_attempts + History::deferred(h.as_ref()));
+                (delay, history, deliveries) = (retry.max, h, deliveries.max(last));
             }
             Some((settle, h)) => {
                 apply(lane, msg, meta.1, histories, settle, h).await;
