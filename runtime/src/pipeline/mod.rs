@@ -150,14 +150,6 @@ impl Lane {
         )
     }
 
-    /// Returns when the handler may take more messages: at once, unless its outbox is full
-    /// (then when the relay has made room).
-    pub async fn room(&self) {
-        if let Some(relay) = &self.relay {
-            relay.room().await;
-        }
-    }
-
     /// Whether a reply (or a failure reply) may go to `subject`; counts a refusal.
     pub fn reply_allowed(&self, subject: &str) -> bool {
         let allowed = self.sender.reply_allowed(&self.handler.spec, subject);

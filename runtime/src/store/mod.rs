@@ -529,11 +529,6 @@ impl Scope {
         &self.store
     }
 
-    /// The handler this scope belongs to.
-    pub fn handler(&self) -> &Arc<str> {
-        &self.handler
-    }
-
     /// Commits a successful call: its guest writes, its outbox entries (`outbox`) and, with an
     /// idempotency key, the key's completion record (for `ttl`, with the payload's
     /// fingerprint), in one write where the backend allows (see [`Store::commit`]: the record
@@ -605,7 +600,7 @@ impl Scope {
 
 /// The protocol every backend must follow, as one test routine: the unit tests run it on
 /// `memory` and `redb`, the integration tests on `nats-kv` against a real server.
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 #[allow(clippy::unwrap_used)]
 pub mod conformance {
     use std::time::Duration;
