@@ -7,6 +7,7 @@
 //! dead letter carries a `Nats-Msg-Id`, so a re-publish after a crash is dropped by the
 //! stream's duplicate window instead of parking the message twice.
 
+#[cfg(any(feature = "cli", feature = "testing"))]
 pub mod admin;
 
 use std::time::SystemTime;
@@ -33,6 +34,7 @@ pub mod header {
     pub const LAST_FAILURE_AT: &str = "Sluice-Last-Failure-At";
     pub const STREAM: &str = "Sluice-Stream";
     pub const STREAM_SEQUENCE: &str = "Sluice-Stream-Sequence";
+    #[cfg(any(feature = "cli", feature = "testing"))]
     pub const REPLAYED_FROM: &str = "Sluice-Replayed-From";
 }
 
