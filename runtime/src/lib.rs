@@ -33,10 +33,20 @@
 //! # }
 //! ```
 //!
-//! Everything else is `pub(crate)`. The `testing` feature (off by default, as tokio's
-//! `test-util`) adds a `testing` module: fault injection, test hooks, a
-//! child `nats-server` and a few internals for the integration tests, the benchmark and the
-//! fuzz targets.
+//! Besides these, [`admin`] (the HTTP listener) is public, and so are [`cli`] and
+//! [`connect`], the command line the `sluice` binary runs (it still lives in the library;
+//! see below). Everything else is `pub(crate)`.
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `admin` | on | [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/handlers`, `POST /reload` (axum) |
+//! | `cli` | on | [`cli`] and [`connect`]: the command line and its NATS flags (clap, indicatif, ureq); implies `admin`; the binary requires it |
+//! | `testing` | off | a `testing` module, as tokio's `test-util`: fault injection, test hooks, `Running::abort`, a child `nats-server`, the store conformance routine and a few internals, for the integration tests, the benchmark and the fuzz targets |
+//!
+//! `--no-default-features` builds the runtime alone: every state store, no HTTP listener, no
+//! command line.
 //!
 //! # Layout
 //!
@@ -121,7 +131,11 @@ pub use status::{HandlerStatus, ReloadReport, Status};
 /// production builds.
 #[cfg(feature = "testing")]
 pub mod testing {
+    pub use crate::bindings::{Delivery, Message};
+    pub use crate::dispatch::{Outcome, dispatch};
     pub use crate::dlq::admin as dlq_admin;
+    pub use crate::engine::Engine;
+    pub use crate::handler::Handler;
     pub use crate::handler::digest;
     pub use crate::idempotency::KeySpec;
     pub use crate::nats_server::NatsServer;
