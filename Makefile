@@ -39,7 +39,7 @@ lint: tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	# The library alone (no admin listener, no command line) still builds without warnings.
-	RUSTFLAGS="-D warnings" $(CARGO) check -p sluice --lib --no-default-features
+	$(CARGO) clippy -p sluice --lib --no-default-features -- -D warnings
 
 # What CI runs: formatting and lints, then the README's test command.
 ci: lint test
