@@ -66,6 +66,7 @@ pub struct Lane {
 
 /// Faults a test can inject, to stop where a crash would.
 #[cfg_attr(not(feature = "testing"), expect(dead_code, reason = "the tests construct them, with the testing feature"))]
+#[allow(clippy::enum_variant_names)] // each names where the run halts
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Without an outbox: after the outputs of a successful call are sent, no commit, no ack.
