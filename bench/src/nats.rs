@@ -12,7 +12,7 @@ use async_nats::Client;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
-use sluice::nats_server::NatsServer;
+use sluice::testing::NatsServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 

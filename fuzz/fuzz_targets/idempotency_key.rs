@@ -1,4 +1,4 @@
-//! `sluice::idempotency::KeySpec::parse` and `KeySpec::derive` on an arbitrary spec and
+//! `sluice::testing::KeySpec::parse` and `KeySpec::derive` on an arbitrary spec and
 //! message (subject, headers, payload).
 //!
 //! Checked besides "no panic":
@@ -20,7 +20,7 @@ use std::str::FromStr;
 use arbitrary::Arbitrary;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use sluice::idempotency::KeySpec;
+use sluice::testing::KeySpec;
 
 #[derive(Debug, Arbitrary)]
 struct Input<'a> {

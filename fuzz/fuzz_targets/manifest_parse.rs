@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use sluice::manifest::{self, Source};
-use sluice::pipeline::LEASE_GRACE;
-use sluice::store::Backend;
+use sluice::testing::LEASE_GRACE;
+use sluice::testing::Backend;
 
 fn manifest_path() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
@@ -159,11 +159,11 @@ fn check_manifest(m: &manifest::Manifest) {
         }
     }
     if let Some(dl) = &m.dead_letter {
-        assert!(sluice::subject::validate_literal(&dl.subject).is_ok(), "dead-letter subject {:?}", dl.subject);
+        assert!(sluice::testing::validate_literal(&dl.subject).is_ok(), "dead-letter subject {:?}", dl.subject);
         assert!(!dl.create_stream || dl.stream.is_some());
     }
     for p in &m.publish {
-        assert!(sluice::subject::SubjectPattern::parse(p.as_str()).is_ok());
+        assert!(sluice::testing::SubjectPattern::parse(p.as_str()).is_ok());
     }
     // Spans recorded for later errors must lie within the text (they are sliced by `locate`).
     let len = m.file.text.len();

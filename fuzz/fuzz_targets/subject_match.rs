@@ -1,5 +1,5 @@
-//! `sluice::subject::SubjectPattern::parse`, `SubjectPattern::matches` and
-//! `sluice::subject::validate_literal` on an arbitrary pattern and subject.
+//! `sluice::testing::SubjectPattern::parse`, `SubjectPattern::matches` and
+//! `sluice::testing::validate_literal` on an arbitrary pattern and subject.
 //!
 //! Checked besides "no panic":
 //! - a subject `validate_literal` accepts is also a valid pattern, and matches itself;
@@ -11,7 +11,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use sluice::subject::{SubjectPattern, validate_literal};
+use sluice::testing::{SubjectPattern, validate_literal};
 
 #[derive(Debug, Arbitrary)]
 struct Input<'a> {

@@ -2,14 +2,14 @@
 //! time (or, with a third argument `warm`, warm instances), and prints the time per call. No
 //! NATS involved.
 //!
-//!     cargo run --release -p sluice --example dispatch_loop -- plugins/dist/noop.wasm 100000 [warm]
+//! It calls internals, through the `testing` feature:
+//!
+//!     cargo run --release -p sluice --features testing --example dispatch_loop -- plugins/dist/noop.wasm 100000 [warm]
 
 use std::time::Instant;
 
-use sluice::bindings::sluice::handler::types::{Delivery, Message};
-use sluice::dispatch::{Outcome, dispatch};
-use sluice::engine::{Engine, EngineOptions};
-use sluice::handler::Handler;
+use sluice::EngineOptions;
+use sluice::testing::{Delivery, Engine, Handler, Message, Outcome, dispatch};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

@@ -43,6 +43,7 @@ pub struct AdminState {
 }
 
 impl AdminState {
+    /// An admin state over a runtime's metrics and status (not yet bound to NATS).
     pub fn new(metrics: Arc<Metrics>, status: Arc<Status>) -> Self {
         AdminState { metrics, status, bound: Arc::default(), token: None }
     }
@@ -162,15 +163,19 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 /// `/handlers`: one entry per handler served, plus reload errors of other files.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct HandlersReport {
+    /// The handlers served, by name.
     pub handlers: Vec<HandlerReport>,
     /// Reload errors by manifest file (a new manifest that never loaded shows only here).
     pub reload_errors: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
+/// One handler in [`HandlersReport`]: what is served and its counters.
 pub struct HandlerReport {
     #[serde(flatten)]
+    /// What is served, in which version.
     pub status: HandlerStatus,
+    /// Its counters since the runtime started.
     pub counters: CountsSnapshot,
     /// Ordering keys parked after a dead letter (`on_poison = "park"`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

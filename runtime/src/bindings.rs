@@ -17,5 +17,3 @@ wasmtime::component::bindgen!({
     },
     exports: { default: async },
 });
-
-pub use self::sluice::handler::types::{Level, RetryHint};

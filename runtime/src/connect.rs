@@ -261,10 +261,22 @@ impl Target {
 pub enum ConnectError {
     /// The server(s) refused or could not be reached.
     #[error("cannot connect to NATS at {servers}: {why}")]
-    Refused { servers: String, why: String },
+    Refused {
+        /// The servers tried (credentials redacted).
+        servers: String,
+        /// Why the connection failed.
+        why: String,
+    },
     /// A file the flags name cannot be read.
     #[error("cannot read the {what} {}: {reason}", path.display())]
-    File { what: &'static str, path: PathBuf, reason: String },
+    File {
+        /// What the file is (credentials, nkey seed, TLS certificate, ...).
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        reason: String,
+    },
     /// The flags or the context are not usable.
     #[error("NATS connection settings: {0}")]
     Config(String),

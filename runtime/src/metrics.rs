@@ -58,9 +58,13 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     handlers: Mutex<HashMap<String, Arc<HandlerMetrics>>>,
-    pub nats_connected: Gauge,
-    pub nats_reconnects: Counter,
-    pub nats_dropped: Counter,
+    // The connection's state, set by the command line's connection callback.
+    #[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "set by the command line's connection callback"))]
+    pub(crate) nats_connected: Gauge,
+    #[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "set by the command line's connection callback"))]
+    pub(crate) nats_reconnects: Counter,
+    #[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "set by the command line's connection callback"))]
+    pub(crate) nats_dropped: Counter,
 }
 
 impl std::fmt::Debug for Metrics {

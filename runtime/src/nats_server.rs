@@ -41,6 +41,7 @@ impl NatsServer {
     /// Like [`start`](Self::start), with `config` (nats-server configuration text: an
     /// `authorization` block, `tls`, `accounts`, ...) written to `server.conf` in the
     /// server's folder. Address, port and JetStream storage still come from the arguments.
+    #[cfg(feature = "testing")]
     pub fn start_with_config(config: &str) -> anyhow::Result<Self> {
         Self::spawn(0, &[], Some(config))
     }
@@ -79,6 +80,8 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The port the server listens on.
+    #[cfg(feature = "testing")]
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -63,19 +63,23 @@ impl fmt::Display for ManifestErrors<'_> {
 /// How a runtime runs.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeOptions {
+    /// The engine's limits, compile cache and guest threads.
     pub engine: EngineOptions,
     /// Where the `redb` store lives (`state.redb`); required when a handler uses it.
     pub data_dir: Option<PathBuf>,
-    /// Fault injection for tests.
-    #[doc(hidden)]
+    /// Fault injection for tests (public with the `testing` feature).
+    #[cfg(feature = "testing")]
     pub fault: Option<Fault>,
-    /// Hooks for tests, to make races deterministic.
-    #[doc(hidden)]
+    #[cfg(not(feature = "testing"))]
+    pub(crate) fault: Option<Fault>,
+    /// Hooks for tests, to make races deterministic (public with the `testing` feature).
+    #[cfg(feature = "testing")]
     pub hooks: TestHooks,
+    #[cfg(not(feature = "testing"))]
+    pub(crate) hooks: TestHooks,
 }
 
 /// Places in a reload where a test can act (a hook runs on the reloading task).
-#[doc(hidden)]
 #[derive(Clone, Default)]
 pub struct TestHooks {
     /// After a new version is compiled, before it is put in service (its handler name).
@@ -83,7 +87,6 @@ pub struct TestHooks {
 }
 
 /// A test hook, called with a handler name.
-#[doc(hidden)]
 pub type Hook = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl fmt::Debug for TestHooks {
@@ -127,6 +130,7 @@ impl Runtime {
         Ok(Runtime { engine, handlers, options, paths: paths.to_vec(), metrics, status: Arc::default() })
     }
 
+    /// The handlers loaded.
     pub fn handlers(&self) -> &[Arc<Handler>] {
         &self.handlers
     }
@@ -212,8 +216,9 @@ impl Running {
     }
 
     /// Stops at once, as a crash would: calls in flight are abandoned, nothing more is acked
-    /// or marked. For tests of crash recovery; a real process uses [`shutdown`](Self::shutdown).
-    #[doc(hidden)]
+    /// or marked. For tests of crash recovery (with the `testing` feature); a real process
+    /// uses [`shutdown`](Self::shutdown).
+    #[cfg(feature = "testing")]
     pub async fn abort(self) {
         let _reloading = self.supervisor.retire().await;
         let served = std::mem::take(&mut *self.supervisor.served.lock().await);
@@ -302,14 +307,14 @@ impl Reloader {
     }
 
     /// The files and folders whose changes can change what is served.
-    pub async fn watched(&self) -> Watched {
+    pub(crate) async fn watched(&self) -> Watched {
         self.0.watched().await
     }
 }
 
 /// What the runtime depends on, on disk.
 #[derive(Debug, Clone, Default)]
-pub struct Watched {
+pub(crate) struct Watched {
     /// Folders of manifests: any `*.toml` appearing, changing or going there matters.
     pub manifest_dirs: Vec<PathBuf>,
     /// Single files that matter: manifests named one by one, and the components served.

@@ -14,8 +14,11 @@ use crate::manifest::ManifestError;
 /// What a reload did.
 #[derive(Debug, Default)]
 pub struct ReloadReport {
+    /// Handlers started (new manifests).
     pub started: Vec<String>,
+    /// Handlers updated to a new version.
     pub updated: Vec<String>,
+    /// Handlers stopped (manifest removed).
     pub stopped: Vec<String>,
     /// Manifests or components that could not be used; what they described keeps running
     /// in its previous version.
@@ -25,11 +28,15 @@ pub struct ReloadReport {
 /// One handler, as served now.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct HandlerStatus {
+    /// The handler's name.
     pub name: String,
     /// `sha256:<hex>` of the component: the version.
     pub digest: String,
+    /// Where its messages come from.
     pub source: String,
+    /// The manifest file.
     pub manifest: String,
+    /// The component file.
     pub component: String,
     /// When this version started serving (RFC 3339).
     pub since: String,

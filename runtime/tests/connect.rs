@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{build_plugins, repo_root};
-use sluice::nats_server::NatsServer;
+use sluice::testing::NatsServer;
 
 fn sluice() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));

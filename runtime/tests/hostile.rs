@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sluice::nats_server::NatsServer;
+use sluice::testing::NatsServer;
 
 /// Hostile commands of plugins/misbehave and the failure kind each must end with (`None`:
 /// the call succeeds, having been refused what it tried).

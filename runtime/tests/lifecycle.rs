@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice::nats_server::NatsServer;
+use sluice::testing::NatsServer;
 
 /// A `sluice run` child whose log lines are collected as they come.
 struct Child {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use sluice::connect::{ConnectError, NatsArgs};
-use sluice::nats_server::NatsServer;
+use sluice::testing::NatsServer;
 use sluice::{RuntimeOptions, cli};
 use sluice_tests::{Sluice, header, init_logging, manifest, plugin, repo_root, request, stream_messages, text};
 

@@ -11,7 +11,7 @@ use nkeys::KeyPair;
 use serde_json::json;
 use sluice::cli;
 use sluice::connect::{ConnectError, NatsArgs};
-use sluice::nats_server::NatsServer;
+use sluice::testing::NatsServer;
 use sluice_tests::{Sluice, init_logging, request, text};
 
 /// A JWT of `claims` (with `iss`, `sub`, `iat` and `jti` added) signed by `issuer`.

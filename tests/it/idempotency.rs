@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use sluice::RuntimeOptions;
-use sluice::pipeline::Fault;
+use sluice::testing::Fault;
 use sluice_tests::{
     Sluice, client, collect_quiet, js_publish, manifest, nats, request, stream, stream_messages, sync, text,
 };
@@ -303,6 +303,6 @@ async fn guest_state_is_scoped_to_its_handler_in_nats_kv() {
 async fn the_nats_kv_store_follows_the_store_protocol() {
     let server = nats();
     let js = jetstream::new(client(&server).await);
-    let kv = sluice::store::KvStore::new(js, 1, Duration::from_secs(3600), Default::default());
-    sluice::store::conformance::protocol(sluice::store::Store::Kv(Box::new(kv))).await;
+    let kv = sluice::testing::KvStore::new(js, 1, Duration::from_secs(3600), Default::default());
+    sluice::testing::conformance::protocol(sluice::testing::Store::Kv(Box::new(kv))).await;
 }

@@ -269,7 +269,7 @@ async fn an_existing_consumer_with_another_filter_is_refused() {
 
 #[tokio::test]
 async fn dlq_replay_into_a_fixed_handler_empties_the_dead_letter_stream() {
-    use sluice::dlq::admin::{self, Filter, ReplayOptions};
+    use sluice::testing::dlq_admin::{self as admin, Filter, ReplayOptions};
 
     let server = nats();
     let js = stream(&server, "WORK", &["work.>"]).await;
@@ -296,7 +296,7 @@ async fn dlq_replay_into_a_fixed_handler_empties_the_dead_letter_stream() {
     let nc = client(&server).await;
     let mut results = nc.subscribe("results.>").await.unwrap();
     sync(&nc).await;
-    let sender = sluice::outputs::OutputSender::new(nc.clone());
+    let sender = sluice::testing::OutputSender::new(nc.clone());
     let dry = ReplayOptions { dry_run: true, ..ReplayOptions::default() };
     assert_eq!(admin::replay(&sender, "DLQ", &dry, |_, _| {}).await.unwrap().replayed.len(), N);
     assert_eq!(js.get_stream("DLQ").await.unwrap().info().await.unwrap().state.messages, N as u64);

@@ -390,7 +390,7 @@ async fn a_parked_key_sends_its_later_messages_to_the_dead_letters_in_order_unti
         .chain((1..5).map(|s| ("key-parked".to_owned(), "a".to_owned(), s)))
         .collect();
     assert_eq!(seen, expected);
-    let parked = sluice::parked::list(&js, "o").await.unwrap();
+    let parked = sluice::testing::list_parked(&js, "o").await.unwrap();
     assert_eq!(parked.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), ["a"]);
     assert!(parked[0].reason.contains("poison"), "{parked:?}");
     assert_eq!(sluice.status().parked_keys("o"), ["a"], "what /handlers shows");
@@ -401,19 +401,19 @@ async fn a_parked_key_sends_its_later_messages_to_the_dead_letters_in_order_unti
     // The handler is fixed, the key released, its dead letters replayed: all six, in order.
     std::fs::write(sluice.manifest_dir().join("o.toml"), text(true)).unwrap();
     assert_eq!(sluice.reloader().reload().await.updated, ["o"]);
-    assert!(sluice::parked::release(&js, "o", "a").await.unwrap());
-    assert!(!sluice::parked::release(&js, "o", "a").await.unwrap(), "released twice");
-    let sender = sluice::outputs::OutputSender::new(nc.clone());
-    let options = sluice::dlq::admin::ReplayOptions {
-        filter: sluice::dlq::admin::Filter { key: Some("a".to_owned()), ..Default::default() },
+    assert!(sluice::testing::release_parked(&js, "o", "a").await.unwrap());
+    assert!(!sluice::testing::release_parked(&js, "o", "a").await.unwrap(), "released twice");
+    let sender = sluice::testing::OutputSender::new(nc.clone());
+    let options = sluice::testing::dlq_admin::ReplayOptions {
+        filter: sluice::testing::dlq_admin::Filter { key: Some("a".to_owned()), ..Default::default() },
         to: None,
         dry_run: false,
     };
-    let report = sluice::dlq::admin::replay(&sender, "DLQ", &options, |_, _| {}).await.unwrap();
+    let report = sluice::testing::dlq_admin::replay(&sender, "DLQ", &options, |_, _| {}).await.unwrap();
     assert_eq!(report.replayed.len(), 6);
     let runs = collect(&mut out, 6, Duration::from_secs(30)).await;
     check_order(&runs, 1, 6);
-    assert!(sluice::parked::list(&js, "o").await.unwrap().is_empty());
+    assert!(sluice::testing::list_parked(&js, "o").await.unwrap().is_empty());
     assert!(sluice.status().parked_keys("o").is_empty(), "the release reached the running handler");
     sluice.stop().await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use sluice::RuntimeOptions;
-use sluice::nats_server::NatsServer;
+use sluice::testing::NatsServer;
 use sluice_tests::{Sluice, init_logging, manifest, stream};
 
 fn server_on(port: u16, store: &std::path::Path) -> NatsServer {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use sluice::RuntimeOptions;
-use sluice::pipeline::Fault;
+use sluice::testing::Fault;
 use sluice_tests::{Sluice, js_publish, manifest, nats, stream, stream_messages};
 
 /// A JetStream handler on stream WORK that may publish to `out.>`, keyed by `json:/id`.
@@ -28,7 +28,7 @@ fn options(data: &std::path::Path, fault: Option<Fault>) -> RuntimeOptions {
 }
 
 /// The worker, on `data`, with `fault` injected.
-async fn serve(server: &sluice::nats_server::NatsServer, data: &std::path::Path, fault: Option<Fault>) -> Sluice {
+async fn serve(server: &sluice::testing::NatsServer, data: &std::path::Path, fault: Option<Fault>) -> Sluice {
     Sluice::start_with(server, &[("w.toml", worker(""))], tempfile::tempdir().unwrap(), options(data, fault))
         .await
         .unwrap()

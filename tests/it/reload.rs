@@ -33,7 +33,7 @@ async fn wait_for_digest(sluice: &Sluice, name: &str, digest: &str) {
 }
 
 fn digest_of(path: &Path) -> String {
-    sluice::handler::digest(&std::fs::read(path).unwrap())
+    sluice::testing::digest(&std::fs::read(path).unwrap())
 }
 
 #[tokio::test]
@@ -65,7 +65,7 @@ async fn a_component_replaced_under_load_switches_versions_without_losing_a_mess
         // Once v2 serves, note where we were: every message published after this is v2's.
         if i > SWITCH_AT && published_after_switch.is_none() && i % 25 == 0 {
             let digest = sluice.status().handler("versioned").map(|h| h.digest);
-            if digest == Some(sluice::handler::digest(&v2)) {
+            if digest == Some(sluice::testing::digest(&v2)) {
                 published_after_switch = Some(i + 1);
             }
         }
@@ -130,7 +130,7 @@ async fn broken_manifests_and_truncated_components_never_replace_the_running_ver
 
     // The complete file is picked up.
     deploy(&component, &v2);
-    wait_for_digest(&sluice, "versioned", &sluice::handler::digest(&v2)).await;
+    wait_for_digest(&sluice, "versioned", &sluice::testing::digest(&v2)).await;
     assert_eq!(text(&request(&nc, "work", "new version").await), "v2");
     assert!(sluice.status().handler("versioned").unwrap().last_reload_error.is_none());
     sluice.stop().await;

@@ -19,7 +19,7 @@ publish = ["allowed.>"]
 max_attempts = 1
 "#;
 
-async fn start(server: &sluice::nats_server::NatsServer) -> Sluice {
+async fn start(server: &sluice::testing::NatsServer) -> Sluice {
     Sluice::start(
         server,
         &[

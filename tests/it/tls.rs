@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use sluice::cli;
 use sluice::connect::{ConnectError, NatsArgs};
-use sluice::nats_server::NatsServer;
+use sluice::testing::NatsServer;
 use sluice_tests::{Sluice, init_logging, request, text};
 
 /// A CA, and a certificate for 127.0.0.1 and localhost signed by it, written as PEM files.

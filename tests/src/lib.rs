@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::Client;
 use futures::StreamExt;
-use sluice::nats_server::NatsServer;
+use sluice::testing::NatsServer;
 use sluice::{Running, Runtime, RuntimeOptions};
 
 /// The repository root.
@@ -69,8 +69,8 @@ pub fn manifest(name: &str, plugin_name: &str, subject: &str, extra: &str) -> St
 #[derive(Debug)]
 pub struct Sluice {
     running: Option<Running>,
-    watcher: Option<sluice::reload::Watcher>,
-    metrics: std::sync::Arc<sluice::metrics::Metrics>,
+    watcher: Option<sluice::Watcher>,
+    metrics: std::sync::Arc<sluice::Metrics>,
     pub dir: tempfile::TempDir,
 }
 
@@ -127,7 +127,7 @@ impl Sluice {
     }
 
     /// The runtime's metrics registry (for an admin listener).
-    pub fn metrics_registry(&self) -> std::sync::Arc<sluice::metrics::Metrics> {
+    pub fn metrics_registry(&self) -> std::sync::Arc<sluice::Metrics> {
         self.metrics.clone()
     }
 
@@ -153,7 +153,7 @@ impl Sluice {
 
     /// Starts watching the manifests and components for changes.
     pub fn watch(&mut self) {
-        self.watcher = Some(sluice::reload::Watcher::start(self.reloader()).unwrap());
+        self.watcher = Some(sluice::Watcher::start(self.reloader()).unwrap());
     }
 
     /// Triggers reloads, as SIGHUP does.
@@ -167,7 +167,7 @@ impl Sluice {
     }
 
     /// What is served.
-    pub fn status(&self) -> std::sync::Arc<sluice::status::Status> {
+    pub fn status(&self) -> std::sync::Arc<sluice::Status> {
         self.running.as_ref().unwrap().status()
     }
 

@@ -30,6 +30,7 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 #[command(name = "sluice", version, about)]
 pub struct Cli {
     #[command(subcommand)]
+    /// The subcommand.
     pub command: Command,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -37,12 +38,16 @@ pub struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// The format of the log lines on stderr.
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
 #[derive(Debug, Subcommand)]
+/// The subcommands.
 pub enum Command {
     /// Load the manifests in PATHS (files or folders) and serve their handlers.
     ///
@@ -74,6 +79,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+/// The flags of `sluice status`.
 pub struct StatusArgs {
     /// The admin listener of the Sluice to ask.
     #[arg(long, env = "SLUICE_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
@@ -84,11 +90,13 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+/// The flags of `sluice run`.
 pub struct RunArgs {
     /// Manifest files or folders of manifests.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
     #[command(flatten)]
+    /// The NATS connection.
     pub nats: NatsArgs,
     /// Do not watch the manifests and components for changes (SIGHUP still reloads).
     #[arg(long)]
@@ -106,6 +114,7 @@ pub struct RunArgs {
     #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     #[command(flatten)]
+    /// The engine and local state.
     pub engine: EngineArgs,
 }
 
@@ -122,6 +131,7 @@ impl EngineArgs {
 }
 
 #[derive(Debug, Args)]
+/// The flags of `sluice validate`.
 pub struct ValidateArgs {
     /// Manifest files or folders of manifests.
     #[arg(required = true)]
@@ -132,10 +142,12 @@ pub struct ValidateArgs {
     #[arg(long)]
     pub cache: bool,
     #[command(flatten)]
+    /// The engine and local state.
     pub engine: EngineArgs,
 }
 
 #[derive(Debug, Args)]
+/// The engine's flags, shared by `run` and `validate`.
 pub struct EngineArgs {
     /// The largest memory limit a manifest may set.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
@@ -169,6 +181,7 @@ impl EngineArgs {
 }
 
 #[derive(Debug, Args)]
+/// The flags of `sluice publish`.
 pub struct SendArgs {
     /// Subject to send to.
     pub subject: String,
@@ -179,12 +192,15 @@ pub struct SendArgs {
     #[arg(short = 'H', long = "header", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
     #[command(flatten)]
+    /// The NATS connection.
     pub nats: NatsArgs,
 }
 
 #[derive(Debug, Args)]
+/// The flags of `sluice request`.
 pub struct RequestArgs {
     #[command(flatten)]
+    /// The message to send.
     pub send: SendArgs,
     /// How long to wait for the reply.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]

@@ -20,7 +20,6 @@ use crate::outputs::{Output, Outputs};
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub sequence: u64,
-    pub subject: String,
     pub headers: HeaderMap,
     pub payload: Bytes,
     /// When the dead letter was stored.
@@ -94,7 +93,6 @@ pub async fn list(js: &jetstream::Context, stream: &str, filter: &Filter) -> any
         let stored_at = SystemTime::from(info.published);
         let entry = Entry {
             sequence,
-            subject: msg.subject.to_string(),
             headers: msg.headers.clone().unwrap_or_default(),
             payload: msg.payload.clone(),
             stored_at,

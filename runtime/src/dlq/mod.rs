@@ -7,6 +7,7 @@
 //! dead letter carries a `Nats-Msg-Id`, so a re-publish after a crash is dropped by the
 //! stream's duplicate window instead of parking the message twice.
 
+#[cfg(any(feature = "cli", feature = "testing"))]
 pub mod admin;
 
 use std::time::SystemTime;
@@ -34,6 +35,7 @@ pub mod header {
     pub const STREAM: &str = "Sluice-Stream";
     pub const STREAM_SEQUENCE: &str = "Sluice-Stream-Sequence";
     pub const ORDERING_KEY: &str = "Sluice-Ordering-Key";
+    #[cfg(any(feature = "cli", feature = "testing"))]
     pub const REPLAYED_FROM: &str = "Sluice-Replayed-From";
 }
 

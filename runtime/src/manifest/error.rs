@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 /// A manifest file and its text.
 #[derive(Debug)]
 pub struct SourceText {
+    /// The manifest file.
     pub path: PathBuf,
+    /// Its text.
     pub text: String,
 }
 
@@ -13,8 +15,11 @@ pub struct SourceText {
 /// offending line with a caret under the value, rustc-style.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ManifestError {
+    /// The manifest file.
     pub path: PathBuf,
+    /// Where in it, when the error has a place.
     pub location: Option<Location>,
+    /// What is wrong.
     pub message: String,
 }
 

@@ -35,20 +35,29 @@ pub const DEFAULT_MAX_CONCURRENCY: u32 = 32;
 pub struct Manifest {
     /// The manifest file and its text, to point at lines in later errors.
     pub file: Arc<SourceText>,
+    /// The handler's name (`[handler] name`), unique in a runtime.
     pub name: String,
     /// Absolute (or manifest-relative-resolved) path of the component file.
     pub component: PathBuf,
+    /// Where its messages come from (`[source]`).
     pub source: Source,
+    /// Its resource limits (`[limits]`).
     pub limits: Limits,
+    /// The retry policy (`[retry]`).
     pub retry: RetryPolicy,
+    /// Where messages go after their last failure (`[dead_letter]`).
     pub dead_letter: Option<DeadLetter>,
+    /// How duplicates are detected (`[idempotency]`).
     pub idempotency: Option<Idempotency>,
     /// `[ordering]`: per-key order.
     pub ordering: Option<Ordering>,
+    /// The state store (`[store]`).
     pub store: StoreConfig,
+    /// The subjects it may publish to (`[capabilities] publish`).
     pub publish: Vec<SubjectPattern>,
     /// Reply subjects accepted besides the reply inboxes (`[capabilities] reply_to`).
     pub reply_to: Vec<SubjectPattern>,
+    /// Configuration values the guest reads (`[config]`).
     pub config: BTreeMap<String, String>,
     /// Where values sit in the file, for errors found after parsing.
     pub spans: Spans,
@@ -58,7 +67,12 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A core NATS subscription in a queue group.
-    Core { subject: SubjectPattern, queue: String },
+    Core {
+        /// The subject (wildcards allowed).
+        subject: SubjectPattern,
+        /// The queue group.
+        queue: String,
+    },
     /// A durable JetStream pull consumer.
     JetStream(JetStreamSource),
 }
@@ -66,11 +80,15 @@ pub enum Source {
 /// A durable pull consumer on a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JetStreamSource {
+    /// The stream.
     pub stream: String,
+    /// The durable consumer's name.
     pub consumer: String,
     /// Empty: the whole stream.
     pub filters: Vec<SubjectPattern>,
+    /// How long JetStream waits for an ack before redelivering.
     pub ack_wait: Duration,
+    /// Messages delivered and not yet acked, at most.
     pub max_ack_pending: i64,
 }
 
@@ -86,14 +104,18 @@ impl fmt::Display for Source {
 /// Where messages that cannot succeed are parked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
+    /// The subject dead letters are published to.
     pub subject: String,
+    /// The stream that captures them.
     pub stream: Option<String>,
+    /// Whether Sluice creates that stream when it is missing.
     pub create_stream: bool,
 }
 
 /// Where a handler's state lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreConfig {
+    /// Which backend holds the state.
     pub backend: Backend,
     /// `nats-kv`: bucket replicas.
     pub replicas: usize,
@@ -112,13 +134,19 @@ pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// What one call may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// The largest linear memory of an instance, in bytes.
     pub memory: u64,
+    /// How long one call may run.
     pub timeout: Duration,
+    /// Calls in flight at once.
     pub max_concurrency: u32,
+    /// Outputs one call may queue, at most.
     pub max_outputs: u32,
+    /// Total bytes of one call's outputs, at most.
     pub max_output_bytes: u64,
     /// `None`: whatever the NATS server lets through.
     pub max_payload: Option<u64>,
+    /// Bytes of guest logs per call, at most.
     pub max_log_bytes: u64,
     /// Fresh instances, or warm ones and how many messages each serves.
     pub instances: Instances,
@@ -133,7 +161,10 @@ pub enum Instances {
     Fresh,
     /// Warm instances, each replaced after `recycle_after` messages, after any failure other
     /// than the handler's own `reject` or `retry`, and on reload.
-    Warm { recycle_after: u32 },
+    Warm {
+        /// Messages an instance handles before it is replaced.
+        recycle_after: u32,
+    },
 }
 
 /// Messages a warm instance serves, when the manifest does not say.
@@ -149,8 +180,11 @@ pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 << 10;
 /// Byte ranges of values that later checks (engine, registry) may have to point at.
 #[derive(Debug, Clone, Default)]
 pub struct Spans {
+    /// The span of `[handler] name`.
     pub name: std::ops::Range<usize>,
+    /// The span of `[handler] component`.
     pub component: std::ops::Range<usize>,
+    /// The span of `[limits] memory`, when given.
     pub memory: Option<std::ops::Range<usize>>,
 }
 

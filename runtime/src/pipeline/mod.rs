@@ -67,6 +67,8 @@ pub struct Lane {
 }
 
 /// Faults a test can inject, to stop where a crash would.
+#[cfg_attr(not(feature = "testing"), expect(dead_code, reason = "the tests construct them, with the testing feature"))]
+#[allow(clippy::enum_variant_names)] // each names where the run halts
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Without an outbox: after the outputs of a successful call are sent, no commit, no ack.
@@ -150,14 +152,6 @@ impl Lane {
             attempt,
             outcome = tracing::field::Empty,
         )
-    }
-
-    /// Returns when the handler may take more messages: at once, unless its outbox is full
-    /// (then when the relay has made room).
-    pub async fn room(&self) {
-        if let Some(relay) = &self.relay {
-            relay.room().await;
-        }
     }
 
     /// Whether a reply (or a failure reply) may go to `subject`; counts a refusal.

@@ -27,12 +27,9 @@ impl MemoryStore {
         MemoryStore { inner: Mutex::default(), max_entries: max_entries.max(1), leases: Leases::default() }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inner.lock().map_or(0, |i| i.map.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     pub fn get(&self, handler: &str, space: Space, key: &str) -> Option<Versioned> {

@@ -317,11 +317,13 @@ pub struct WriteSet {
 
 impl WriteSet {
     /// True when the call wrote nothing.
+    #[cfg(any(test, feature = "cli"))]
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
 
     /// How many keys the call wrote.
+    #[cfg(any(test, feature = "cli"))]
     pub fn len(&self) -> usize {
         self.pending.len()
     }
@@ -503,12 +505,14 @@ impl Scope {
     }
 
     /// The guest's `kv.set` (`None` deletes).
+    #[cfg(any(test, feature = "testing"))]
     pub async fn kv_put(&self, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         self.put(Space::Kv, key, value).await
     }
 
     /// The guest's `kv.compare-and-swap`: sets `new` if the value is still `expected`
     /// (`None`: absent).
+    #[cfg(any(test, feature = "testing"))]
     pub async fn kv_cas(&self, key: &str, expected: Option<&[u8]>, new: Vec<u8>) -> Result<bool, StoreError> {
         let current = self.store.get(&self.handler, Space::Kv, key).await?;
         let version = match (&current, expected) {
@@ -527,11 +531,6 @@ impl Scope {
     /// The store under this scope.
     pub fn store(&self) -> &Store {
         &self.store
-    }
-
-    /// The handler this scope belongs to.
-    pub fn handler(&self) -> &Arc<str> {
-        &self.handler
     }
 
     /// Commits a successful call: its guest writes, its outbox entries (`outbox`) and, with an
@@ -605,7 +604,7 @@ impl Scope {
 
 /// The protocol every backend must follow, as one test routine: the unit tests run it on
 /// `memory` and `redb`, the integration tests on `nats-kv` against a real server.
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 #[allow(clippy::unwrap_used)]
 pub mod conformance {
     use std::time::Duration;
