@@ -152,6 +152,7 @@ impl Parked {
 }
 
 /// The parked keys of `handler`, from its bucket (for the CLI): none when it has no bucket.
+#[cfg(any(feature = "cli", feature = "testing"))]
 pub async fn list(js: &jetstream::Context, handler: &str) -> anyhow::Result<Vec<ParkedKey>> {
     let Ok(kv) = js.get_key_value(bucket(handler)).await else { return Ok(Vec::new()) };
     let mut keys = kv.keys().await.map_err(|e| anyhow::anyhow!("listing {}: {e}", bucket(handler)))?;
@@ -170,6 +171,7 @@ pub async fn list(js: &jetstream::Context, handler: &str) -> anyhow::Result<Vec<
 
 /// Releases `key` of `handler`: its later messages are handled again. False when it was not
 /// parked.
+#[cfg(any(feature = "cli", feature = "testing"))]
 pub async fn release(js: &jetstream::Context, handler: &str, key: &str) -> anyhow::Result<bool> {
     let Ok(kv) = js.get_key_value(bucket(handler)).await else { return Ok(false) };
     let k = entry_key(key);
