@@ -53,7 +53,7 @@ impl AdminState {
     /// # Examples
     ///
     /// ```no_run
-    /// # fn f(metrics: std::sync::Arc<sluice::metrics::Metrics>, status: std::sync::Arc<sluice::status::Status>) {
+    /// # fn f(metrics: std::sync::Arc<sluice::Metrics>, status: std::sync::Arc<sluice::Status>) {
     /// let state = sluice::admin::AdminState::new(metrics, status).with_token(Some("s3cret".into()));
     /// # }
     /// ```
