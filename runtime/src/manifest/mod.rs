@@ -4,6 +4,7 @@
 //! fault and says what would be accepted (see [`ManifestError`]).
 
 mod error;
+pub mod http;
 mod schema;
 mod units;
 
@@ -47,6 +48,8 @@ pub struct Manifest {
     /// Reply subjects accepted besides the reply inboxes (`[capabilities] reply_to`).
     pub reply_to: Vec<SubjectPattern>,
     pub config: BTreeMap<String, String>,
+    /// `[capabilities] http` and `[http]`: `None`, the handler makes no HTTP requests.
+    pub http: Option<Arc<http::HttpPolicy>>,
     /// Where values sit in the file, for errors found after parsing.
     pub spans: Spans,
 }
@@ -260,6 +263,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         fingerprint: i.fingerprint,
     });
     let store = resolve_store(&file, raw.store)?;
+    let http = http::resolve(&file, dir, &raw.capabilities, raw.http, limits.timeout)?;
 
     Ok(Manifest {
         spans: Spans {
@@ -279,6 +283,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         publish,
         reply_to,
         config: raw.config.into_iter().map(|(k, v)| (k, v.0)).collect(),
+        http,
     })
 }
 
