@@ -95,21 +95,27 @@ fn once(url: &str, payload: &[u8]) -> std::result::Result<Fetched, String> {
     let _ = request.set_path_with_query(Some(path));
     let body = request.body().map_err(|()| "no request body".to_owned())?;
     let sending = outgoing_handler::handle(request, None).map_err(|e| code(&e))?;
+    // A request the host refused (or failed) closes its body: the response says why.
+    let mut written = Ok(());
     {
         let stream = body.write().map_err(|()| "no body stream".to_owned())?;
         for chunk in payload.chunks(4096) {
             if let Err(e) = stream.blocking_write_and_flush(chunk) {
-                return Err(stream_error(e));
+                written = Err(stream_error(e));
+                break;
             }
         }
     }
-    OutgoingBody::finish(body, None).map_err(|e| code(&e))?;
+    if written.is_ok() {
+        written = OutgoingBody::finish(body, None).map_err(|e| code(&e));
+    }
     sending.subscribe().block();
     let response = match sending.get() {
         Some(Ok(Ok(response))) => response,
         Some(Ok(Err(e))) => return Err(code(&e)),
-        Some(Err(())) | None => return Err("no response".to_owned()),
+        Some(Err(())) | None => return Err(written.err().unwrap_or_else(|| "no response".to_owned())),
     };
+    written?;
     let status = response.status();
     let location = response.headers().get("location").first().map(|v| String::from_utf8_lossy(v).into_owned());
     let incoming = response.consume().map_err(|()| "no response body".to_owned())?;
@@ -140,7 +146,8 @@ fn stream_error(e: StreamError) -> String {
 /// The error code's variant, as the tests match it (`HttpRequestDenied`, ...).
 fn code(e: &ErrorCode) -> String {
     let text = format!("{e:?}");
-    text.split(['(', ' ', '{']).next().unwrap_or(&text).to_owned()
+    let text = text.strip_prefix("ErrorCode::").unwrap_or(&text);
+    text.split(['(', ' ', '{']).next().unwrap_or(text).to_owned()
 }
 
 sluice_guest::handler!(handle);
