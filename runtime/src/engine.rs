@@ -118,7 +118,15 @@ impl Engine {
                     .context("cannot start the guest threads")?,
             ),
         };
-        Ok(Arc::new(Engine { engine, linker, options, guests, guest_threads: threads, metrics: Default::default(), _ticker: ticker }))
+        Ok(Arc::new(Engine {
+            engine,
+            linker,
+            options,
+            guests,
+            guest_threads: threads,
+            metrics: Default::default(),
+            _ticker: ticker,
+        }))
     }
 
     /// Gives host calls the runtime's metrics (once; later calls are ignored).

@@ -184,8 +184,10 @@ impl Metrics {
         );
         self.recorder.register_counter(&key, &META).increment(1);
         if status != "denied" {
-            let key =
-                Key::from_parts("sluice_http_request_duration_seconds", labels(&[("handler", handler), ("host", host)]));
+            let key = Key::from_parts(
+                "sluice_http_request_duration_seconds",
+                labels(&[("handler", handler), ("host", host)]),
+            );
             self.recorder.register_histogram(&key, &META).record(took.as_secs_f64());
         }
     }

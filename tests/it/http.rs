@@ -106,7 +106,10 @@ async fn a_granted_post_reaches_the_server_with_the_idempotency_key_and_the_answ
         "f",
         "work",
         &[http.url("/hooks/*")],
-        &format!("[config]\nurl = {:?}\noutput = \"out\"\n\n[idempotency]\nkey = \"header:Nats-Msg-Id\"", http.url("/hooks/echo")),
+        &format!(
+            "[config]\nurl = {:?}\noutput = \"out\"\n\n[idempotency]\nkey = \"header:Nats-Msg-Id\"",
+            http.url("/hooks/echo")
+        ),
     );
     let sluice = Sluice::start(&server, &[("f.toml", text)]).await;
     let nc = client(&server).await;
@@ -118,10 +121,7 @@ async fn a_granted_post_reaches_the_server_with_the_idempotency_key_and_the_answ
     nc.publish_with_headers("work", headers, "hello".into()).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(10), out.next()).await.unwrap().unwrap();
     assert_eq!(sluice_tests::text(&got), "200 got:hello");
-    assert_eq!(
-        http.seen(),
-        [Seen { path: "/hooks/echo".into(), key: Some("order-7/1".into()), body: "hello".into() }]
-    );
+    assert_eq!(http.seen(), [Seen { path: "/hooks/echo".into(), key: Some("order-7/1".into()), body: "hello".into() }]);
 
     // Without a key on the message, no header is invented.
     nc.publish("work", "no key".into()).await.unwrap();
@@ -134,7 +134,10 @@ async fn a_granted_post_reaches_the_server_with_the_idempotency_key_and_the_answ
         metrics.contains(r#"sluice_http_requests_total{handler="f",host="127.0.0.1",status="2xx"} 2"#),
         "{metrics}"
     );
-    assert!(metrics.contains("sluice_http_request_duration_seconds_count{handler=\"f\",host=\"127.0.0.1\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("sluice_http_request_duration_seconds_count{handler=\"f\",host=\"127.0.0.1\"} 2"),
+        "{metrics}"
+    );
     sluice.stop().await;
 }
 
@@ -185,8 +188,8 @@ async fn requests_outside_the_grants_are_refused_before_any_connection() {
         ("http://example.invalid/hooks/echo".to_owned(), "error HttpRequestDenied"),
         (format!("https://127.0.0.1:{port}/hooks/echo"), "error HttpRequestDenied"), // scheme
         (format!("http://127.0.0.1:{}/hooks/echo", port.wrapping_add(1)), "error HttpRequestDenied"), // port
-        (http.url("/admin"), "error HttpRequestDenied"),                              // path outside the prefix
-        (http.url("/hooks/../admin"), "error HttpRequestDenied"),                     // dot segments
+        (http.url("/admin"), "error HttpRequestDenied"),                             // path outside the prefix
+        (http.url("/hooks/../admin"), "error HttpRequestDenied"),                    // dot segments
         (http.url("/hooks/%2e%2e/admin"), "error HttpRequestDenied"),
         (format!("http://localhost:{port}/named/x"), "error DestinationIpProhibited"), // resolves to loopback
     ];
@@ -203,9 +206,18 @@ async fn requests_outside_the_grants_are_refused_before_any_connection() {
     assert_eq!(http.paths(), ["/hooks/redirect-out", "/hooks/redirect-in", "/hooks/echo"]);
 
     let metrics = sluice.metrics();
-    assert!(metrics.contains(r#"sluice_http_requests_total{handler="f",host="127.0.0.1",status="denied"} 6"#), "{metrics}");
-    assert!(metrics.contains(r#"sluice_http_requests_total{handler="f",host="localhost",status="denied"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"sluice_http_requests_total{handler="f",host="127.0.0.1",status="3xx"} 2"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"sluice_http_requests_total{handler="f",host="127.0.0.1",status="denied"} 6"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sluice_http_requests_total{handler="f",host="localhost",status="denied"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sluice_http_requests_total{handler="f",host="127.0.0.1",status="3xx"} 2"#),
+        "{metrics}"
+    );
     sluice.stop().await;
 }
 
@@ -219,7 +231,10 @@ async fn limits_end_requests_with_their_own_errors_and_the_runtime_keeps_serving
         "g",
         "many",
         &[http.url("/hooks/*")],
-        &format!("[config]\noutput = \"out\"\nrequests = 3\nurl = {:?}\n\n[http]\nmax_requests = 2", http.url("/hooks/echo")),
+        &format!(
+            "[config]\noutput = \"out\"\nrequests = 3\nurl = {:?}\n\n[http]\nmax_requests = 2",
+            http.url("/hooks/echo")
+        ),
     );
     let sluice = Sluice::start(&server, &[("f.toml", one), ("g.toml", many)]).await;
     let nc = client(&server).await;

@@ -27,10 +27,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::http;
-use hyper::http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use hyper::http;
+use hyper::http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
@@ -55,7 +55,10 @@ impl HttpCall {
         key: Option<String>,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
-        HttpCall { ctx: WasiHttpCtx::new(), hooks: Hooks { report: Report { handler, metrics }, policy, key, requests: 0 } }
+        HttpCall {
+            ctx: WasiHttpCtx::new(),
+            hooks: Hooks { report: Report { handler, metrics }, policy, key, requests: 0 },
+        }
     }
 
     /// A warm instance's next call: its own key, its own request budget.
@@ -286,7 +289,9 @@ async fn send(mut request: http::Request<WasiBody>, a: &Admitted, deadline: Inst
             let lookup = tokio::net::lookup_host((a.host.as_str(), a.port));
             match tokio::time::timeout(policy.connect_timeout, lookup).await {
                 Err(_) => return Err(Sent::Failed(Error::DnsTimeout)),
-                Ok(Err(e)) => return Err(Sent::Failed(Error::DnsError { rcode: Some(e.to_string()), info_code: None })),
+                Ok(Err(e)) => {
+                    return Err(Sent::Failed(Error::DnsError { rcode: Some(e.to_string()), info_code: None }));
+                }
                 Ok(Ok(found)) => found.map(|s| s.ip()).collect(),
             }
         }
@@ -339,7 +344,8 @@ async fn send(mut request: http::Request<WasiBody>, a: &Admitted, deadline: Inst
     *request.uri_mut() =
         http::Uri::builder().path_and_query(path).build().map_err(|_| Sent::Failed(Error::HttpRequestUriInvalid))?;
     let limit = policy.max_request_bytes;
-    let request = request.map(|body| Counted::new(body, limit, Error::HttpRequestBodySize(Some(limit)), None).boxed_unsync());
+    let request =
+        request.map(|body| Counted::new(body, limit, Error::HttpRequestBodySize(Some(limit)), None).boxed_unsync());
 
     let mut conn = Some(Box::pin(conn));
     let send = sender.send_request(request);
@@ -438,13 +444,12 @@ fn tls_config(policy: &HttpPolicy) -> Arc<rustls::ClientConfig> {
                 }
             }
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut config = match rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-            {
-                Ok(builder) => builder.with_root_certificates(roots).with_no_client_auth(),
-                // The ring provider supports the default versions; this is not reached.
-                Err(_) => rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(),
-            };
+            let mut config =
+                match rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
+                    Ok(builder) => builder.with_root_certificates(roots).with_no_client_auth(),
+                    // The ring provider supports the default versions; this is not reached.
+                    Err(_) => rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(),
+                };
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             Arc::new(config)
         })
@@ -462,7 +467,13 @@ struct Counted<B> {
 
 impl<B> Counted<B> {
     fn new(inner: B, limit: u64, over: Error, deadline: Option<tokio::time::Instant>) -> Self {
-        Counted { inner, seen: 0, limit, over: Some(over), deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))) }
+        Counted {
+            inner,
+            seen: 0,
+            limit,
+            over: Some(over),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        }
     }
 }
 

@@ -156,9 +156,7 @@ impl HttpGrant {
             _ => return Err(format!("invalid http grant {text:?}: scheme {scheme:?}; {expected}")),
         };
         if rest.contains(['?', '#', '@']) || rest.contains(char::is_whitespace) {
-            return Err(format!(
-                "invalid http grant {text:?}: a grant has no user, query or fragment; {expected}"
-            ));
+            return Err(format!("invalid http grant {text:?}: a grant has no user, query or fragment; {expected}"));
         }
         let (authority, path) = match rest.find('/') {
             Some(at) => rest.split_at(at),
