@@ -145,11 +145,18 @@ pub async fn dispatch(
     };
     let mut warm = match recycle_after.and_then(|_| handler.warm.take()) {
         Some(mut w) => {
-            w.store.data_mut().next_call(msg.reply_to.clone(), scope);
+            w.store.data_mut().next_call(msg.reply_to.clone(), scope, delivery.idempotency_key.clone());
             w
         }
         None => {
-            let mut store = Store::new(engine.wasmtime(), HostState::new(spec.clone(), msg.reply_to.clone(), scope));
+            let state = HostState::new(
+                spec.clone(),
+                msg.reply_to.clone(),
+                scope,
+                delivery.idempotency_key.clone(),
+                engine.metrics(),
+            );
+            let mut store = Store::new(engine.wasmtime(), state);
             store.limiter(|state| &mut state.limits);
             WarmInstance::new(store)
         }

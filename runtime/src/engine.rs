@@ -61,6 +61,8 @@ pub struct Engine {
     guests: Option<tokio::runtime::Runtime>,
     /// How many threads `guests` has (0: none).
     guest_threads: usize,
+    /// The runtime's metrics, for what host calls count themselves (outbound HTTP).
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
     _ticker: EpochTicker,
 }
 
@@ -116,7 +118,25 @@ impl Engine {
                     .context("cannot start the guest threads")?,
             ),
         };
-        Ok(Arc::new(Engine { engine, linker, options, guests, guest_threads: threads, _ticker: ticker }))
+        Ok(Arc::new(Engine {
+            engine,
+            linker,
+            options,
+            guests,
+            guest_threads: threads,
+            metrics: Default::default(),
+            _ticker: ticker,
+        }))
+    }
+
+    /// Gives host calls the runtime's metrics (once; later calls are ignored).
+    pub fn attach_metrics(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// The runtime's metrics, if attached.
+    pub fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
+        self.metrics.get().cloned()
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
@@ -158,6 +178,11 @@ impl Engine {
         let component = self
             .compile(bytes, digest, &manifest.name)
             .map_err(|e| at_component(format!("cannot compile component: {}", chain(&e))))?;
+        if manifest.http.is_none()
+            && let Some(name) = self.first_import(&component, |name| name.starts_with("wasi:http/"))
+        {
+            return Err(at_component(ungranted_http_message(&name)));
+        }
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             at_component(match self.unprovided_import(&component) {
                 Some(name) => unprovided_message(&name),
@@ -173,22 +198,33 @@ impl Engine {
 /// The interface packages Sluice's linker provides (see `host::add_to_linker`): the handler
 /// world and WASI 0.2's `p2` set, every dangerous operation refused. A component's import
 /// from any other package cannot be linked; the README lists these too.
-const PROVIDED_PACKAGES: &[&str] =
-    &["sluice:handler/", "wasi:io/", "wasi:clocks/", "wasi:cli/", "wasi:filesystem/", "wasi:random/", "wasi:sockets/"];
+const PROVIDED_PACKAGES: &[&str] = &[
+    "sluice:handler/",
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:cli/",
+    "wasi:filesystem/",
+    "wasi:random/",
+    "wasi:sockets/",
+    "wasi:http/",
+];
+
+/// What to say about a component importing `wasi:http` when its manifest grants no HTTP
+/// destination: linked for every handler, it would refuse every request, so the component is
+/// refused at load instead, with the grant to add (or the build flag that drops the import).
+fn ungranted_http_message(name: &str) -> String {
+    format!(
+        "component imports `{name}`, but the manifest grants no HTTP destination: add \
+         `http = [\"https://host\"]` to [capabilities] for the hosts it calls. A JavaScript component built \
+         by componentize-js or `jco componentize` imports it unless built with `-d http fetch-event`"
+    )
+}
 
 /// What to say about a component importing `name`, which Sluice does not provide: the import
 /// itself, and how the usual toolchain that adds it is told not to.
 fn unprovided_message(name: &str) -> String {
-    let hint = if name.starts_with("wasi:http/") {
-        // componentize-js (and jco componentize) add wasi:http by default, for fetch() and an
-        // HTTP server export; a message handler needs neither, and outbound HTTP is not
-        // offered (yet), so the build flag that drops them is the fix.
-        "; outbound HTTP is not available to handlers. A JavaScript component built by \
-         componentize-js or `jco componentize` imports it unless built with `-d http fetch-event`"
-    } else {
-        "; a handler may import only sluice:handler and the WASI 0.2 interfaces listed in the README \
-         (io, clocks, cli, filesystem, random, sockets)"
-    };
+    let hint = "; a handler may import only sluice:handler and the WASI 0.2 interfaces listed in the README \
+         (io, clocks, cli, filesystem, random, sockets, http)";
     format!("component imports `{name}`, which Sluice does not provide{hint}")
 }
 
@@ -197,11 +233,12 @@ impl Engine {
     /// of the component's type rather than read out of the linker's error, so the message
     /// can name the import and say what to do about it.
     fn unprovided_import(&self, component: &Component) -> Option<String> {
-        component
-            .component_type()
-            .imports(&self.engine)
-            .map(|(name, _)| name.to_owned())
-            .find(|name| !PROVIDED_PACKAGES.iter().any(|p| name.starts_with(p)))
+        self.first_import(component, |name| !PROVIDED_PACKAGES.iter().any(|p| name.starts_with(p)))
+    }
+
+    /// The first import of `component` whose name satisfies `pick`.
+    fn first_import(&self, component: &Component, pick: impl Fn(&str) -> bool) -> Option<String> {
+        component.component_type().imports(&self.engine).map(|(name, _)| name.to_owned()).find(|name| pick(name))
     }
 
     /// Compiles `bytes`, the component of handler `name`, or loads the result of an earlier

@@ -52,11 +52,11 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`manifest`] | the manifest schema, validation, and located errors |
+//! | [`manifest`] | the manifest schema, validation, and located errors; `manifest::http`: HTTP grants, address classes, `[http]` limits |
 //! | `subject` | NATS subject validation and wildcard matching |
 //! | `engine` | the wasmtime engine, linker, epoch ticker, component loading |
 //! | `bindings` | the single `bindgen!` of `wit/handler.wit` |
-//! | `host` | the host side of each WIT interface, and the per-call state |
+//! | `host` | the host side of each WIT interface, and the per-call state; `host::http`: outbound `wasi:http` requests checked against the grants (resolved address included), limited, stamped with `Idempotency-Key` |
 //! | `spec` | a handler's resolved settings and version, as the host uses them |
 //! | `handler` | a loaded handler: spec, digest, pre-instantiated component |
 //! | `instance` | warm instances kept between messages, per handler version |

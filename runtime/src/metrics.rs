@@ -24,6 +24,8 @@
 //! | `sluice_ordering_waiting` | gauge | handler | messages waiting behind an earlier message of their key |
 //! | `sluice_ordering_parked_keys` | gauge | handler | ordering keys parked after a dead letter (`on_poison = "park"`), until released |
 //! | `sluice_handler_info` | gauge (1) | handler, digest | the version being served |
+//! | `sluice_http_requests_total` | counter | handler, host, status | outgoing `wasi:http` requests, by status class (`2xx`, `3xx`, `4xx`, `5xx`, `error`: no response, `denied`: refused by the grants or limits before connecting) |
+//! | `sluice_http_request_duration_seconds` | histogram | handler, host | one outgoing request, from send to the response head (refusals not included) |
 //! | `sluice_nats_connected` | gauge | | 1 while the NATS connection is up |
 //! | `sluice_nats_reconnects_total` | counter | | reconnections since start |
 //! | `sluice_nats_slow_consumer_drops_total` | counter | | core NATS messages the client dropped because a subscription's buffer was full (JetStream messages are redelivered instead) |
@@ -119,6 +121,11 @@ fn describe(r: &PrometheusRecorder) {
         d("sluice_outbox_full_total", None, "Times the handler stopped taking messages because its outbox was full."),
         d("sluice_nats_reconnects_total", None, "NATS reconnections since start."),
         d(
+            "sluice_http_requests_total",
+            None,
+            "Outgoing HTTP requests of handlers, by host and status class (2xx..5xx, error, denied).",
+        ),
+        d(
             "sluice_nats_slow_consumer_drops_total",
             None,
             "Core NATS messages dropped by the client because a subscription's buffer was full.",
@@ -141,6 +148,11 @@ fn describe(r: &PrometheusRecorder) {
         "sluice_batch_messages".into(),
         None,
         "Messages per batch handed to the pipeline (a pull's worth, or what a subscription had buffered).".into(),
+    );
+    r.describe_histogram(
+        "sluice_http_request_duration_seconds".into(),
+        Some(Unit::Seconds),
+        "One outgoing HTTP request of a handler, from send to the response head.".into(),
     );
     r.describe_gauge("sluice_in_flight".into(), None, "Handler calls running now.".into());
     r.describe_gauge("sluice_outbox_entries".into(), None, "Committed outputs waiting in the outbox.".into());
@@ -179,6 +191,23 @@ impl Metrics {
             .entry(handler.to_owned())
             .or_insert_with(|| Arc::new(HandlerMetrics::new(&self.recorder, handler)))
             .clone()
+    }
+
+    /// Counts one outgoing HTTP request of `handler` to `host`, ended with `status` (a class:
+    /// `2xx`..`5xx`, `error`, `denied`), and its latency unless it was refused.
+    pub fn http_request(&self, handler: &str, host: &str, status: &str, took: Duration) {
+        let key = Key::from_parts(
+            "sluice_http_requests_total",
+            labels(&[("handler", handler), ("host", host), ("status", status)]),
+        );
+        self.recorder.register_counter(&key, &META).increment(1);
+        if status != "denied" {
+            let key = Key::from_parts(
+                "sluice_http_request_duration_seconds",
+                labels(&[("handler", handler), ("host", host)]),
+            );
+            self.recorder.register_histogram(&key, &META).record(took.as_secs_f64());
+        }
     }
 
     /// Marks `digest` as the version `handler` serves (and an older one as no longer).

@@ -127,6 +127,7 @@ impl Runtime {
             return Err(LoadError::Invalid(errors));
         }
         let metrics = Arc::new(Metrics::default());
+        engine.attach_metrics(metrics.clone());
         Ok(Runtime { engine, handlers, options, paths: paths.to_vec(), metrics, status: Arc::default() })
     }
 

@@ -43,12 +43,14 @@ fn a_component_importing_an_unknown_interface_is_refused() {
 }
 
 #[test]
-fn a_component_importing_wasi_http_is_refused_with_the_flag_that_drops_it() {
-    // What componentize-js builds by default: an import of wasi:http, with its resources.
+fn a_component_importing_wasi_http_without_a_grant_is_refused_with_the_flag_that_drops_it() {
+    // What componentize-js builds by default: an import of wasi:http, with its resources. The
+    // manifest grants no HTTP destination, so the import would only ever be refused.
     let wat = r#"(component
         (import "wasi:http/types@0.2.10" (instance (export "fields" (type (sub resource))))))"#;
     let text = load_error(&wat::parse_str(wat).unwrap());
-    assert!(text.contains("imports `wasi:http/types@0.2.10`, which Sluice does not provide"), "{text}");
+    assert!(text.contains("imports `wasi:http/types@0.2.10`, but the manifest grants no HTTP destination"), "{text}");
+    assert!(text.contains("[capabilities]"), "the grant to add is named: {text}");
     assert!(text.contains("`-d http fetch-event`"), "the build flag is named: {text}");
 }
 

@@ -10,6 +10,7 @@ mod core_retry;
 mod creds;
 mod dispatch;
 mod golden;
+mod http;
 mod idempotency;
 mod jetstream;
 mod ordering;

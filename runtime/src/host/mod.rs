@@ -2,6 +2,7 @@
 //! per-call state kept in the store.
 
 mod config;
+pub mod http;
 mod log;
 mod outbox;
 mod state;
@@ -39,6 +40,8 @@ pub struct HostState {
     pub(crate) writes: WriteSet,
     /// What the call may still log.
     pub(crate) log_budget: LogBudget,
+    /// Outbound HTTP (`wasi:http`): the grants, the call's idempotency key and request count.
+    pub(crate) http: http::HttpCall,
 }
 
 impl std::fmt::Debug for HostState {
@@ -48,8 +51,15 @@ impl std::fmt::Debug for HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(spec: Arc<HandlerSpec>, reply_to: Option<String>, scope: Option<Scope>) -> Self {
+    pub(crate) fn new(
+        spec: Arc<HandlerSpec>,
+        reply_to: Option<String>,
+        scope: Option<Scope>,
+        key: Option<String>,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Self {
         HostState {
+            http: http::HttpCall::new(spec.name.clone(), spec.manifest.http.clone(), key, metrics),
             limits: GuestLimits::new(spec.manifest.limits.memory),
             log_budget: LogBudget::new(spec.manifest.limits.max_log_bytes),
             spec,
@@ -65,7 +75,8 @@ impl HostState {
     /// Readies the state of a warm instance for its next call: the call's own outputs, reply
     /// subject, store and log budget. What the guest keeps between calls (its memory, the
     /// WASI handles it holds) stays.
-    pub(crate) fn next_call(&mut self, reply_to: Option<String>, scope: Option<Scope>) {
+    pub(crate) fn next_call(&mut self, reply_to: Option<String>, scope: Option<Scope>, key: Option<String>) {
+        self.http.next_call(key);
         self.outputs = Outputs::default();
         self.writes = WriteSet::default();
         self.reply_to = reply_to;
@@ -109,9 +120,18 @@ impl WasiView for HostState {
     }
 }
 
-/// Adds WASI (sandboxed as above) and the Sluice interfaces to `linker`.
+impl wasmtime_wasi_http::WasiHttpView for HostState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        let HostState { table, http, .. } = self;
+        wasmtime_wasi_http::WasiHttpCtxView { ctx: &mut http.ctx, table, hooks: &mut http.hooks }
+    }
+}
+
+/// Adds WASI (sandboxed as above), `wasi:http` (every request checked against the manifest's
+/// grants, see [`http`]) and the Sluice interfaces to `linker`.
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_async(linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker)?;
     bindings::Handler::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
     Ok(())
 }

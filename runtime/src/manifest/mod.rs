@@ -4,6 +4,7 @@
 //! fault and says what would be accepted (see [`ManifestError`]).
 
 mod error;
+pub mod http;
 mod schema;
 mod units;
 
@@ -59,6 +60,8 @@ pub struct Manifest {
     pub reply_to: Vec<SubjectPattern>,
     /// Configuration values the guest reads (`[config]`).
     pub config: BTreeMap<String, String>,
+    /// `[capabilities] http` and `[http]`: `None`, the handler makes no HTTP requests.
+    pub http: Option<Arc<http::HttpPolicy>>,
     /// Where values sit in the file, for errors found after parsing.
     pub spans: Spans,
 }
@@ -298,6 +301,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
     });
     let store = resolve_store(&file, raw.store)?;
     let ordering = raw.ordering.map(|o| resolve_ordering(&file, o, &source)).transpose()?;
+    let http = http::resolve(&file, dir, &raw.capabilities, raw.http, limits.timeout)?;
 
     Ok(Manifest {
         spans: Spans {
@@ -318,6 +322,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         publish,
         reply_to,
         config: raw.config.into_iter().map(|(k, v)| (k, v.0)).collect(),
+        http,
     })
 }
 

@@ -42,6 +42,8 @@ pub struct RawManifest {
     /// `[config]`: values the handler reads with `config.get`.
     #[serde(default)]
     pub config: BTreeMap<String, ConfigValue>,
+    /// `[http]`: what one call's outgoing HTTP requests may use (with `[capabilities] http`).
+    pub http: Option<Spanned<HttpSection>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +217,33 @@ pub struct CapabilitiesSection {
     /// subject, for a handler that re-queues messages on purpose.
     #[serde(default)]
     pub allow_publish_to_source: bool,
+    /// `http = ["https://api.example.com", "http://127.0.0.1:8080/hooks/*"]`: destinations of
+    /// the handler's `wasi:http` requests (scheme, host, optional port and path prefix; see
+    /// `manifest::http`). Empty: no outbound HTTP.
+    #[serde(default)]
+    pub http: Vec<Spanned<String>>,
+    /// `http_ca = "internal-ca.pem"`: PEM certificates trusted for `https` besides the
+    /// system's roots; relative to the manifest's folder.
+    pub http_ca: Option<Spanned<String>>,
+    /// `http_private = true`: lets named `http` grants resolve to private addresses (10/8,
+    /// 172.16/12, 192.168/16, 100.64/10, fc00::/7); loopback and link-local need an IP grant.
+    pub http_private: Option<Spanned<bool>>,
+}
+
+/// `[http]`: limits of one call's outgoing HTTP requests.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// `max_requests = 16`: requests one call may make (redirect hops count).
+    pub max_requests: Option<Spanned<i64>>,
+    /// `max_request_bytes = "1MiB"`: body bytes of one request.
+    pub max_request_bytes: Option<ByteSize>,
+    /// `max_response_bytes = "4MiB"`: body bytes of one response.
+    pub max_response_bytes: Option<ByteSize>,
+    /// `connect_timeout = "2s"`: TCP connect and TLS handshake.
+    pub connect_timeout: Option<HumanDuration>,
+    /// `timeout = "10s"`: one request, connect to last response byte; at most `limits.timeout`.
+    pub timeout: Option<Spanned<HumanDuration>>,
 }
 
 /// A handler name: `[A-Za-z0-9][A-Za-z0-9_-]*`, at most 64 characters.
