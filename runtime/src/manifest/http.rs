@@ -41,13 +41,18 @@ pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A handler's outbound HTTP: its grants and limits. `None` in the manifest: no HTTP.
 #[derive(Debug)]
 pub struct HttpPolicy {
+    /// `[capabilities] http`: the destinations granted.
     pub grants: Vec<HttpGrant>,
     /// `http_private = true`: named grants may resolve to private (not loopback, not
     /// link-local) addresses.
     pub private: bool,
+    /// Requests one call may make.
     pub max_requests: u32,
+    /// Request body bytes, each request.
     pub max_request_bytes: u64,
+    /// Response body bytes, each response.
     pub max_response_bytes: u64,
+    /// Time to connect (TCP and TLS).
     pub connect_timeout: Duration,
     /// Per request, already capped at the call's `limits.timeout`.
     pub timeout: Duration,
@@ -62,23 +67,31 @@ pub struct HttpPolicy {
 pub struct HttpGrant {
     /// As written, for messages.
     pub text: String,
+    /// `https` (else `http`).
     pub https: bool,
+    /// The host the grant reaches.
     pub host: GrantHost,
+    /// The one port requests may use.
     pub port: u16,
+    /// The paths it admits.
     pub path: GrantPath,
 }
 
+/// The host part of a grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrantHost {
     /// A name, lower-cased.
     Name(String),
     /// `*.example.com`: any name ending in `.example.com` (stored with the leading dot).
     Under(String),
+    /// An IP literal (the only way to reach a loopback or link-local address).
     Ip(IpAddr),
 }
 
+/// The path part of a grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrantPath {
+    /// No path given: every path.
     Any,
     /// `/hooks`: `/hooks` itself or below `/hooks/`.
     Segment(String),
@@ -89,6 +102,7 @@ pub enum GrantPath {
 /// How an address may be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AddressClass {
+    /// Any other address.
     Public,
     /// RFC 1918, CGNAT, IPv6 unique local.
     Private,
