@@ -77,6 +77,52 @@ impl Partitions {
     }
 }
 
+/// What a transport receives: a NATS message (core), or one wrapped with its stream metadata
+/// (JetStream).
+pub trait Delivered {
+    /// The message as NATS delivered it.
+    fn message(&self) -> &async_nats::Message;
+}
+
+impl Delivered for async_nats::Message {
+    fn message(&self) -> &async_nats::Message {
+        self
+    }
+}
+
+impl Delivered for async_nats::jetstream::Message {
+    fn message(&self) -> &async_nats::Message {
+        &self.message
+    }
+}
+
+/// A received message through a handler's sequencer: with its key's turn when it may go now,
+/// `None` when it waits behind its key. Without ordering, or without a key (it then runs
+/// unordered, or the gate dead-letters it), it goes at once without a turn.
+pub fn in_order<M: Delivered>(
+    sequencer: &Option<Sequencer<M>>,
+    ordering: Option<&Ordering>,
+    msg: M,
+) -> Option<(M, Option<Turn<M>>)> {
+    let (Some(sequencer), Some(ordering)) = (sequencer, ordering) else { return Some((msg, None)) };
+    let m = msg.message();
+    match ordering.key.derive(m.subject.as_str(), m.headers.as_ref(), &m.payload) {
+        Ok(key) => sequencer.offer(key, msg).map(|(msg, turn)| (msg, Some(turn))),
+        Err(why) => {
+            tracing::debug!("no ordering key ({why}): the message runs unordered");
+            Some((msg, None))
+        }
+    }
+}
+
+/// The next message of an ordered handler whose turn came; never, without ordering.
+pub async fn next_ready<M>(sequencer: &mut Option<Sequencer<M>>) -> (M, Turn<M>) {
+    match sequencer {
+        Some(s) => s.ready().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// `[ordering] max_waiting` when the manifest does not say.
 pub const DEFAULT_MAX_WAITING: usize = 10_000;
 

@@ -197,8 +197,10 @@ async fn a_core_retry_holds_back_its_key_and_no_other() {
     a_retry_holds_its_key_only("subject = \"ord.in\"", false).await;
 }
 
-#[tokio::test]
-async fn a_message_without_an_ordering_key_is_dead_lettered_when_the_manifest_says_so() {
+/// A server with the source stream ORD and a dead-letter stream DLQ on `dlq.ord`, a client,
+/// and its subscription to the handler's trace records.
+async fn with_dead_letters()
+-> (sluice::testing::NatsServer, async_nats::jetstream::Context, async_nats::Client, async_nats::Subscriber) {
     let server = nats();
     let js = stream(&server, "ORD", &["ord.in"]).await;
     js.create_stream(async_nats::jetstream::stream::Config {
@@ -209,7 +211,13 @@ async fn a_message_without_an_ordering_key_is_dead_lettered_when_the_manifest_sa
     .await
     .unwrap();
     let nc = client(&server).await;
-    let mut out = nc.subscribe("ord.out").await.unwrap();
+    let out = nc.subscribe("ord.out").await.unwrap();
+    (server, js, nc, out)
+}
+
+#[tokio::test]
+async fn a_message_without_an_ordering_key_is_dead_lettered_when_the_manifest_says_so() {
+    let (server, js, _nc, mut out) = with_dead_letters().await;
     let extra = "on_missing = \"dead-letter\"\n\n[dead_letter]\nsubject = \"dlq.ord\"\n";
     let text =
         ordered("o", "stream = \"ORD\"", "").replace("key = \"json:/key\"\n", &format!("key = \"json:/key\"\n{extra}"));
@@ -341,17 +349,7 @@ async fn partitions_keep_each_key_in_one_process_at_a_time_and_move_when_it_dies
 
 #[tokio::test]
 async fn a_parked_key_sends_its_later_messages_to_the_dead_letters_in_order_until_released_and_replayed() {
-    let server = nats();
-    let js = stream(&server, "ORD", &["ord.in"]).await;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "DLQ".to_owned(),
-        subjects: vec!["dlq.ord".to_owned()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let nc = client(&server).await;
-    let mut out = nc.subscribe("ord.out").await.unwrap();
+    let (server, js, nc, mut out) = with_dead_letters().await;
     let text = |fixed: bool| {
         ordered(
             "o",

@@ -18,7 +18,7 @@ use crate::bindings::Message;
 use crate::dlq::{self, Original};
 use crate::manifest::Source;
 use crate::metrics::Held;
-use crate::ordering::Sequencer;
+use crate::ordering::{Sequencer, in_order, next_ready};
 use crate::pipeline::{self, Entry, History, Lane, Settle};
 
 /// Subscribes the handler of `lane` to its subject in its queue group.
@@ -141,32 +141,6 @@ pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber
 }
 
 type Turn = crate::ordering::Turn<async_nats::Message>;
-
-/// The next message of an ordered handler whose turn came; never, without ordering.
-async fn next_ready(sequencer: &mut Option<Sequencer<async_nats::Message>>) -> (async_nats::Message, Turn) {
-    match sequencer {
-        Some(s) => s.ready().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// A received message through the handler's sequencer: with its key's turn when it may go
-/// now, `None` when it waits behind its key. Without ordering, or without a key (it then runs
-/// unordered, or the gate dead-letters it), it goes at once without a turn.
-fn in_order(
-    sequencer: &Option<Sequencer<async_nats::Message>>,
-    ordering: Option<&crate::ordering::Ordering>,
-    msg: async_nats::Message,
-) -> Option<(async_nats::Message, Option<Turn>)> {
-    let (Some(sequencer), Some(ordering)) = (sequencer, ordering) else { return Some((msg, None)) };
-    match ordering.key.derive(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) {
-        Ok(key) => sequencer.offer(key, msg).map(|(msg, turn)| (msg, Some(turn))),
-        Err(why) => {
-            tracing::debug!("no ordering key ({why}): the message runs unordered");
-            Some((msg, None))
-        }
-    }
-}
 
 /// What a message holds until it is settled: its concurrency permit, and its place in the
 /// count of messages this process holds.

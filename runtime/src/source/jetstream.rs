@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use crate::dlq::Original;
 use crate::manifest::{JetStreamSource, Source};
 use crate::metrics::Held;
-use crate::ordering::{Partitions, Sequencer};
+use crate::ordering::{Partitions, Sequencer, in_order, next_ready};
 use crate::pipeline::{self, Entry, History, Lane, Settle};
 
 /// Failure histories of messages in a retry sequence, by stream sequence.
@@ -487,32 +487,6 @@ async fn release_pin(js: &jetstream::Context, stream: &str, consumer: &str, pin:
         tracing::debug!(consumer, "partition released");
     }
     Ok(())
-}
-
-/// The next message of an ordered handler whose turn came; never, without ordering.
-async fn next_ready(sequencer: &mut Option<Sequencer<jetstream::Message>>) -> (jetstream::Message, Turn) {
-    match sequencer {
-        Some(s) => s.ready().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// A received message through the handler's sequencer: with its key's turn when it may go
-/// now, `None` when it waits behind its key. Without ordering, or without a key (it then runs
-/// unordered, or the gate dead-letters it), it goes at once without a turn.
-fn in_order(
-    sequencer: &Option<Sequencer<jetstream::Message>>,
-    ordering: Option<&crate::ordering::Ordering>,
-    msg: jetstream::Message,
-) -> Option<(jetstream::Message, Option<Turn>)> {
-    let (Some(sequencer), Some(ordering)) = (sequencer, ordering) else { return Some((msg, None)) };
-    match ordering.key.derive(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) {
-        Ok(key) => sequencer.offer(key, msg).map(|(msg, turn)| (msg, Some(turn))),
-        Err(why) => {
-            tracing::debug!("no ordering key ({why}): the message runs unordered");
-            Some((msg, None))
-        }
-    }
 }
 
 type Turn = crate::ordering::Turn<jetstream::Message>;
