@@ -53,6 +53,12 @@ pub enum FailureKind {
     /// An earlier message of its ordering key was dead-lettered and the key is parked
     /// (`on_poison = "park"`) until an operator releases it.
     KeyParked,
+    /// A resequenced message (`[ordering] sequence`) whose sequence number is missing or not
+    /// an unsigned integer.
+    MissingSequence,
+    /// A resequenced message that waited `max_wait` (or past `max_buffered`) for an earlier
+    /// sequence number of its key that never came, with `on_gap = "dead-letter"`.
+    SequenceGap,
 }
 
 impl FailureKind {
@@ -74,11 +80,13 @@ impl FailureKind {
             FailureKind::IdempotencyConflict => "idempotency-conflict",
             FailureKind::MissingOrderingKey => "missing-ordering-key",
             FailureKind::KeyParked => "key-parked",
+            FailureKind::MissingSequence => "missing-sequence",
+            FailureKind::SequenceGap => "sequence-gap",
         }
     }
 
     /// Every kind, for parsing and documentation.
-    pub const ALL: [FailureKind; 16] = [
+    pub const ALL: [FailureKind; 18] = [
         FailureKind::Rejected,
         FailureKind::RetryRequested,
         FailureKind::Trap,
@@ -95,6 +103,8 @@ impl FailureKind {
         FailureKind::IdempotencyConflict,
         FailureKind::MissingOrderingKey,
         FailureKind::KeyParked,
+        FailureKind::MissingSequence,
+        FailureKind::SequenceGap,
     ];
 
     /// The kind named `name` (as in `Sluice-Failure-Kind`).

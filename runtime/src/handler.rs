@@ -156,10 +156,11 @@ impl Handler {
         })
     }
 
-    /// Whether the handler needs a state store: for idempotency, or for the guest's own
-    /// dedup and kv.
+    /// Whether the handler needs a state store: for idempotency, for the guest's own dedup
+    /// and kv, or for a resequencer's next expected numbers.
     pub fn needs_state(&self) -> bool {
-        self.spec.manifest.idempotency.is_some() || self.imports_state
+        let resequenced = self.spec.manifest.ordering.as_ref().is_some_and(|o| o.sequence.is_some());
+        self.spec.manifest.idempotency.is_some() || self.imports_state || resequenced
     }
 
     /// The first 12 hex digits of the digest, for logs.

@@ -22,6 +22,9 @@
 //! | `sluice_outbox_full_total` | counter | handler | times the handler stopped taking messages because its outbox was full |
 //! | `sluice_ordering_keys` | gauge | handler | ordering keys with a message in flight or waiting (`[ordering]`) |
 //! | `sluice_ordering_waiting` | gauge | handler | messages waiting behind an earlier message of their key |
+//! | `sluice_ordering_gap_keys` | gauge | handler | ordering keys whose next sequence number has not come, with later ones waiting (`[ordering] sequence`) |
+//! | `sluice_ordering_sequence_gaps_total` | counter | handler | gaps given up on after `max_wait` or past `max_buffered` (then `on_gap` applies) |
+//! | `sluice_ordering_sequence_skipped_total` | counter | handler | messages skipped for a sequence number the key had passed (duplicates, or late after a gap) |
 //! | `sluice_ordering_parked_keys` | gauge | handler | ordering keys parked after a dead letter (`on_poison = "park"`), until released |
 //! | `sluice_handler_info` | gauge (1) | handler, digest | the version being served |
 //! | `sluice_http_requests_total` | counter | handler, host, status | outgoing `wasi:http` requests, by status class (`2xx`, `3xx`, `4xx`, `5xx`, `error`: no response, `denied`: refused by the grants or limits before connecting) |
@@ -166,6 +169,21 @@ fn describe(r: &PrometheusRecorder) {
         "sluice_ordering_waiting".into(),
         None,
         "Messages waiting behind an earlier message of their ordering key.".into(),
+    );
+    r.describe_gauge(
+        "sluice_ordering_gap_keys".into(),
+        None,
+        "Ordering keys waiting for a missing sequence number, with later ones held back.".into(),
+    );
+    r.describe_counter(
+        "sluice_ordering_sequence_gaps_total".into(),
+        None,
+        "Sequence gaps given up on (max_wait or max_buffered); on_gap decided what followed.".into(),
+    );
+    r.describe_counter(
+        "sluice_ordering_sequence_skipped_total".into(),
+        None,
+        "Messages skipped for a sequence number their key had already passed.".into(),
     );
     r.describe_gauge(
         "sluice_ordering_parked_keys".into(),
@@ -349,6 +367,9 @@ impl HandlerMetrics {
             ordering: crate::ordering::Gauges {
                 keys: r.register_gauge(&h("sluice_ordering_keys"), &META),
                 waiting: r.register_gauge(&h("sluice_ordering_waiting"), &META),
+                gap_keys: r.register_gauge(&h("sluice_ordering_gap_keys"), &META),
+                gaps: r.register_counter(&h("sluice_ordering_sequence_gaps_total"), &META),
+                skipped: r.register_counter(&h("sluice_ordering_sequence_skipped_total"), &META),
             },
             parked_keys: r.register_gauge(&h("sluice_ordering_parked_keys"), &META),
             failures: by_kind("sluice_failures_total"),

@@ -222,6 +222,7 @@ async fn with_dead_letters()
     .unwrap();
     let nc = client(&server).await;
     let out = nc.subscribe("ord.out").await.unwrap();
+    sync(&nc).await;
     (server, js, nc, out)
 }
 
@@ -398,5 +399,155 @@ async fn a_parked_key_sends_its_later_messages_to_the_dead_letters_in_order_unti
     check_order(&runs, 1, 6);
     assert!(sluice::testing::list_parked(&js, "o").await.unwrap().is_empty());
     assert!(sluice.status().parked_keys("o").is_empty(), "the release reached the running handler");
+    sluice.stop().await;
+}
+
+/// `[ordering]` with the resequencer on the payload's `seq` (starting at 0) and `extra`.
+fn resequenced(name: &str, source: &str, extra: &str) -> String {
+    ordered(name, source, "").replace(
+        "key = \"json:/key\"\n",
+        &format!("key = \"json:/key\"\nsequence = \"json:/seq\"\nsequence_start = 0\n{extra}"),
+    )
+}
+
+/// Publishes every key's numbers 0..per_key, shuffled across and within keys.
+fn shuffled(keys: usize, per_key: u64) -> Vec<(String, u64)> {
+    let mut all: Vec<(String, u64)> = (0..keys).flat_map(|k| (0..per_key).map(move |s| (format!("k{k}"), s))).collect();
+    fastrand::shuffle(&mut all);
+    all
+}
+
+async fn resequences_shuffled_numbers(source: &str, jetstream: bool) {
+    let server = nats();
+    let js = stream(&server, "ORD", &["ord.in"]).await;
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("ord.out").await.unwrap();
+    sync(&nc).await;
+    let sluice = Sluice::start(&server, &[("o.toml", resequenced("o", source, "max_wait = \"30s\"\n"))]).await;
+    let (keys, per_key) = (10usize, 50u64);
+    let mut published = shuffled(keys, per_key);
+    // Two copies of a few numbers: each is handled once.
+    published.insert(published.len() / 2, ("k3".to_owned(), 7));
+    published.push(("k5".to_owned(), 0));
+    for (key, seq) in &published {
+        let payload = command(key, *seq, fastrand::u64(0..500), 0);
+        if jetstream {
+            js.publish("ord.in", payload.into()).await.unwrap().await.unwrap();
+        } else {
+            nc.publish("ord.in", payload.into()).await.unwrap();
+        }
+    }
+    let runs = collect(&mut out, keys * per_key as usize, Duration::from_secs(120)).await;
+    let most = check_order(&runs, keys, per_key);
+    assert!(most > 1, "never more than one call at a time: the resequencer serialised every key");
+    // Nothing more: the copies were skipped.
+    let extra = tokio::time::timeout(Duration::from_secs(1), out.next()).await;
+    assert!(extra.is_err(), "a copy was handled: {:?}", extra.ok().flatten().map(|m| parse(&m)));
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn the_resequencer_hands_a_jetstream_keys_shuffled_numbers_to_the_handler_in_order() {
+    resequences_shuffled_numbers("stream = \"ORD\"", true).await;
+}
+
+#[tokio::test]
+async fn the_resequencer_hands_a_core_keys_shuffled_numbers_to_the_handler_in_order() {
+    resequences_shuffled_numbers("subject = \"ord.in\"", false).await;
+}
+
+#[tokio::test]
+async fn a_sequence_gap_is_given_up_on_after_max_wait_and_a_late_number_is_skipped() {
+    let (server, js, _nc, mut out) = with_dead_letters().await;
+    let text = resequenced("o", "stream = \"ORD\"", "max_wait = \"1s\"\n");
+    let sluice = Sluice::start(&server, &[("o.toml", text)]).await;
+    for seq in [0, 1, 3, 4] {
+        js.publish("ord.in", command("a", seq, 0, 0).into()).await.unwrap().await.unwrap();
+    }
+    let first = collect(&mut out, 2, Duration::from_secs(30)).await;
+    assert_eq!(first.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1]);
+    let started = std::time::Instant::now();
+    let rest = collect(&mut out, 2, Duration::from_secs(30)).await;
+    assert_eq!(rest.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4], "on past the gap, in order");
+    assert!(started.elapsed() >= Duration::from_millis(500), "3 did not wait for 2");
+    // 2 arrives late: the key has passed it.
+    js.publish("ord.in", command("a", 2, 0, 0).into()).await.unwrap().await.unwrap();
+    js.publish("ord.in", command("a", 5, 0, 0).into()).await.unwrap().await.unwrap();
+    let after = collect(&mut out, 1, Duration::from_secs(30)).await;
+    assert_eq!(after[0].seq, 5, "the late 2 is skipped, 5 follows 4");
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_sequence_gap_dead_letters_the_waiting_messages_in_order_until_the_number_comes() {
+    let (server, js, nc, mut out) = with_dead_letters().await;
+    let text = resequenced(
+        "o",
+        "stream = \"ORD\"",
+        "max_wait = \"1s\"\non_gap = \"dead-letter\"\n\n[dead_letter]\nsubject = \"dlq.ord\"\n",
+    );
+    let sluice = Sluice::start(&server, &[("o.toml", text)]).await;
+    for seq in [0, 2, 3] {
+        js.publish("ord.in", command("a", seq, 0, 0).into()).await.unwrap().await.unwrap();
+    }
+    // Without a number: dead-lettered at once.
+    js.publish("ord.in", r#"{"cmd": "trace:ord.out", "key": "b"}"#.into()).await.unwrap().await.unwrap();
+    let runs = collect(&mut out, 1, Duration::from_secs(30)).await;
+    assert_eq!(runs[0].seq, 0);
+    let dead = sluice_tests::stream_messages(&js, "DLQ", 3, Duration::from_secs(30)).await;
+    let seen: Vec<(String, Option<u64>)> = dead
+        .iter()
+        .map(|m| {
+            let kind = m.headers.get("Sluice-Failure-Kind").map(|v| v.as_str().to_owned()).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            (kind, v["seq"].as_u64())
+        })
+        .collect();
+    let mut gap: Vec<_> = seen.iter().filter(|(k, _)| k == "sequence-gap").cloned().collect();
+    assert_eq!(gap, [("sequence-gap".to_owned(), Some(2)), ("sequence-gap".to_owned(), Some(3))], "{seen:?}");
+    assert!(seen.contains(&("missing-sequence".to_owned(), None)), "{seen:?}");
+    // The key still expects 1; it comes, then the dead letters are replayed: 2 and 3 follow.
+    js.publish("ord.in", command("a", 1, 0, 0).into()).await.unwrap().await.unwrap();
+    assert_eq!(collect(&mut out, 1, Duration::from_secs(30)).await[0].seq, 1);
+    let sender = sluice::testing::OutputSender::new(nc.clone());
+    let options = sluice::testing::dlq_admin::ReplayOptions {
+        filter: sluice::testing::dlq_admin::Filter { key: Some("a".to_owned()), ..Default::default() },
+        to: None,
+        dry_run: false,
+    };
+    let report = sluice::testing::dlq_admin::replay(&sender, "DLQ", &options, |_, _| {}).await.unwrap();
+    assert_eq!(report.replayed.len(), 2);
+    let replayed = collect(&mut out, 2, Duration::from_secs(30)).await;
+    gap = replayed.iter().map(|r| ("sequence-gap".to_owned(), Some(r.seq))).collect();
+    assert_eq!(gap.iter().map(|(_, s)| s.unwrap()).collect::<Vec<_>>(), [2, 3]);
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn the_next_expected_number_survives_a_restart_on_nats_kv() {
+    let server = nats();
+    let js = stream(&server, "ORD", &["ord.in"]).await;
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("ord.out").await.unwrap();
+    sync(&nc).await;
+    let text =
+        format!("{}\n[store]\nbackend = \"nats-kv\"\n", resequenced("o", "stream = \"ORD\"", "max_wait = \"30s\"\n"));
+    let sluice = Sluice::start(&server, &[("o.toml", text.clone())]).await;
+    for seq in 0..3 {
+        js.publish("ord.in", command("a", seq, 0, 0).into()).await.unwrap().await.unwrap();
+    }
+    assert_eq!(
+        collect(&mut out, 3, Duration::from_secs(30)).await.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    sluice.stop().await;
+    // Another process: the key's next number (3) is in the store, not in memory.
+    let sluice = Sluice::start(&server, &[("o.toml", text)]).await;
+    for seq in [1, 4, 3] {
+        js.publish("ord.in", command("a", seq, 0, 0).into()).await.unwrap().await.unwrap();
+    }
+    let runs = collect(&mut out, 2, Duration::from_secs(30)).await;
+    assert_eq!(runs.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4], "1 passed, 4 waited for 3");
+    assert!(tokio::time::timeout(Duration::from_secs(1), out.next()).await.is_err(), "1 ran again");
     sluice.stop().await;
 }

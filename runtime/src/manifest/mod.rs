@@ -412,6 +412,7 @@ fn resolve_ordering(
     raw: schema::OrderingSection,
     source: &Source,
 ) -> Result<Ordering, ManifestError> {
+    let sequence = resolve_sequence(file, &raw)?;
     let max_waiting = match raw.max_waiting {
         None => crate::ordering::DEFAULT_MAX_WAITING,
         Some(n) => match usize::try_from(*n.get_ref()) {
@@ -488,7 +489,63 @@ fn resolve_ordering(
         max_waiting,
         partitions,
         on_poison: raw.on_poison.unwrap_or_default(),
+        sequence,
     })
+}
+
+/// `[ordering] sequence` and the keys that only mean something with it.
+fn resolve_sequence(
+    file: &SourceText,
+    raw: &schema::OrderingSection,
+) -> Result<Option<crate::ordering::Resequence>, ManifestError> {
+    let Some(by) = &raw.sequence else {
+        let stray = [
+            ("sequence_start", raw.sequence_start.as_ref().map(|s| s.span())),
+            ("max_wait", raw.max_wait.as_ref().map(|s| s.span())),
+            ("max_buffered", raw.max_buffered.as_ref().map(|s| s.span())),
+            ("on_gap", raw.on_gap.as_ref().map(|s| s.span())),
+        ];
+        if let Some((name, Some(span))) = stray.into_iter().find(|(_, span)| span.is_some()) {
+            return Err(ManifestError::at(
+                file,
+                span,
+                format!(
+                    "{name} only applies with `sequence = \"...\"` (the resequencer), which this [ordering] does not set"
+                ),
+            ));
+        }
+        return Ok(None);
+    };
+    let start = match &raw.sequence_start {
+        None => 1,
+        Some(n) => u64::try_from(*n.get_ref()).map_err(|_| {
+            ManifestError::at(
+                file,
+                n.span(),
+                format!("sequence_start = {} is negative; sequence numbers are unsigned", n.get_ref()),
+            )
+        })?,
+    };
+    let max_buffered = match &raw.max_buffered {
+        None => crate::ordering::DEFAULT_MAX_BUFFERED,
+        Some(n) => match usize::try_from(*n.get_ref()) {
+            Ok(v @ 1..=1_000_000) => v,
+            _ => {
+                return Err(ManifestError::at(
+                    file,
+                    n.span(),
+                    format!("max_buffered = {} is out of range; expected 1 to 1000000", n.get_ref()),
+                ));
+            }
+        },
+    };
+    Ok(Some(crate::ordering::Resequence {
+        by: by.get_ref().clone(),
+        start,
+        max_wait: raw.max_wait.as_ref().map_or(crate::ordering::DEFAULT_MAX_WAIT, |d| d.get_ref().0),
+        max_buffered,
+        on_gap: raw.on_gap.as_ref().map(|g| *g.get_ref()).unwrap_or_default(),
+    }))
 }
 
 fn resolve_rate(

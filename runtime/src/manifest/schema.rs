@@ -380,6 +380,18 @@ pub struct OrderingSection {
     /// `partition_subject = "orders.{partition}.>"`: the stream's subjects with the partition
     /// token written `{partition}`; partition `i`'s consumer filters on it with `i` there.
     pub partition_subject: Option<Spanned<String>>,
+    /// `sequence = "header:Seq"`: a resequencer: per key, messages are handled in the order
+    /// of this unsigned integer (the key syntax), whatever order they arrive in.
+    pub sequence: Option<Spanned<crate::idempotency::KeySpec>>,
+    /// `sequence_start = 1`: the number a key's first message has.
+    pub sequence_start: Option<Spanned<i64>>,
+    /// `max_wait = "5s"`: how long later messages wait for a missing number.
+    pub max_wait: Option<Spanned<HumanDuration>>,
+    /// `max_buffered = 1000`: messages of one key held back behind a missing number, at most.
+    pub max_buffered: Option<Spanned<i64>>,
+    /// `on_gap = "proceed"`: a gap given up on: go on with the next number (`proceed`), or
+    /// dead-letter the waiting messages as `sequence-gap` (`dead-letter`).
+    pub on_gap: Option<Spanned<crate::ordering::OnGap>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

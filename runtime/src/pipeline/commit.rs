@@ -90,11 +90,19 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
         (Some((k, fingerprint)), Some(idem)) => Some((k.as_str(), idem.ttl, fingerprint.clone())),
         _ => None,
     };
+    // A resequenced message moves its key on in the same write.
+    let sequenced = entry.sequence.as_ref().and_then(|s| Some((s, s.confirmed()?)));
+    if let Some((s, seq)) = sequenced {
+        outbox.push(crate::store::Scope::sequence_op(&s.key, seq + 1));
+    }
     match result {
-        // One write: the guest's kv writes and marks, the outbox entries, and the key's
-        // completion record.
+        // One write: the guest's kv writes and marks, the outbox entries, the key's
+        // completion record (and its next sequence number).
         Ok(()) => match Box::pin(scope.commit(writes, outbox, completion)).await {
             Ok(()) => {
+                if let Some((s, seq)) = sequenced {
+                    s.advance(seq + 1);
+                }
                 match lane.fault {
                     Some(Fault::HaltAfterCommit) => return Step::Halt,
                     // Acked, but the relay never heard of the entries: they wait in the store.

@@ -9,6 +9,7 @@ use super::{Entry, LEASE_GRACE, Lane, Step};
 use crate::dlq::Verdict;
 use crate::failure::{Failure, FailureKind};
 use crate::idempotency::{self, OnMissing};
+use crate::ordering::Check;
 use crate::store::Begin;
 
 /// What the gate decided.
@@ -22,6 +23,8 @@ pub enum Gate {
     /// process); it lapses within this long. Try again later ([`admit_waiting`]): never at
     /// the same time, never dead-lettered for that.
     Busy(Duration),
+    /// A resequenced message ahead of its key: the key expects this (lower) number first.
+    Early(u64),
 }
 
 /// A message let through, with its idempotency key and payload fingerprint when it has one
@@ -35,10 +38,70 @@ fn final_failure(kind: FailureKind, reason: String) -> Gate {
     Gate::Stop(Step::Final(Failure { kind, reason, retry_after: None }))
 }
 
+/// The resequencer's part of the gate: a message whose number its key has passed is
+/// skipped, one ahead of it waits, the one expected goes on (and is confirmed, so that its
+/// settlement moves the key on). `None`: go on.
+async fn sequence(lane: &Lane, entry: &Entry<'_>) -> Option<Gate> {
+    let sequenced = entry.sequence.as_ref()?;
+    let r = lane.handler.spec.manifest.ordering.as_ref()?.sequence.as_ref()?;
+    let key = &*sequenced.key;
+    let seq = match &sequenced.seq {
+        Ok(seq) => *seq,
+        Err(why) => return Some(final_failure(FailureKind::MissingSequence, format!("no sequence number: {why}"))),
+    };
+    let known = match sequenced.check {
+        Check::Passed => {
+            lane.metrics.ordering().skipped.increment(1);
+            tracing::debug!(key, seq, "sequence number already passed; skipped");
+            return Some(Gate::Stop(Step::Skipped));
+        }
+        Check::Gap(expected) => {
+            let expected = expected.map_or_else(|| "an earlier number".to_owned(), |n| n.to_string());
+            let reason = format!(
+                "ordering key {key:?} waited {:?} for sequence number {expected}, which did not come; this is {seq}",
+                r.max_wait
+            );
+            return Some(final_failure(FailureKind::SequenceGap, reason));
+        }
+        Check::Turn(known) => known,
+        Check::Proceed => None,
+    };
+    let scope = lane.scope.as_ref()?;
+    let stored = match Box::pin(scope.sequence_next(key)).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            return Some(Gate::Stop(Step::Failed(Failure {
+                kind: FailureKind::StoreError,
+                reason: format!("state store: {e}"),
+                retry_after: None,
+            })));
+        }
+    };
+    let expected = stored.unwrap_or(r.start).max(known.unwrap_or(0));
+    match seq.cmp(&expected) {
+        std::cmp::Ordering::Less => {
+            lane.metrics.ordering().skipped.increment(1);
+            tracing::debug!(key, seq, expected, "sequence number already passed; skipped");
+            Some(Gate::Stop(Step::Skipped))
+        }
+        std::cmp::Ordering::Greater if sequenced.check != Check::Proceed => {
+            tracing::debug!(key, seq, expected, "ahead of its key; waits for the number expected");
+            Some(Gate::Early(expected))
+        }
+        _ => {
+            sequenced.confirm(seq);
+            None
+        }
+    }
+}
+
 /// The gate for one entry.
 pub async fn admit(lane: &Lane, entry: &Entry<'_>) -> Gate {
     let spec = &lane.handler.spec;
     let manifest = &spec.manifest;
+    if let Some(gate) = Box::pin(sequence(lane, entry)).await {
+        return gate;
+    }
     if entry.attempt > manifest.retry.max_attempts {
         // Already given up on: an earlier dead-letter publish failed, or the process died
         // between publishing the dead letter and settling. The dead letter's id makes a
@@ -134,6 +197,7 @@ pub async fn admit_waiting(lane: &Lane, entry: &Entry<'_>, mut remaining: Durati
             Gate::Busy(r) => remaining = r,
             Gate::Run(admitted) => return Ok(admitted),
             Gate::Stop(step) => return Err(step),
+            Gate::Early(expected) => return Err(Step::Early(expected)),
         }
     }
 }

@@ -96,6 +96,8 @@ pub struct Entry<'a> {
     pub received: Instant,
     /// The message's span: every log line about it is inside.
     pub span: tracing::Span,
+    /// What the resequencer says of it (`[ordering] sequence`).
+    pub sequence: Option<crate::ordering::Sequenced>,
 }
 
 /// How a delivery ended, for the transport to act on.
@@ -113,6 +115,9 @@ pub enum Settle {
     GaveUp { verdict: Verdict, parked: bool },
     /// Fault injection ([`Fault::HaltAfterOutputs`]): leave the message as a crash would.
     Halt,
+    /// Early: its key expects this (lower) sequence number first. The transport gives it back
+    /// to its key's queue ([`Turn::hold_back`](crate::ordering::Turn::hold_back)).
+    Early(u64),
 }
 
 /// Where a message's stages got to: the commit stage's outcome, and the gate's when it stops
@@ -131,6 +136,8 @@ pub enum Step {
     Exhausted(Verdict),
     /// Fault injection: stop here.
     Halt,
+    /// Its key expects this (lower) sequence number first.
+    Early(u64),
 }
 
 impl Lane {
@@ -283,6 +290,7 @@ where
                 continue;
             }
             gate::Gate::Stop(step) => Then::Settle(step),
+            gate::Gate::Early(expected) => Then::Settle(Step::Early(expected)),
             // Typically a duplicate in this very batch: it waits for the first to settle.
             gate::Gate::Busy(remaining) => Then::Wait(remaining),
         };

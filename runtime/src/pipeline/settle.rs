@@ -53,6 +53,7 @@ pub async fn settle(lane: &Lane, entry: &Entry<'_>, step: Step, history: Option<
         Step::Done => (Settle::Done, None),
         Step::Skipped => (Settle::Skipped, history),
         Step::Halt => (Settle::Halt, history),
+        Step::Early(expected) => (Settle::Early(expected), history),
         Step::Exhausted(verdict) => {
             let parked = Box::pin(park(lane, &verdict, entry)).await;
             (Settle::GaveUp { verdict, parked }, None)
@@ -96,6 +97,9 @@ pub async fn settle(lane: &Lane, entry: &Entry<'_>, step: Step, history: Option<
     if let Settle::GaveUp { verdict, parked: true } = &settle {
         Box::pin(park_key(lane, verdict, entry)).await;
     }
+    if matches!(settle, Settle::Skipped | Settle::GaveUp { parked: true, .. }) {
+        Box::pin(advance(lane, entry)).await;
+    }
     count(lane, &settle, entry);
     (settle, history)
 }
@@ -104,7 +108,8 @@ pub async fn settle(lane: &Lane, entry: &Entry<'_>, step: Step, history: Option<
 /// key's later messages follow it to the dead letters, in order, until it is released.
 async fn park_key(lane: &Lane, verdict: &Verdict, entry: &Entry<'_>) {
     let (Some(parked), Some(ordering)) = (&lane.parked, &lane.handler.spec.manifest.ordering) else { return };
-    if verdict.kind == FailureKind::KeyParked {
+    // A key parked already, or held at a sequence gap (which waits for its number anyway).
+    if matches!(verdict.kind, FailureKind::KeyParked | FailureKind::SequenceGap) {
         return;
     }
     let original = &entry.original;
@@ -115,6 +120,21 @@ async fn park_key(lane: &Lane, verdict: &Verdict, entry: &Entry<'_>) {
         // does not know.
         tracing::error!(key = %key, "{e}");
     }
+}
+
+/// A resequenced message settled without a commit (a duplicate of one handled, or a dead
+/// letter): its key expects the next number now. A write that fails is logged; this process
+/// moves the key on all the same.
+async fn advance(lane: &Lane, entry: &Entry<'_>) {
+    let Some(s) = &entry.sequence else { return };
+    let (Some(seq), Some(scope)) = (s.confirmed(), &lane.scope) else { return };
+    if s.is_advanced() {
+        return;
+    }
+    if let Err(e) = Box::pin(scope.sequence_put(&s.key, seq + 1)).await {
+        tracing::error!(key = &*s.key, "cannot store the next sequence number {}: {e}", seq + 1);
+    }
+    s.advance(seq + 1);
 }
 
 /// Logs the failed attempt and decides what comes next.
@@ -186,6 +206,11 @@ fn count(lane: &Lane, settle: &Settle, entry: &Entry<'_>) {
             "given-up"
         }
         Settle::Halt => "halted",
+        // Not settled: back in its key's queue.
+        Settle::Early(_) => {
+            entry.span.record("outcome", "early");
+            return;
+        }
     };
     entry.span.record("outcome", outcome);
     m.settled(entry.received.elapsed());

@@ -49,7 +49,8 @@ pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber
     let permits = Arc::new(Semaphore::new(concurrency));
     let limiter = versions.borrow().handler.spec.manifest.limits.rate.map(crate::rate::Limiter::new);
     // An ordered handler's messages wait behind their key here.
-    let mut sequencer = ordering.as_ref().map(|_| Sequencer::new(versions.borrow().metrics.ordering()));
+    let mut sequencer =
+        ordering.as_ref().map(|o| Sequencer::new(versions.borrow().metrics.ordering(), o.sequence.clone()));
     let max_waiting = ordering.as_ref().map_or(usize::MAX, |o| o.max_waiting);
     let has_room = |s: &Option<Sequencer<async_nats::Message>>| s.as_ref().is_none_or(|s| s.waiting() < max_waiting);
     let mut in_flight = JoinSet::new();
@@ -59,6 +60,15 @@ pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber
     // (core NATS would not deliver them again).
     let mut ended = false;
     loop {
+        if ended && in_flight.is_empty() {
+            match &sequencer {
+                None => break,
+                Some(s) if s.idle() => break,
+                // Messages held back behind a sequence gap: core NATS will not deliver the
+                // missing ones any more, so the gaps are given up on now.
+                Some(s) => s.give_up_gaps(),
+            }
+        }
         let room = has_room(&sequencer);
         let (msg, turn) = tokio::select! {
             biased;
@@ -81,12 +91,7 @@ pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber
                 let Some(admitted) = in_order(&sequencer, ordering.as_ref(), msg) else { continue };
                 admitted
             }
-            joined = in_flight.join_next(), if ended => {
-                if joined.is_none() && sequencer.as_ref().is_none_or(Sequencer::idle) {
-                    break;
-                }
-                continue;
-            }
+            Some(_) = in_flight.join_next(), if ended && !in_flight.is_empty() => continue,
         };
         // Waiting for a permit here is the backpressure: at the concurrency limit (or
         // with a full outbox) we stop reading, and the queue group hands messages to
@@ -147,7 +152,7 @@ type Turn = crate::ordering::Turn<async_nats::Message>;
 struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     /// An ordered handler's key turn, held through the message's retries.
-    _turn: Option<Turn>,
+    turn: Option<Turn>,
     _held: Held,
 }
 
@@ -178,20 +183,33 @@ async fn process(
         .zip(&wits)
         .zip(held)
         .map(|((msg, wit), (permit, turn))| {
-            let slot = Slot { permit: Some(permit), _turn: turn, _held: lane.metrics.hold() };
-            (entry(&lane, msg, wit, 1, None, received), slot)
+            let sequence = turn.as_ref().and_then(|t| t.sequenced().cloned());
+            let slot = Slot { permit: Some(permit), turn, _held: lane.metrics.hold() };
+            (entry(&lane, msg, wit, 1, None, received, sequence), slot)
         })
         .collect();
     let (versions, permits, stop) = (&versions, &permits, &stop);
-    pipeline::run_batch(&lane, entries, |i, slot, settle, history| {
+    pipeline::run_batch(&lane, entries, |i, mut slot, settle, history| {
         let (lane, msg, wit) = (&lane, &msgs[i], &wits[i]);
         async move {
+            if let Settle::Early(expected) = settle {
+                hold_back(&mut slot, msg, expected);
+                return;
+            }
             if let Some((delay, history)) = apply(lane, msg, settle, history).await {
                 Box::pin(retry(versions, msg, wit, slot, delay, history, permits, stop.clone(), received)).await;
             }
         }
     })
     .await;
+}
+
+/// A resequenced message ahead of its key goes back to wait for its number (its turn passes on).
+fn hold_back(slot: &mut Slot, msg: &async_nats::Message, expected: u64) {
+    match slot.turn.take() {
+        Some(turn) => turn.hold_back(msg.clone(), expected),
+        None => tracing::error!("message lost: ahead of its key, with no key turn to wait with"),
+    }
 }
 
 fn entry<'a>(
@@ -201,6 +219,7 @@ fn entry<'a>(
     attempt: u32,
     history: Option<History>,
     received: Instant,
+    sequence: Option<crate::ordering::Sequenced>,
 ) -> Entry<'a> {
     Entry {
         original: Original {
@@ -214,6 +233,7 @@ fn entry<'a>(
         history,
         received,
         span: lane.span(msg, attempt),
+        sequence,
     }
 }
 
@@ -250,10 +270,18 @@ async fn retry(
         deliveries = if last_chance { (max_attempts + deferred).max(deliveries + 1) } else { deliveries + 1 };
         let attempt = deliveries.saturating_sub(deferred).max(1);
         let next = std::sync::Mutex::new(None);
-        let entries = vec![(entry(&lane, msg, wit, attempt, history.take(), received), ())];
+        let sequence = slot.turn.as_ref().and_then(|t| t.sequenced().cloned());
+        let entries = vec![(entry(&lane, msg, wit, attempt, history.take(), received, sequence), ())];
+        let early = std::sync::Mutex::new(None);
         pipeline::run_batch(&lane, entries, |_, (), settle, history| {
-            let (lane, next) = (&lane, &next);
+            let (lane, next, early) = (&lane, &next, &early);
             async move {
+                if let Settle::Early(expected) = settle {
+                    if let Ok(mut early) = early.lock() {
+                        *early = Some(expected);
+                    }
+                    return;
+                }
                 let again = apply(lane, msg, settle, history).await;
                 if let Ok(mut next) = next.lock() {
                     *next = again;
@@ -261,6 +289,10 @@ async fn retry(
             }
         })
         .await;
+        if let Some(expected) = early.into_inner().ok().flatten() {
+            hold_back(&mut slot, msg, expected);
+            return;
+        }
         match next.into_inner().ok().flatten() {
             // Only the broker not taking the outputs retries past the last chance (a retry
             // policy's failure is dead-lettered then); on shutdown that cannot wait.
@@ -282,7 +314,8 @@ async fn apply(
     history: Option<History>,
 ) -> Option<(Duration, Option<History>)> {
     match settle {
-        Settle::Done | Settle::Skipped | Settle::Halt => None,
+        // Handled by the caller, which holds the message's key turn.
+        Settle::Done | Settle::Skipped | Settle::Halt | Settle::Early(_) => None,
         Settle::Retry(delay) => Some((delay, history)),
         Settle::GaveUp { verdict, parked } => {
             if !parked {

@@ -207,7 +207,8 @@ async fn serve_one(
     // An ordered handler's messages wait behind their key here, kept alive by in-progress
     // acks until their turn.
     let ordering = spec.manifest.ordering.clone();
-    let mut sequencer = ordering.as_ref().map(|_| Sequencer::new(versions.borrow().metrics.ordering()));
+    let mut sequencer =
+        ordering.as_ref().map(|o| Sequencer::new(versions.borrow().metrics.ordering(), o.sequence.clone()));
     let _keepalive = sequencer.as_ref().map(|s| KeepAlive::start(s.watcher(), ack_wait));
     let max_waiting = ordering.as_ref().map_or(usize::MAX, |o| o.max_waiting);
     let has_room = |s: &Option<Sequencer<jetstream::Message>>| s.as_ref().is_none_or(|s| s.waiting() < max_waiting);
@@ -553,6 +554,7 @@ fn entry_of<'a>(
     attempt: u32,
     history: Option<History>,
     received: Instant,
+    sequence: Option<crate::ordering::Sequenced>,
 ) -> Entry<'a> {
     let mut wit = pipeline::to_wit(&msg.message);
     // A stream message's reply subject is JetStream's ack subject, not a requester: a
@@ -570,6 +572,7 @@ fn entry_of<'a>(
         history,
         received,
         span: lane.span(&msg.message, attempt),
+        sequence,
     }
 }
 
@@ -606,19 +609,28 @@ async fn process(
             .map(|((msg, meta), slot)| {
                 let history = taken.as_mut().and_then(|h| h.remove(&meta.1));
                 let attempt = effective_attempt(meta.2, history.as_ref());
-                (entry_of(&lane, msg, meta, attempt, history, received), slot)
+                let sequence = slot.turn.as_ref().and_then(|t| t.sequenced().cloned());
+                (entry_of(&lane, msg, meta, attempt, history, received, sequence), slot)
             })
             .collect()
     };
     let settled: Vec<AtomicBool> = msgs.iter().map(|_| AtomicBool::new(false)).collect();
-    let work = pipeline::run_batch(&lane, entries, |i, slot, settle, history| {
+    let work = pipeline::run_batch(&lane, entries, |i, mut slot, settle, history| {
         let (msg, meta, settled, histories, lane, stop) = (&msgs[i], &metas[i], &settled[i], &histories, &lane, &stop);
         async move {
+            let sequence = slot.turn.as_ref().and_then(|t| t.sequenced().cloned());
             match settle {
+                // Ahead of its key (a resequencer): back to wait for its number, kept alive
+                // by the in-progress acks of the waiting messages.
+                Settle::Early(expected) if slot.turn.as_ref().is_some_and(Turn::holds_key) => {
+                    if let Some(turn) = slot.turn.take() {
+                        turn.hold_back(msg.clone(), expected);
+                    }
+                }
                 // An ordered message is retried here, holding its key: the later messages
                 // of the key wait for it, the other keys flow.
                 Settle::Retry(delay) if slot.turn.is_some() => {
-                    let again = Again { delay, deliveries: meta.2, history };
+                    let again = Again { delay, deliveries: meta.2, history, sequence };
                     Box::pin(retry_in_order(lane, msg, meta, again, histories, stop.clone(), received)).await;
                 }
                 // Its dead letter could not be stored: kept here too (not nak'd behind the
@@ -626,7 +638,7 @@ async fn process(
                 Settle::GaveUp { parked: false, .. } if slot.turn.is_some() => {
                     let retry = &lane.handler.spec.manifest.retry;
                     let deliveries = i64::from(retry.max_attempts + History::deferred(history.as_ref()));
-                    let again = Again { delay: retry.max, deliveries: deliveries.max(meta.2), history };
+                    let again = Again { delay: retry.max, deliveries: deliveries.max(meta.2), history, sequence };
                     Box::pin(retry_in_order(lane, msg, meta, again, histories, stop.clone(), received)).await;
                 }
                 settle => apply(lane, msg, meta.1, histories, settle, history).await,
@@ -644,6 +656,8 @@ struct Again {
     /// Deliveries so far, JetStream's and this process's (see [`effective_attempt`]).
     deliveries: i64,
     history: Option<History>,
+    /// What the resequencer says of it.
+    sequence: Option<crate::ordering::Sequenced>,
 }
 
 /// The attempts after the first of an ordered message, in this process (the message's
@@ -661,7 +675,7 @@ async fn retry_in_order(
     mut stop: watch::Receiver<bool>,
     received: Instant,
 ) {
-    let Again { mut delay, mut deliveries, mut history } = again;
+    let Again { mut delay, mut deliveries, mut history, sequence } = again;
     loop {
         let stopping = tokio::select! {
             () = tokio::time::sleep(delay) => false,
@@ -674,7 +688,7 @@ async fn retry_in_order(
         deliveries = deliveries.saturating_add(1);
         let attempt = effective_attempt(deliveries, history.as_ref());
         let next = Mutex::new(None);
-        let entries = vec![(entry_of(lane, msg, meta, attempt, history.take(), received), ())];
+        let entries = vec![(entry_of(lane, msg, meta, attempt, history.take(), received, sequence.clone()), ())];
         pipeline::run_batch(lane, entries, |_, (), settle, history| {
             let next = &next;
             async move {
@@ -722,6 +736,13 @@ async fn apply(
             }
         }
         Settle::Halt => {}
+        // Ahead of its key with no turn to wait with (cannot happen on a first delivery):
+        // the broker delivers it again at once, to be put in order then.
+        Settle::Early(_) => {
+            if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+                tracing::warn!("cannot nak (it will be redelivered after the ack wait): {e}");
+            }
+        }
         Settle::Retry(delay) => {
             keep(history);
             if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {

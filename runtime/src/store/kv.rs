@@ -41,7 +41,7 @@ impl KvStore {
         let (name, max_age) = match space {
             Space::Dedup | Space::GuestDedup => (format!("sluice-dedup-{handler}"), self.dedup_max_age),
             // The outbox is not kept on nats-kv (see `Store::outbox`); the arm keeps the match whole.
-            Space::Kv | Space::Outbox => (format!("sluice-kv-{handler}"), Duration::ZERO),
+            Space::Kv | Space::Outbox | Space::Sequence => (format!("sluice-kv-{handler}"), Duration::ZERO),
         };
         // Every call looks its bucket up: a read lock, not held across an await. Creating a
         // bucket happens once per handler (in `prepare`); two racing creators get the same
@@ -76,6 +76,7 @@ impl KvStore {
             Space::GuestDedup => "g",
             Space::Kv => "k",
             Space::Outbox => "o",
+            Space::Sequence => "s",
         };
         format!("{prefix}{}", hex::encode(Sha256::digest(key.as_bytes())))
     }

@@ -43,6 +43,9 @@ pub enum Space {
     Kv,
     /// Committed outputs waiting for the relay ([`crate::relay`]), by sequence number.
     Outbox,
+    /// The resequencer's next expected sequence number per ordering key (`[ordering]
+    /// sequence`).
+    Sequence,
 }
 
 impl Space {
@@ -52,6 +55,7 @@ impl Space {
             Space::GuestDedup => "guest-dedup",
             Space::Kv => "kv",
             Space::Outbox => "outbox",
+            Space::Sequence => "sequence",
         }
     }
 }
@@ -521,6 +525,29 @@ impl Scope {
             _ => return Ok(false),
         };
         self.store.swap(&self.handler, Space::Kv, key, version, Some(new)).await
+    }
+
+    /// The next sequence number expected for ordering key `key`, if one was stored.
+    pub async fn sequence_next(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let stored = self.store.get(&self.handler, Space::Sequence, key).await?;
+        // An unreadable record counts as absent: the key starts over at `sequence_start`.
+        Ok(stored.and_then(|v| std::str::from_utf8(&v.value).ok()?.parse().ok()))
+    }
+
+    /// The write that stores `next` as the next sequence number of ordering key `key`, for a
+    /// commit.
+    pub fn sequence_op(key: &str, next: u64) -> Op {
+        Op {
+            space: Space::Sequence,
+            key: key.to_owned(),
+            expect: Expect::Any,
+            value: Some(next.to_string().into_bytes()),
+        }
+    }
+
+    /// Stores `next` as the next sequence number of ordering key `key`, alone.
+    pub async fn sequence_put(&self, key: &str, next: u64) -> Result<(), StoreError> {
+        self.put(Space::Sequence, key, Some(next.to_string().into_bytes())).await
     }
 
     /// Unconditional write (`None` deletes): one write, whatever is there.
