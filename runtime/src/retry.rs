@@ -90,6 +90,91 @@ pub fn broker_backoff(n: u32) -> Duration {
     base / 2 + base.mul_f64(fastrand::f64() / 2.0)
 }
 
+/// A handler's shared back-off while the broker does not take its outputs (or its pulls):
+/// one streak per handler, not per message, so that a busy or absent target is asked again
+/// once per step (1 s doubling to 10 s, [`broker_backoff`]) rather than once per message.
+/// A JetStream handler gives what it receives during a step back to the server until the
+/// step ends, without calling the handler.
+#[derive(Debug, Default)]
+pub struct BrokerPause {
+    /// Consecutive steps; 0 while the broker takes what it is sent (the hot path reads only
+    /// this).
+    streak: std::sync::atomic::AtomicU32,
+    state: std::sync::Mutex<PauseState>,
+}
+
+#[derive(Debug, Default)]
+struct PauseState {
+    until: Option<tokio::time::Instant>,
+    /// Refusals since the last log line.
+    refused: u64,
+}
+
+impl BrokerPause {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The broker refused (`why`): the time until the handler's current step ends, starting
+    /// the next step when none is running. Logged once per step, with the refusals counted
+    /// since the last line.
+    pub fn refused(&self, why: &str) -> Duration {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = tokio::time::Instant::now();
+        let mut state = self.lock();
+        state.refused += 1;
+        if let Some(until) = state.until
+            && until > now
+        {
+            return until - now;
+        }
+        let streak = self.streak.fetch_add(1, Relaxed).saturating_add(1);
+        let delay = broker_backoff(streak);
+        state.until = Some(now + delay);
+        tracing::warn!(
+            refused = std::mem::take(&mut state.refused),
+            step = streak,
+            back_in = ?delay,
+            "the broker is not taking this handler's messages ({why}); backing off (not counted as attempts)"
+        );
+        delay
+    }
+
+    /// The broker took what it was sent: the streak ends.
+    pub fn recovered(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.streak.load(Relaxed) != 0 {
+            self.streak.store(0, Relaxed);
+            let mut state = self.lock();
+            state.until = None;
+            tracing::info!(
+                refused = std::mem::take(&mut state.refused),
+                "the broker takes this handler's messages again"
+            );
+        }
+    }
+
+    /// What is left of the current step, while one runs.
+    pub fn remaining(&self) -> Option<Duration> {
+        if self.streak.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let now = tokio::time::Instant::now();
+        self.lock().until.filter(|u| *u > now).map(|u| u - now)
+    }
+
+    /// Waits for the current step to end (at once, when none runs).
+    pub async fn wait(&self) {
+        if self.streak.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return;
+        }
+        let until = self.lock().until;
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
+        }
+    }
+}
+
 /// What to do with a message after a failed attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {

@@ -154,6 +154,7 @@ impl Runtime {
         let supervisor = Arc::new(Supervisor {
             stores: Mutex::new(Stores::new(&self.options, sender.jetstream().clone())),
             relays: Mutex::default(),
+            pauses: std::sync::Mutex::default(),
             engine: self.engine,
             client: client.clone(),
             sender,
@@ -354,6 +355,8 @@ struct Supervisor {
     stores: Mutex<Stores>,
     /// The relay of each handler's outbox, kept across versions of the handler.
     relays: Mutex<HashMap<String, Arc<Relay>>>,
+    /// Each handler's back-off while the broker refuses it, kept across versions.
+    pauses: std::sync::Mutex<HashMap<String, Arc<crate::retry::BrokerPause>>>,
     served: Mutex<BTreeMap<String, Served>>,
     /// Held for the whole of a reload: reloads run one at a time.
     reloading: Mutex<()>,
@@ -391,10 +394,15 @@ impl Supervisor {
             }
             _ => None,
         };
+        let pause = {
+            let mut pauses = self.pauses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            pauses.entry(handler.spec.name.to_string()).or_default().clone()
+        };
         Ok(Lane {
             scope,
             relay,
             parked,
+            pause,
             fault: self.options.fault,
             engine: self.engine.clone(),
             handler,

@@ -188,7 +188,7 @@ async fn without_an_outbox_a_missing_target_stream_spends_no_attempts() {
         "w",
         "misbehave",
         "work",
-        "[capabilities]\npublish = [\"out.>\"]\n\n[limits]\ntimeout = \"1s\"\n\n[retry]\nmax_attempts = 2\ninitial = \"50ms\"\n\n\
+        "[capabilities]\npublish = [\"out.>\"]\n\n[limits]\ntimeout = \"1s\"\nmax_concurrency = 8\n\n[retry]\nmax_attempts = 2\ninitial = \"50ms\"\n\n\
          [dead_letter]\nsubject = \"dlq.work\"\n\n[store]\nbackend = \"nats-kv\"\n",
     )
     .replace("subject = \"work\"", "stream = \"WORK\"");
@@ -214,7 +214,10 @@ async fn without_an_outbox_a_missing_target_stream_spends_no_attempts() {
         .find_map(|l| l.strip_prefix("sluice_failures_total{handler=\"w\",kind=\"broker-busy\"} "))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0);
-    assert!(busy >= (N - BEFORE) as f64, "deliveries were not deferred while OUT was away: {busy}\n{m}");
+    assert!(busy >= 1.0, "deliveries were not deferred while OUT was away: {busy}\n{m}");
+    // The back-off is the handler's, not each message's: it pulls nothing new while a step
+    // runs, so far fewer deliveries were refused than messages waited.
+    assert!(busy < (N - BEFORE) as f64, "every message hammered the broker on its own: {busy}\n{m}");
     js.create_stream(out_config).await.unwrap();
 
     // Every message published while OUT was away reaches it (after a back-off of at most

@@ -137,11 +137,7 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
                 {
                     tracing::warn!(key = %k, "state store: {e}");
                 }
-                Step::Failed(Failure {
-                    kind: FailureKind::StoreError,
-                    reason: format!("state store: {e}"),
-                    retry_after: None,
-                })
+                Step::Failed(super::store_failure(lane, &e))
             }
         },
         Err(failure) => {

@@ -69,13 +69,7 @@ async fn sequence(lane: &Lane, entry: &Entry<'_>) -> Option<Gate> {
     let scope = lane.scope.as_ref()?;
     let stored = match Box::pin(scope.sequence_next(key)).await {
         Ok(stored) => stored,
-        Err(e) => {
-            return Some(Gate::Stop(Step::Failed(Failure {
-                kind: FailureKind::StoreError,
-                reason: format!("state store: {e}"),
-                retry_after: None,
-            })));
-        }
+        Err(e) => return Some(Gate::Stop(Step::Failed(super::store_failure(lane, &e)))),
     };
     let expected = stored.unwrap_or(r.start).max(known.unwrap_or(0));
     match seq.cmp(&expected) {
@@ -165,11 +159,7 @@ pub async fn admit(lane: &Lane, entry: &Entry<'_>) -> Gate {
     let fingerprint = idem.fingerprint.then(|| idempotency::fingerprint(original.payload));
     let lease = manifest.limits.timeout + LEASE_GRACE;
     match Box::pin(scope.begin(&k, lease)).await {
-        Err(e) => Gate::Stop(Step::Failed(Failure {
-            kind: FailureKind::StoreError,
-            reason: format!("state store: {e}"),
-            retry_after: None,
-        })),
+        Err(e) => Gate::Stop(Step::Failed(super::store_failure(lane, &e))),
         Ok(Begin::Completed { fingerprint: seen }) => {
             if let (Some(now), Some(seen)) = (&fingerprint, &seen)
                 && now != seen

@@ -60,6 +60,9 @@ pub struct Lane {
     pub relay: Option<Arc<Relay>>,
     /// The handler's parked ordering keys, with `on_poison = "park"`.
     pub parked: Option<Arc<crate::parked::Parked>>,
+    /// The handler's back-off while the broker does not take its outputs (kept across
+    /// versions).
+    pub pause: Arc<crate::retry::BrokerPause>,
     /// Fault injection for tests; `None` in production.
     pub fault: Option<Fault>,
     /// The handler's counters and histograms.
@@ -169,6 +172,20 @@ impl Lane {
         }
         allowed
     }
+}
+
+/// A failure of the handler's store. On `nats-kv` a backend that does not answer (a timeout,
+/// no responders, a leadership change) is the broker's back-pressure, not the message's fault:
+/// [`FailureKind::BrokerBusy`](crate::failure::FailureKind::BrokerBusy), backed off per
+/// handler and not counted as an attempt. Anything else is `store-error`.
+pub fn store_failure(lane: &Lane, e: &crate::store::StoreError) -> Failure {
+    use crate::failure::FailureKind;
+    let shared = matches!(lane.scope.as_ref().map(Scope::store), Some(crate::store::Store::Kv(_)));
+    let kind = match e {
+        crate::store::StoreError::Backend { .. } if shared => FailureKind::BrokerBusy,
+        _ => FailureKind::StoreError,
+    };
+    Failure { kind, reason: format!("state store: {e}"), retry_after: None }
 }
 
 /// The WIT view of a NATS message.

@@ -50,7 +50,10 @@ impl History {
 /// counts. Returns the settlement and the history to keep for the next attempt.
 pub async fn settle(lane: &Lane, entry: &Entry<'_>, step: Step, history: Option<History>) -> (Settle, Option<History>) {
     let (settle, history) = match step {
-        Step::Done => (Settle::Done, None),
+        Step::Done => {
+            lane.pause.recovered();
+            (Settle::Done, None)
+        }
         Step::Skipped => (Settle::Skipped, history),
         Step::Halt => (Settle::Halt, history),
         Step::Early(expected) => (Settle::Early(expected), history),
@@ -72,8 +75,9 @@ pub async fn settle(lane: &Lane, entry: &Entry<'_>, step: Step, history: Option<
         Step::Failed(failure) if failure.kind == FailureKind::BrokerBusy => {
             lane.metrics.failed(failure.kind);
             let history = History::record(history, failure);
-            let delay = crate::retry::broker_backoff(history.deferrals);
-            tracing::info!(
+            // The handler's step, shared by its messages (logged there, once per step).
+            let delay = lane.pause.refused(&history.last.reason);
+            tracing::debug!(
                 reason = %history.last.reason,
                 retry_in = ?delay,
                 "the broker did not take the outputs; back in a while (not counted as an attempt)"

@@ -277,7 +277,10 @@ async fn serve_one(
                     None => break,
                     Some(Ok(msg)) => Got::Received(msg),
                     Some(Err(e)) => {
-                        tracing::warn!(handler = &*spec.name, "pulling messages: {e}");
+                        // A leadership change, a server going away, a full ack-pending:
+                        // the handler's back-off, logged once per step.
+                        let pause = versions.borrow().pause.clone();
+                        pause.refused(&format!("pulling messages: {e}"));
                         Got::Nothing
                     }
                 },
@@ -285,7 +288,8 @@ async fn serve_one(
         };
         let first = match next {
             Got::Nothing => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                let pause = versions.borrow().pause.clone();
+                pause.wait().await;
                 continue;
             }
             Got::Tick => {
@@ -590,8 +594,18 @@ async fn process(
     let mut msgs = Vec::with_capacity(batch.len());
     let mut metas: Vec<Meta> = Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
+    // The broker refused this handler's outputs lately: what arrives during the back-off
+    // step goes back to the server until the step ends, without a call (and without an
+    // attempt), so that the handler asks the broker again once per step, not once per
+    // message. (An ordered message keeps its key's turn instead, and retries in the process.)
+    let pause_left = lane.pause.remaining();
     for (msg, permit, turn) in batch {
         match msg.info() {
+            Ok(info) if turn.is_none() && pause_left.is_some() => {
+                let left = pause_left.unwrap_or_default();
+                defer(&msg, info.stream_sequence, &histories, left).await;
+                drop(permit);
+            }
             Ok(info) => {
                 metas.push((info.stream.to_owned(), info.stream_sequence, info.delivered));
                 slots.push(Slot { permit: Some(permit), turn, _held: lane.metrics.hold() });
@@ -648,6 +662,23 @@ async fn process(
         }
     });
     with_progress_acks(&msgs, &settled, ack_wait, work).await;
+}
+
+/// Gives a message back to the server for `left` during the handler's back-off step,
+/// recording the delivery as a deferral (not an attempt).
+async fn defer(msg: &jetstream::Message, seq: u64, histories: &Histories, left: Duration) {
+    let failure = crate::failure::Failure {
+        kind: crate::failure::FailureKind::BrokerBusy,
+        reason: "the handler is backing off: the broker did not take its outputs".to_owned(),
+        retry_after: None,
+    };
+    if let Ok(mut h) = histories.lock() {
+        let previous = h.remove(&seq);
+        h.insert(seq, History::record(previous, failure));
+    }
+    if let Err(e) = msg.ack_with(AckKind::Nak(Some(left))).await {
+        tracing::warn!("cannot nak (it will be redelivered after the ack wait): {e}");
+    }
 }
 
 /// The next attempt of an ordered message kept in this process.
