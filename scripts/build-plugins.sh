@@ -9,6 +9,16 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
+# One build at a time: test binaries (and `make run`) call this concurrently, and two builds
+# would race on the same `.tmp` files. A second caller waits here for the first to finish,
+# then finds everything fresh (a no-op build). `flock` is util-linux's.
+mkdir -p target
+exec 9>"$root/target/build-plugins.lock"
+if ! flock -w 900 9; then
+  echo "error: another build-plugins.sh held target/build-plugins.lock for 15 minutes" >&2
+  exit 1
+fi
+
 plugins=()
 for manifest in plugins/*/Cargo.toml; do
   plugins+=("$(basename "$(dirname "$manifest")")")
@@ -74,9 +84,15 @@ build_poly() { # name lang
         echo "error: componentize-js is missing (run \`make tools\`)" >&2; exit 1
       fi
       # From the repository root: componentize-js resolves the SDK import under the working
-      # directory. `-d http fetch-event`: Sluice does not provide wasi:http.
+      # directory. `-d http fetch-event`: without the `http` feature the component imports no
+      # wasi:http, which only a manifest with `[capabilities] http` may. A handler that calls
+      # `fetch` says so in its first line, `// sluice-build: wasi-http`, and keeps the feature.
+      local disable=(http fetch-event)
+      if head -n 1 "plugins/$name/app.js" | grep -qx '// sluice-build: wasi-http'; then
+        disable=(fetch-event)
+      fi
       .tools/js/node_modules/.bin/componentize-js "plugins/$name/app.js" --wit wit -n handler \
-        -d http fetch-event -o "$out.tmp" >/dev/null ;;
+        -d "${disable[@]}" -o "$out.tmp" >/dev/null ;;
   esac
   mv "$out.tmp" "$out"
   echo "$stamp" > "$poly/$name.stamp"
