@@ -77,7 +77,13 @@ build_poly() { # name lang
       if [ ! -x .tools/py/bin/componentize-py ]; then
         echo "error: componentize-py is missing (run \`make tools\`)" >&2; exit 1
       fi
-      .tools/py/bin/componentize-py -d wit -w handler componentize \
+      # A handler that makes HTTP requests (sluice_http) says so in its first line,
+      # `# sluice-build: wasi-http`, and targets the handler world plus wasi:http.
+      local world=(-d wit -w handler)
+      if head -n 1 "plugins/$name/app.py" | grep -qx '# sluice-build: wasi-http'; then
+        world=(-d guest-sdk/python/wit-http -w handler-http)
+      fi
+      .tools/py/bin/componentize-py "${world[@]}" componentize \
         -p guest-sdk/python -p "plugins/$name" app -o "$out.tmp" >/dev/null ;;
     js)
       if [ ! -x .tools/js/node_modules/.bin/componentize-js ]; then
