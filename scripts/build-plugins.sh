@@ -12,6 +12,9 @@ cd "$root"
 # One build at a time: test binaries (and `make run`) call this concurrently, and two builds
 # would race on the same `.tmp` files. A second caller waits here for the first to finish,
 # then finds everything fresh (a no-op build). `flock` is util-linux's.
+if ! command -v flock >/dev/null; then
+  echo "error: flock is missing (it is in util-linux: apt-get install util-linux)" >&2; exit 1
+fi
 mkdir -p target
 exec 9>"$root/target/build-plugins.lock"
 if ! flock -w 900 9; then
