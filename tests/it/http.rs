@@ -491,3 +491,45 @@ async fn https_to_a_private_ca_needs_its_http_ca_and_is_refused_without_it() {
     assert_eq!(call(&nc, &mut out, "work", "again").await, "200 secure:again");
     sluice.stop().await;
 }
+
+/// componentize-js 0.22 (StarlingMonkey) does not reject `fetch` when the host refuses a
+/// request with a body: the engine aborts and the call traps (the README's "Known limitation").
+/// This pins that behaviour: nothing is sent, the trap is one failed attempt like any other,
+/// and the runtime keeps serving. When a toolchain upgrade fixes it, this test fails: update
+/// the README and expect `error ...` as for a GET.
+#[tokio::test]
+async fn a_javascript_post_the_host_refuses_traps_the_call_and_nothing_else() {
+    let server = nats();
+    let http = Server::start().await;
+    let text = manifest(
+        "js",
+        "fetch-js",
+        "work",
+        &format!(
+            "[capabilities]\npublish = [\"out\"]\nhttp = [{:?}]\n\n[config]\noutput = \"out\"\n\n\
+             [retry]\nmax_attempts = 1",
+            http.url("/hooks/*")
+        ),
+    );
+    let sluice = Sluice::start(&server, &[("js.toml", text)]).await;
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("out").await.unwrap();
+    sync(&nc).await;
+
+    nc.publish("work", format!("{}\nbody", http.url("/admin")).into()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sluice.metrics().contains(r#"sluice_failures_total{handler="js",kind="trap"} 1"#) {
+        assert!(Instant::now() < deadline, "no trap: {}", sluice.metrics());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = sluice.metrics();
+    assert!(
+        metrics.contains(r#"sluice_http_requests_total{handler="js",host="127.0.0.1",status="denied"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(http.paths(), Vec::<String>::new(), "the server saw nothing");
+
+    // The next message is served by a fresh instance.
+    assert_eq!(call(&nc, &mut out, "work", &format!("{}\nfine", http.url("/hooks/echo"))).await, "200 got:fine");
+    sluice.stop().await;
+}
