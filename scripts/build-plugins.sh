@@ -9,6 +9,19 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
+# One build at a time: test binaries (and `make run`) call this concurrently, and two builds
+# would race on the same `.tmp` files. A second caller waits here for the first to finish,
+# then finds everything fresh (a no-op build). `flock` is util-linux's.
+if ! command -v flock >/dev/null; then
+  echo "error: flock is missing (it is in util-linux: apt-get install util-linux)" >&2; exit 1
+fi
+mkdir -p target
+exec 9>"$root/target/build-plugins.lock"
+if ! flock -w 900 9; then
+  echo "error: another build-plugins.sh held target/build-plugins.lock for 15 minutes" >&2
+  exit 1
+fi
+
 plugins=()
 for manifest in plugins/*/Cargo.toml; do
   plugins+=("$(basename "$(dirname "$manifest")")")
@@ -67,16 +80,28 @@ build_poly() { # name lang
       if [ ! -x .tools/py/bin/componentize-py ]; then
         echo "error: componentize-py is missing (run \`make tools\`)" >&2; exit 1
       fi
-      .tools/py/bin/componentize-py -d wit -w handler componentize \
+      # A handler that makes HTTP requests (sluice_http) says so in its first line,
+      # `# sluice-build: wasi-http`, and targets the handler world plus wasi:http.
+      local world=(-d wit -w handler)
+      if head -n 1 "plugins/$name/app.py" | grep -qx '# sluice-build: wasi-http'; then
+        world=(-d guest-sdk/python/wit-http -w handler-http)
+      fi
+      .tools/py/bin/componentize-py "${world[@]}" componentize \
         -p guest-sdk/python -p "plugins/$name" app -o "$out.tmp" >/dev/null ;;
     js)
       if [ ! -x .tools/js/node_modules/.bin/componentize-js ]; then
         echo "error: componentize-js is missing (run \`make tools\`)" >&2; exit 1
       fi
       # From the repository root: componentize-js resolves the SDK import under the working
-      # directory. `-d http fetch-event`: Sluice does not provide wasi:http.
+      # directory. `-d http fetch-event`: without the `http` feature the component imports no
+      # wasi:http, which only a manifest with `[capabilities] http` may. A handler that calls
+      # `fetch` says so in its first line, `// sluice-build: wasi-http`, and keeps the feature.
+      local disable=(http fetch-event)
+      if head -n 1 "plugins/$name/app.js" | grep -qx '// sluice-build: wasi-http'; then
+        disable=(fetch-event)
+      fi
       .tools/js/node_modules/.bin/componentize-js "plugins/$name/app.js" --wit wit -n handler \
-        -d http fetch-event -o "$out.tmp" >/dev/null ;;
+        -d "${disable[@]}" -o "$out.tmp" >/dev/null ;;
   esac
   mv "$out.tmp" "$out"
   echo "$stamp" > "$poly/$name.stamp"

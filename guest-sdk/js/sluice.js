@@ -5,8 +5,9 @@
 //   export const handle = handler((msg) => reply(`hello, ${msg.text()}`));
 //
 // Build from a directory that holds both app.js and this file (the pinned tools from
-// `make tools`; `-d http fetch-event` drops the wasi:http imports added by default, which
-// Sluice does not provide):
+// `make tools`; `-d http fetch-event` drops the wasi:http imports added by default, which a
+// handler without `[capabilities] http` may not import; a handler that calls `fetch` keeps
+// them with `-d fetch-event` only, and its manifest grants the destinations):
 //
 //   .tools/js/node_modules/.bin/componentize-js app.js --wit wit -n handler \
 //       -d http fetch-event -o app.wasm
@@ -204,15 +205,27 @@ function failure(e) {
 }
 
 /** Wraps `fn(msg)` as the component's `handle` export: `export const handle = handler(fn)`.
- * `Reject`, `Retry` and any other exception become the failure the host expects. */
+ * `Reject`, `Retry` and any other exception become the failure the host expects. `fn` may be
+ * `async` (to `await fetch(...)`): componentize-js then runs the event loop until the promise
+ * settles, within the call's `limits.timeout`. */
 export function handler(fn) {
   return function handle(msg, delivery) {
+    let result;
     try {
-      fn(new Message(msg, delivery));
+      result = fn(new Message(msg, delivery));
     } catch (e) {
       // componentize-js turns a thrown value into the `err` of the result: it must be the
       // WIT `failure` variant itself, or the call traps ("invalid variant tag value").
       throw failure(e);
+    }
+    if (result != null && typeof result.then === "function") {
+      // The same for a promise: its rejection becomes the `err`.
+      return result.then(
+        () => undefined,
+        (e) => {
+          throw failure(e);
+        },
+      );
     }
   };
 }

@@ -30,7 +30,12 @@ from wit_world.imports import dedup as _dedup
 from wit_world.imports import kv as _kv
 from wit_world.imports import log as _log
 from wit_world.imports import outbox as _outbox
-from wit_world.imports import types as _types
+try:
+    from wit_world.imports import types as _types
+except ImportError:
+    # The handler-http world (sluice_http) imports wasi:http's `types` too: componentize-py
+    # then names each after its package.
+    from wit_world.imports import sluice_handler_types as _types
 
 __all__ = [
     "Message", "Delivery", "Reject", "Retry", "PublishError", "StateError", "handler",
