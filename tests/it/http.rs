@@ -368,23 +368,24 @@ async fn a_chunked_response_over_the_limit_is_cut_mid_stream() {
 
     // No Content-Length to refuse up front: the body is counted as it arrives. Were it not cut,
     // the guest would read until the 5 s timeout and see HttpResponseTimeout instead.
-    let started = Instant::now();
-    assert_eq!(
-        call(&nc, &mut out, "work", &http.url("/hooks/endless")).await,
-        "error HTTP response body size exceeds limit: 2048 bytes"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "cut at the limit, not at the timeout: {:?}",
-        started.elapsed()
-    );
+    // (With RUST_BACKTRACE set, the guest's view of the error carries a backtrace after it.)
+    let answer = call(&nc, &mut out, "work", &http.url("/hooks/endless")).await;
+    assert!(answer.starts_with("error HTTP response body size exceeds limit: 2048 bytes"), "{answer}");
 
-    // And the download stops: the connection is dropped, the server stops producing.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after_cut = http.streamed.load(Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(http.streamed.load(Ordering::SeqCst), after_cut, "the server still streams");
-    assert!(after_cut < 64 * 1024, "read {after_cut} bytes past a 2 KiB limit");
+    // And the download stops: the connection is dropped, the server stops producing (the
+    // count settles within a bound, however loaded the machine is).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = http.streamed.load(Ordering::SeqCst);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = http.streamed.load(Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server still streams: {now} bytes");
+        last = now;
+    }
+    assert!(last < 64 * 1024, "read {last} bytes past a 2 KiB limit");
 
     // Still serving.
     assert_eq!(call(&nc, &mut out, "work", &format!("{}\nfine", http.url("/hooks/echo"))).await, "200 got:fine");
