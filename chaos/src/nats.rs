@@ -18,11 +18,13 @@ const PUBLISH_WINDOW: usize = 256;
 
 /// Connects to the cluster (all URLs), reconnecting for ever.
 pub async fn connect(urls: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    let servers: Vec<async_nats::ServerAddr> =
+        urls.split(',').map(str::parse).collect::<Result<_, _>>().with_context(|| format!("bad URLs {urls}"))?;
     async_nats::ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connect(urls)
+        .connect(servers)
         .await
         .with_context(|| format!("cannot connect to {urls}"))
 }

@@ -53,13 +53,13 @@ pub fn markdown(machine: &Machine, rounds: &[RoundResult], scaling: &[Measured])
     let _ = writeln!(s, "## Rounds\n");
     let _ = writeln!(
         s,
-        "| store | processes | messages in | outputs | unique | lost | duplicated | dead-lettered | redelivered | time to drain | throughput | verdict |"
+        "| store | processes | messages in | outputs | unique | lost | duplicated | dead-lettered | time to drain | throughput | verdict |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in rounds {
         let _ = writeln!(
             s,
-            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.spec.store.name(),
             r.spec.processes,
             r.messages_in,
@@ -68,7 +68,6 @@ pub fn markdown(machine: &Machine, rounds: &[RoundResult], scaling: &[Measured])
             r.lost,
             r.duplicated,
             r.dead_lettered(),
-            r.redelivered,
             r.drain_s.map_or("never".to_owned(), |d| format!("{d:.1} s")),
             r.throughput().map_or("–".to_owned(), |t| format!("{t:.0} msg/s")),
             if r.passed() { "pass" } else { "**FAIL**" }
