@@ -74,6 +74,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             eprintln!("round {label}: {} orders", args.messages);
             let result = round::run(&env, &spec, &label).await?;
             eprintln!("  {}", result.summary());
+            for f in &result.start_failures {
+                eprintln!("  start-up failure, started again: {f}");
+            }
             for f in &result.faults {
                 eprintln!("  {:7.1}s {} ({:.1}s)", f.at_s, f.what, f.took_s);
             }

@@ -95,6 +95,13 @@ pub fn markdown(machine: &Machine, rounds: &[RoundResult], scaling: &[Measured])
             "Publisher retries (lost acknowledgements, dropped by the source's duplicate window): {}.\n",
             r.publish_retries
         );
+        for f in &r.start_failures {
+            let _ = writeln!(
+                s,
+                "- a `sluice run` exited before it was ready, and was started again: {}\n",
+                f.replace('\n', " ")
+            );
+        }
         for e in &r.errors {
             let _ = writeln!(s, "- error: {}\n", e.replace('\n', " "));
         }

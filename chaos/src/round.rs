@@ -96,6 +96,8 @@ pub struct RoundResult {
     pub redelivered: u64,
     /// The faults.
     pub faults: Vec<FaultEvent>,
+    /// `sluice run` processes that exited before they were ready, and were started again.
+    pub start_failures: Vec<String>,
     /// What went wrong besides the counts (a process that would not stop, a fault that
     /// could not be injected).
     pub errors: Vec<String>,
@@ -175,6 +177,7 @@ struct Shared {
     published: Arc<AtomicU64>,
     faults_done: AtomicBool,
     started: Instant,
+    start_failures: Mutex<Vec<String>>,
 }
 
 /// Runs one round in a fresh folder under `env.work`.
@@ -195,18 +198,20 @@ pub async fn run(env: &Env, spec: &RoundSpec, label: &str) -> anyhow::Result<Rou
     std::fs::write(manifests.join("order-validator.toml"), manifest(&env.plugin("order-validator"), spec.store))?;
     let mut sluices = Vec::new();
     for i in 0..spec.processes {
-        let mut s = Sluice::new(
+        let s = Sluice::new(
             &env.sluice,
             &manifests,
             &urls,
             dir.path().join(format!("data-{i}")),
             logs.join(format!("sluice-{i}.log")),
         );
-        s.spawn()?;
         sluices.push(s);
     }
-    for s in &mut sluices {
-        s.wait_ready(Duration::from_secs(120))?;
+    let mut start_failures = Vec::new();
+    for (i, s) in sluices.iter_mut().enumerate() {
+        for f in s.start_supervised(Duration::from_secs(120), 3)? {
+            start_failures.push(format!("sluice {i} at start-up: {f}"));
+        }
     }
 
     let shared = Arc::new(Shared {
@@ -216,6 +221,7 @@ pub async fn run(env: &Env, spec: &RoundSpec, label: &str) -> anyhow::Result<Rou
         published: Arc::new(AtomicU64::new(0)),
         faults_done: AtomicBool::new(!spec.faults),
         started: Instant::now(),
+        start_failures: Mutex::new(start_failures),
     });
     let publisher = {
         let js = js.clone();
@@ -321,6 +327,7 @@ pub async fn run(env: &Env, spec: &RoundSpec, label: &str) -> anyhow::Result<Rou
         drain_s,
         redelivered,
         faults: fault_events,
+        start_failures: lock(&shared.start_failures).clone(),
         errors,
     };
     drop(shared);
@@ -364,7 +371,9 @@ fn inject_all(shared: &Shared, spec: &RoundSpec) -> anyhow::Result<Vec<FaultEven
                 let mut s = lock(&shared.sluices[p]);
                 s.kill()?;
                 std::thread::sleep(pause);
-                s.start(Duration::from_secs(120))?;
+                for f in s.start_supervised(Duration::from_secs(120), 3)? {
+                    lock(&shared.start_failures).push(format!("sluice {p} after its kill: {f}"));
+                }
                 format!("kill -9 of sluice {p}, restarted after {:.1} s", pause.as_secs_f64())
             }
             1 => {

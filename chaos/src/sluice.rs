@@ -74,6 +74,26 @@ impl Sluice {
         self.wait_ready(limit)
     }
 
+    /// Like [`start`](Self::start), started again (as systemd's `Restart=` would) when the
+    /// process exits before it is ready, up to `attempts` times in all; returns the failures
+    /// seen (the report lists them: a process that cannot start is a finding, not noise).
+    pub fn start_supervised(&mut self, limit: Duration, attempts: usize) -> anyhow::Result<Vec<String>> {
+        let mut failures = Vec::new();
+        loop {
+            self.spawn()?;
+            match self.wait_ready(limit) {
+                Ok(()) => return Ok(failures),
+                Err(e) if self.child.is_none() && failures.len() + 1 < attempts => {
+                    let last = format!("{e:#}");
+                    let last = last.lines().last().unwrap_or_default().to_owned();
+                    failures.push(last);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Waits until the current process has logged `ready` (every handler subscribed).
     pub fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
