@@ -168,8 +168,8 @@ pub fn markdown(machine: &Machine, rounds: &[RoundResult], scaling: &[Measured])
          is the design: README, Idempotency); a second output with another id, or one after the \
          window, would be.\n\
          - **Scaling**: no faults; N messages pre-loaded into a fresh R3 stream, K processes started \
-         on it, timed from when the consumer's ack floor passes N/10 until nothing is pending or \
-         awaiting an ack.\n",
+         on it, timed from when every process is ready (what was handled before is the warm-up) until \
+         nothing is pending or awaiting an ack.\n",
         FREEZE.as_secs()
     );
     s

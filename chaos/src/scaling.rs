@@ -1,8 +1,7 @@
 //! Throughput with 1, 2 and 3 Sluice processes on the cluster, no faults: the JetStream noop
 //! handler bare and with `[idempotency]` on `nats-kv` (3 replicas). Each run pre-loads N
-//! messages into a fresh R3 stream, starts K processes on it, and times from when the
-//! consumer's ack floor passes the first tenth (every process started and warm) until nothing
-//! is pending or awaiting an ack.
+//! messages into a fresh R3 stream, starts K processes on it, and times from when every one
+//! is ready (the ack floor then is the warm-up) until nothing is pending or awaiting an ack.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -85,6 +84,10 @@ pub async fn run(env: &Env, messages: u64, counts: &[usize]) -> anyhow::Result<V
             for p in &mut procs {
                 p.spawn()?;
             }
+            // Timed from when every process is ready (the first ones start consuming before).
+            for p in &mut procs {
+                p.wait_ready(Duration::from_secs(120))?;
+            }
             let m = measure(&js, &stream, &name, messages).await;
             for p in &mut procs {
                 p.stop(Duration::from_secs(45))?;
@@ -100,12 +103,15 @@ pub async fn run(env: &Env, messages: u64, counts: &[usize]) -> anyhow::Result<V
 }
 
 async fn measure(js: &jetstream::Context, stream: &str, consumer: &str, n: u64) -> anyhow::Result<(u64, f64)> {
-    let warmup = n / 10;
+    let warmup = 0;
     let start = Instant::now();
     let mut begun: Option<(Instant, u64)> = None;
     loop {
         if let Some(info) = nats::consumer_info(js, stream, consumer).await {
             let floor = info.ack_floor.stream_sequence;
+            if floor >= n && begun.is_none() {
+                bail!("{consumer} handled all {n} messages before every process was ready: use more messages");
+            }
             if begun.is_none() && floor >= warmup {
                 begun = Some((Instant::now(), floor));
             }
