@@ -1,7 +1,7 @@
 # Sluice — the two commands the README promises, and their parts.
 #   make run    build everything and serve manifests/ (embedded nats-server if none runs)
 #   make test   the whole test suite
-.PHONY: run test tools plugins build lint fmt ci bench bench-stores clean
+.PHONY: run test tools plugins build lint fmt ci bench bench-stores chaos clean
 
 CARGO ?= cargo
 
@@ -33,6 +33,14 @@ bench: tools plugins
 # Its own workspace and target dir; about 4 minutes. Writes bench/STORES.md.
 bench-stores:
 	$(CARGO) run --release --manifest-path bench/stores/Cargo.toml -- --out bench/STORES.md
+
+# A 3-node NATS cluster on loopback, 1, 2 and 3 Sluice processes, faults (kill -9 of a Sluice
+# process and of a NATS node, a frozen Sluice process, a rolling restart), every output counted
+# (chaos/README.md). Writes CHAOS.md; exit code 1 if anything was lost, duplicated or
+# dead-lettered. CHAOS_ARGS passes options (--messages 20000, --processes 2, --stores redb, ...).
+chaos: tools plugins
+	$(CARGO) build --release -p sluice -p sluice-chaos
+	target/release/sluice-chaos $(CHAOS_ARGS)
 
 lint: tools
 	scripts/check-module-cycles.py
