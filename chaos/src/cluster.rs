@@ -37,6 +37,12 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `size` nodes in `dir` and waits until each is healthy (JetStream meta group up).
     pub fn start(binary: &Path, dir: &Path, size: usize) -> anyhow::Result<Self> {
+        Self::start_with(binary, dir, size, "")
+    }
+
+    /// Like [`Cluster::start`], with `extra` appended to every node's configuration (for
+    /// example `lame_duck_duration: 60s`).
+    pub fn start_with(binary: &Path, dir: &Path, size: usize, extra: &str) -> anyhow::Result<Self> {
         let ports = free_ports(size * 3)?;
         let routes: Vec<String> =
             (0..size).map(|i| format!("\"nats-route://127.0.0.1:{}\"", ports[size + i])).collect();
@@ -51,7 +57,7 @@ impl Cluster {
                 format!(
                     "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\n\
                      jetstream {{ store_dir: {store:?}, max_memory_store: 256MB, max_file_store: 4GB }}\n\
-                     cluster {{ name: chaos, listen: 127.0.0.1:{cluster}, routes: [{routes}] }}\n",
+                     cluster {{ name: chaos, listen: 127.0.0.1:{cluster}, routes: [{routes}] }}\n{extra}\n",
                     port = ports[i],
                     monitor = ports[2 * size + i],
                     cluster = ports[size + i],
@@ -95,6 +101,30 @@ impl Cluster {
     /// The node's name (`n1`, ...).
     pub fn name(&self, i: usize) -> &str {
         &self.nodes[i].name
+    }
+
+    /// The node's client port.
+    pub fn port(&self, i: usize) -> u16 {
+        self.nodes[i].port
+    }
+
+    /// The names of the client connections the node holds now (its `/connz`), `None` when the
+    /// monitoring port does not answer.
+    pub fn clients(&self, i: usize) -> Option<Vec<String>> {
+        let body = http_get(self.nodes[i].monitor, "/connz?limit=1024")?;
+        let connz: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let names = connz["connections"].as_array()?.iter();
+        Some(names.map(|c| c["name"].as_str().unwrap_or_default().to_owned()).collect())
+    }
+
+    /// Puts the node into lame-duck mode (SIGUSR2, what `nats-server --signal ldm` sends): it
+    /// stops taking connections, tells its clients, and after its grace period closes them and
+    /// exits.
+    pub fn lame_duck(&mut self, i: usize) -> anyhow::Result<()> {
+        let Some(child) = self.nodes[i].child.as_ref() else {
+            bail!("nats-server {} is not running", self.nodes[i].name)
+        };
+        signal::send(child.id(), "USR2")
     }
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
@@ -179,6 +209,18 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// A GET on the monitoring port: the body of a 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
 }
 
 /// A GET on the monitoring port, true on a 200.

@@ -6,7 +6,7 @@
 //! - [`sluice`]: `sluice run` processes (start, kill -9, SIGSTOP/SIGCONT, SIGTERM).
 //! - [`round`]: one round of order-validator with faults, and what it found.
 //! - [`scaling`]: throughput with 1, 2, 3 processes.
-//! - [`report`]: CHAOS.md.
+//! - [`report`]: writes CHAOS.md.
 
 use std::path::{Path, PathBuf};
 

@@ -382,50 +382,98 @@ pub async fn connect_args(nats: &NatsArgs) -> anyhow::Result<Client> {
     connect_observed(&nats.target(DEFAULT_NATS_URL)?, None).await
 }
 
-/// Like [`connect`], counting the connection's state and reconnects in `metrics`.
+/// Like [`connect`], counting the connection's state and reconnects in `metrics`, and
+/// following a server's lame-duck mode: when the server Sluice is connected to announces it
+/// is going away (`nats-server --signal ldm`, a rolling upgrade), Sluice reconnects to another
+/// server of the cluster at once, before the server starts closing connections, instead of
+/// losing the connection midway through its work. With no other server known (a single URL
+/// and no cluster gossip), it stays until the server closes the connection.
 pub async fn connect_observed(target: &Target, metrics: Option<&Arc<Metrics>>) -> anyhow::Result<Client> {
     let mut options: ConnectOptions = target.options().await?;
-    if let Some(metrics) = metrics.cloned() {
-        let seen_connect = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let drops_warned = Arc::new(Mutex::new(None::<std::time::Instant>));
-        options = options.event_callback(move |event| {
-            let (metrics, seen_connect, drops_warned) = (metrics.clone(), seen_connect.clone(), drops_warned.clone());
-            async move {
-                match event {
-                    async_nats::Event::Connected => {
+    let this: Arc<std::sync::OnceLock<Client>> = Arc::default();
+    let seen_connect = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drops_warned = Arc::new(Mutex::new(None::<std::time::Instant>));
+    let (metrics, client) = (metrics.cloned(), this.clone());
+    options = options.event_callback(move |event| {
+        let (metrics, seen_connect, drops_warned, client) =
+            (metrics.clone(), seen_connect.clone(), drops_warned.clone(), client.clone());
+        async move {
+            match event {
+                async_nats::Event::Connected => {
+                    let again = seen_connect.swap(true, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(metrics) = &metrics {
                         metrics.nats_connected.set(1.0);
-                        if seen_connect.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        if again {
                             metrics.nats_reconnects.increment(1);
                         }
-                        tracing::info!("NATS connected");
                     }
-                    async_nats::Event::Disconnected => {
-                        metrics.nats_connected.set(0.0);
-                        tracing::warn!("NATS disconnected; reconnecting");
-                    }
-                    async_nats::Event::SlowConsumer(sid) => {
-                        // Every drop is counted; the warning is repeated at most every 10 s.
-                        metrics.nats_dropped.increment(1);
-                        let now = std::time::Instant::now();
-                        let mut last = drops_warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        if last.is_none_or(|at| now.duration_since(at) > Duration::from_secs(10)) {
-                            *last = Some(now);
-                            tracing::warn!(
-                                subscription = sid,
-                                "core NATS messages dropped: a subscription's buffer is full (the handler cannot \
-                                 keep up; see sluice_nats_slow_consumer_drops_total, and raise max_concurrency \
-                                 or add processes to the queue group)"
-                            );
-                        }
-                    }
-                    async_nats::Event::ServerError(e) => tracing::warn!("NATS server error: {e}"),
-                    async_nats::Event::LameDuckMode => tracing::warn!("the NATS server is entering lame duck mode"),
-                    other => tracing::debug!("NATS event: {other}"),
+                    let server = client.get().map(|c| c.server_info().server_name).unwrap_or_default();
+                    tracing::info!(server = %server, "NATS connected");
                 }
+                async_nats::Event::Disconnected => {
+                    if let Some(metrics) = &metrics {
+                        metrics.nats_connected.set(0.0);
+                    }
+                    tracing::warn!("NATS disconnected; reconnecting");
+                }
+                async_nats::Event::SlowConsumer(sid) => {
+                    // Every drop is counted; the warning is repeated at most every 10 s.
+                    if let Some(metrics) = &metrics {
+                        metrics.nats_dropped.increment(1);
+                    }
+                    let now = std::time::Instant::now();
+                    let mut last = drops_warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if last.is_none_or(|at| now.duration_since(at) > Duration::from_secs(10)) {
+                        *last = Some(now);
+                        tracing::warn!(
+                            subscription = sid,
+                            "core NATS messages dropped: a subscription's buffer is full (the handler cannot \
+                             keep up; see sluice_nats_slow_consumer_drops_total, and raise max_concurrency \
+                             or add processes to the queue group)"
+                        );
+                    }
+                }
+                async_nats::Event::ServerError(e) => tracing::warn!("NATS server error: {e}"),
+                async_nats::Event::LameDuckMode => {
+                    if let Some(client) = client.get() {
+                        follow_lame_duck(client).await;
+                    }
+                }
+                other => tracing::debug!("NATS event: {other}"),
             }
-        });
+        }
+    });
+    let client = target.connect(options).await?;
+    // Before the first event that needs it can arrive: events are delivered after connect.
+    let _ = this.set(client.clone());
+    Ok(client)
+}
+
+/// The server `client` is connected to entered lame-duck mode: reconnect elsewhere when the
+/// pool knows another server (the lame duck refuses new connections, so the reconnect lands
+/// on another node; subscriptions, JetStream pulls and queue-group memberships are renewed
+/// there by the client).
+async fn follow_lame_duck(client: &Client) {
+    let server = client.server_info().server_name;
+    let others = match client.server_pool().await {
+        Ok(pool) => pool.len().saturating_sub(1),
+        Err(e) => {
+            tracing::warn!(server = %server, "the NATS server is entering lame duck mode; its server pool is unknown: {e}");
+            return;
+        }
+    };
+    if others == 0 {
+        tracing::warn!(
+            server = %server,
+            "the NATS server is entering lame duck mode and no other server is known; staying until it closes the \
+             connection (give every URL of the cluster with --nats)"
+        );
+        return;
     }
-    Ok(target.connect(options).await?)
+    tracing::warn!(server = %server, "the NATS server is entering lame duck mode; reconnecting to another server of the cluster");
+    if let Err(e) = client.force_reconnect().await {
+        tracing::warn!(server = %server, "cannot reconnect away from the lame-duck server: {e}");
+    }
 }
 
 /// Reloads on every SIGHUP, until the returned task is dropped with the runtime.
