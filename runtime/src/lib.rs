@@ -41,12 +41,16 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
+//! | `redb` | on | the embedded `redb` state store, the default `[store] backend` (redb) |
+//! | `nats-kv` | on | the `nats-kv` state store (JetStream KV buckets shared by every process) |
 //! | `admin` | on | [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/handlers`, `POST /reload` (axum) |
 //! | `cli` | on | [`cli`] and [`connect`]: the command line and its NATS flags (clap, indicatif, ureq); implies `admin`; the binary requires it |
 //! | `testing` | off | a `testing` module, as tokio's `test-util`: fault injection, test hooks, `Running::abort`, a child `nats-server`, the store conformance routine and a few internals, for the integration tests, the benchmark and the fuzz targets |
 //!
-//! `--no-default-features` builds the runtime alone: every state store, no HTTP listener, no
-//! command line.
+//! `--no-default-features` builds the runtime alone: the `memory` store only, no HTTP
+//! listener, no command line. A manifest naming a store the build lacks is refused at its
+//! `backend` line; a handler that needs state and names none (the default is `redb`) is
+//! refused when it loads, with the reason. `testing` turns on both stores.
 //!
 //! # Layout
 //!

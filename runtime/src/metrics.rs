@@ -30,6 +30,9 @@
 //! | `sluice_http_requests_total` | counter | handler, host, status | outgoing `wasi:http` requests, by status class (`2xx`, `3xx`, `4xx`, `5xx`, `error`: no response, `denied`: refused by the grants or limits before connecting) |
 //! | `sluice_http_request_duration_seconds` | histogram | handler, host | one outgoing request, from send to the response head (refusals not included) |
 //! | `sluice_nats_connected` | gauge | | 1 while the NATS connection is up |
+//! | `sluice_nats_secondary_active` | gauge | | with `--nats-secondary`: 1 while outputs go to the secondary cluster (the primary did not take the last one it was offered), 0 while they go to the primary |
+//! | `sluice_outputs_secondary_total` | counter | | outputs the primary did not take that the secondary cluster stored instead (passive sending) |
+//! | `sluice_syphon_moved_total` | counter | handler | messages the syphon moved from the handler's backlog stream on the secondary into the primary |
 //! | `sluice_nats_reconnects_total` | counter | | reconnections since start |
 //! | `sluice_nats_slow_consumer_drops_total` | counter | | core NATS messages the client dropped because a subscription's buffer was full (JetStream messages are redelivered instead) |
 
@@ -70,6 +73,8 @@ pub struct Metrics {
     pub(crate) nats_reconnects: Counter,
     #[cfg_attr(not(feature = "cli"), expect(dead_code, reason = "set by the command line's connection callback"))]
     pub(crate) nats_dropped: Counter,
+    pub(crate) secondary_active: Gauge,
+    pub(crate) secondary_sent: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -92,7 +97,18 @@ impl Default for Metrics {
         let nats_connected = recorder.register_gauge(&Key::from_name("sluice_nats_connected"), &META);
         let nats_reconnects = recorder.register_counter(&Key::from_name("sluice_nats_reconnects_total"), &META);
         let nats_dropped = recorder.register_counter(&Key::from_name("sluice_nats_slow_consumer_drops_total"), &META);
-        Metrics { recorder, handle, handlers: Mutex::default(), nats_connected, nats_reconnects, nats_dropped }
+        let secondary_active = recorder.register_gauge(&Key::from_name("sluice_nats_secondary_active"), &META);
+        let secondary_sent = recorder.register_counter(&Key::from_name("sluice_outputs_secondary_total"), &META);
+        Metrics {
+            recorder,
+            handle,
+            handlers: Mutex::default(),
+            nats_connected,
+            nats_reconnects,
+            nats_dropped,
+            secondary_active,
+            secondary_sent,
+        }
     }
 }
 
@@ -128,6 +144,12 @@ fn describe(r: &PrometheusRecorder) {
             None,
             "Outgoing HTTP requests of handlers, by host and status class (2xx..5xx, error, denied).",
         ),
+        d(
+            "sluice_outputs_secondary_total",
+            None,
+            "Outputs the primary cluster did not take that the secondary stored instead.",
+        ),
+        d("sluice_syphon_moved_total", None, "Backlog messages moved from the secondary cluster into the primary."),
         d(
             "sluice_nats_slow_consumer_drops_total",
             None,
@@ -192,6 +214,11 @@ fn describe(r: &PrometheusRecorder) {
     );
     r.describe_gauge("sluice_handler_info".into(), None, "The version (component digest) being served.".into());
     r.describe_gauge("sluice_nats_connected".into(), None, "1 while the NATS connection is up.".into());
+    r.describe_gauge(
+        "sluice_nats_secondary_active".into(),
+        None,
+        "1 while outputs go to the secondary cluster, 0 while they go to the primary.".into(),
+    );
 }
 
 impl Metrics {
@@ -209,6 +236,12 @@ impl Metrics {
             .entry(handler.to_owned())
             .or_insert_with(|| Arc::new(HandlerMetrics::new(&self.recorder, handler)))
             .clone()
+    }
+
+    /// Counts `n` messages the syphon of `handler` moved into the primary cluster.
+    pub fn syphon_moved(&self, handler: &str, n: u64) {
+        let key = Key::from_parts("sluice_syphon_moved_total", labels(&[("handler", handler)]));
+        self.recorder.register_counter(&key, &META).increment(n);
     }
 
     /// Counts one outgoing HTTP request of `handler` to `host`, ended with `status` (a class:

@@ -10,7 +10,7 @@
 //! credentials, a confused deputy.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use std::str::FromStr;
@@ -19,6 +19,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::{Client, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 
+use crate::metrics::Metrics;
 use crate::spec::HandlerSpec;
 use crate::subject::SubjectPattern;
 
@@ -28,6 +29,10 @@ const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// How long "does a stream capture this subject?" is remembered.
 const STREAM_LOOKUP_TTL: Duration = Duration::from_secs(10);
+
+/// After the primary cluster did not take an output, how long outputs go straight to the
+/// secondary before the primary is offered one again.
+const PRIMARY_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// One buffered message, already in the form the NATS client sends.
 #[derive(Debug, Clone)]
@@ -128,6 +133,9 @@ pub enum SendError {
         #[source]
         error: async_nats::PublishError,
     },
+    /// The primary cluster did not take it, and no stream of the secondary captures it.
+    #[error("the primary did not take the output to {subject}, and no stream of the secondary cluster captures it")]
+    NotOnSecondary { subject: String },
 }
 
 impl SendError {
@@ -148,7 +156,7 @@ impl SendError {
             SendError::Stream { error, .. } | SendError::NotAcknowledged { error, .. } => {
                 error.kind() == Js::MaxPayloadExceeded || error.to_string().contains("message size exceeds maximum")
             }
-            SendError::Reply { .. } => false,
+            SendError::Reply { .. } | SendError::NotOnSecondary { .. } => false,
         }
     }
 }
@@ -168,6 +176,76 @@ pub struct OutputSender {
     inboxes: Vec<SubjectPattern>,
     /// When a refused reply was last warned about, per (handler, subject prefix).
     refusals: Mutex<HashMap<(String, String), Instant>>,
+    /// The secondary cluster (`--nats-secondary`), for outputs the primary does not take.
+    secondary: Option<Secondary>,
+}
+
+/// Passive sending: outputs go to the primary cluster; one the primary does not take (no
+/// connection, no stream answering, a refusal for its limits, no acknowledgement in time)
+/// goes to the secondary with the same headers (its `Nats-Msg-Id` included), where a stream
+/// must capture its subject. Then the roles swap for [`PRIMARY_RETRY_AFTER`]: outputs go
+/// straight to the secondary, and the first one offered to the primary afterwards that it
+/// takes swaps them back.
+#[derive(Debug)]
+struct Secondary {
+    sender: Box<OutputSender>,
+    /// While set and in the future (or the primary not connected), the secondary is active.
+    primary_down_until: Mutex<Option<Instant>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Secondary {
+    fn primary_down(&self, primary: &Client) -> bool {
+        if primary.connection_state() != async_nats::connection::State::Connected {
+            return true;
+        }
+        self.primary_down_until.lock().is_ok_and(|until| until.is_some_and(|t| Instant::now() < t))
+    }
+
+    fn mark_primary_down(&self, why: &SendError) {
+        if let Ok(mut until) = self.primary_down_until.lock() {
+            if until.is_none() {
+                tracing::warn!("the primary NATS cluster did not take an output ({why}); sending to the secondary");
+            }
+            *until = Some(Instant::now() + PRIMARY_RETRY_AFTER);
+        }
+        self.metrics.secondary_active.set(1.0);
+    }
+
+    fn primary_took_one(&self) {
+        if let Ok(mut until) = self.primary_down_until.lock()
+            && until.take().is_some()
+        {
+            tracing::info!("the primary NATS cluster takes outputs again");
+            self.metrics.secondary_active.set(0.0);
+        }
+    }
+
+    /// Sends `out` to the secondary and awaits its stream's acknowledgement. Only where a
+    /// stream there captures the subject: a core publish would be stored nowhere.
+    async fn deliver(&self, out: Output) -> Result<(), SendError> {
+        let subject = out.subject.clone();
+        if !self.sender.is_captured(&subject).await {
+            return Err(SendError::NotOnSecondary { subject });
+        }
+        let ack = match self.sender.js.publish_with_headers(out.subject, out.headers, out.payload).await {
+            Ok(ack) => ack,
+            Err(error) => return Err(SendError::Stream { subject, error }),
+        };
+        ack.await.map_err(|error| SendError::NotAcknowledged { subject, error })?;
+        self.metrics.secondary_sent.increment(1);
+        Ok(())
+    }
+}
+
+/// A publication sent to a stream whose acknowledgement is still to come
+/// ([`OutputSender::confirm`]).
+#[derive(Debug)]
+pub struct Pending {
+    subject: String,
+    ack: PublishAckFuture,
+    /// A copy to send to the secondary cluster if the primary does not acknowledge it.
+    again: Option<Output>,
 }
 
 impl OutputSender {
@@ -190,7 +268,20 @@ impl OutputSender {
             max_payload: Mutex::new((0, None)),
             inboxes,
             refusals: Mutex::new(HashMap::new()),
+            secondary: None,
         }
+    }
+
+    /// Passive sending to `secondary` (a client of the secondary cluster) for the outputs the
+    /// primary does not take; see [`Secondary`].
+    pub fn with_secondary(mut self, secondary: Client, metrics: Arc<Metrics>) -> Self {
+        metrics.secondary_active.set(0.0);
+        self.secondary = Some(Secondary {
+            sender: Box::new(OutputSender::new(secondary)),
+            primary_down_until: Mutex::new(None),
+            metrics,
+        });
+        self
     }
 
     /// Whether `handler` may send a reply to `subject`: a reply inbox, or a subject its
@@ -248,16 +339,14 @@ impl OutputSender {
 
     /// Sends `outputs` in order; Ok once every stream has acknowledged its messages.
     pub async fn send(&self, outputs: Outputs) -> Result<(), SendError> {
-        let mut acks: Vec<(String, PublishAckFuture)> = Vec::new();
+        let mut acks: Vec<Pending> = Vec::new();
         for out in outputs.published {
             if let Some(ack) = self.publish(out).await? {
                 acks.push(ack);
             }
         }
-        for (subject, ack) in acks {
-            if let Err(error) = ack.await {
-                return Err(SendError::NotAcknowledged { subject, error });
-            }
+        for ack in acks {
+            self.confirm(ack).await?;
         }
         // The reply goes last: a requester that got its answer may rely on the rest.
         if let Some(reply) = outputs.reply {
@@ -267,18 +356,64 @@ impl OutputSender {
     }
 
     /// Sends one publication: through JetStream when a stream captures its subject (then
-    /// returns the acknowledgement to await), as a core NATS publish otherwise.
-    pub async fn publish(&self, out: Output) -> Result<Option<(String, PublishAckFuture)>, SendError> {
+    /// returns the acknowledgement to await with [`OutputSender::confirm`]), as a core NATS
+    /// publish otherwise. With a secondary cluster, a publication the primary does not take
+    /// goes there (and, while the secondary is active, straight there when it captures the
+    /// subject); Ok(None) then means it is stored.
+    pub async fn publish(&self, out: Output) -> Result<Option<Pending>, SendError> {
+        if let Some(secondary) = &self.secondary
+            && secondary.primary_down(&self.client)
+            && secondary.sender.is_captured(&out.subject).await
+        {
+            return secondary.deliver(out).await.map(|()| None);
+        }
         if self.is_captured(&out.subject).await {
+            let again = self.secondary.as_ref().map(|_| out.clone());
             match self.js.publish_with_headers(out.subject.clone(), out.headers, out.payload).await {
-                Ok(ack) => Ok(Some((out.subject, ack))),
-                Err(error) => Err(SendError::Stream { subject: out.subject, error }),
+                Ok(ack) => Ok(Some(Pending { subject: out.subject, ack, again })),
+                Err(error) => {
+                    self.fail_over(again, SendError::Stream { subject: out.subject, error }).await.map(|()| None)
+                }
             }
         } else {
             match self.client.publish_with_headers(out.subject.clone(), out.headers, out.payload).await {
                 Ok(()) => Ok(None),
                 Err(error) => Err(SendError::Core { subject: out.subject, error }),
             }
+        }
+    }
+
+    /// Awaits a publication's acknowledgement (with a secondary cluster: sends it there when
+    /// the primary does not acknowledge it).
+    pub async fn confirm(&self, pending: Pending) -> Result<(), SendError> {
+        match pending.ack.await {
+            Ok(_) => {
+                if let Some(secondary) = &self.secondary {
+                    secondary.primary_took_one();
+                }
+                Ok(())
+            }
+            Err(error) => {
+                self.fail_over(pending.again, SendError::NotAcknowledged { subject: pending.subject, error }).await
+            }
+        }
+    }
+
+    /// The primary did not take `again` (`cause`): the secondary's turn, when there is one
+    /// and another try can help. The error returned is the primary's.
+    async fn fail_over(&self, again: Option<Output>, cause: SendError) -> Result<(), SendError> {
+        match (again, &self.secondary) {
+            (Some(out), Some(secondary)) if !cause.is_permanent() => {
+                secondary.mark_primary_down(&cause);
+                match secondary.deliver(out).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        tracing::debug!("the secondary did not take the output either: {e}");
+                        Err(cause)
+                    }
+                }
+            }
+            _ => Err(cause),
         }
     }
 

@@ -384,7 +384,7 @@ impl Relay {
         'jobs: for (j, job) in round.iter().enumerate() {
             for (k, (_, out)) in job.entries.iter().enumerate() {
                 match self.sender.publish(out.clone()).await {
-                    Ok(Some((subject, ack))) => acks.push((j, k, subject, ack)),
+                    Ok(Some(pending)) => acks.push((j, k, pending)),
                     Ok(None) => {}
                     Err(e) => {
                         failed = Some((j, k, e));
@@ -393,12 +393,12 @@ impl Relay {
                 }
             }
         }
-        for (j, k, subject, ack) in acks {
+        for (j, k, pending) in acks {
             if failed.as_ref().is_some_and(|(f, _, _)| j >= *f) {
                 break;
             }
-            if let Err(error) = ack.await {
-                failed = Some((j, k, SendError::NotAcknowledged { subject, error }));
+            if let Err(e) = self.sender.confirm(pending).await {
+                failed = Some((j, k, e));
                 break;
             }
         }
@@ -420,6 +420,7 @@ fn failure_reason(e: &SendError) -> &'static str {
             _ => "refused",
         },
         SendError::Core { .. } | SendError::Reply { .. } => "connection",
+        SendError::NotOnSecondary { .. } => "no-stream",
     }
 }
 

@@ -31,8 +31,9 @@ const RELAY_DRAIN: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 enum Binding {
     Core(async_nats::Subscriber),
-    /// The handler's consumer, or one per partition.
-    JetStream(Vec<async_nats::jetstream::consumer::PullConsumer>),
+    /// The handler's consumer, or one per partition; with `clusters = ["primary",
+    /// "secondary"]` also the consumer on the secondary. And the syphon of its backlog.
+    JetStream(Vec<async_nats::jetstream::consumer::PullConsumer>, Option<source::syphon::Syphon>),
 }
 
 /// Why a set of manifests cannot be loaded.
@@ -131,9 +132,15 @@ impl Runtime {
         Ok(Runtime { engine, handlers, options, paths: paths.to_vec(), metrics, status: Arc::default() })
     }
 
-    /// The handlers loaded.
-    pub fn handlers(&self) -> &[Arc<Handler>] {
+    /// The handlers loaded (the internal type: the CLI and the admin listener read it).
+    pub(crate) fn handlers(&self) -> &[Arc<Handler>] {
         &self.handlers
+    }
+
+    /// The names of the handlers loaded, in load order (none: an empty folder, which is
+    /// served until manifests appear).
+    pub fn handler_names(&self) -> Vec<String> {
+        self.handlers.iter().map(|h| h.spec.name.to_string()).collect()
     }
 
     /// The runtime's metrics (available before it is bound, for an early admin listener).
@@ -150,13 +157,25 @@ impl Runtime {
     /// the subscriptions are registered with the server (a message published afterwards
     /// reaches a handler). Any failure fails the whole bind: no handler runs half-configured.
     pub async fn bind(self, client: Client) -> anyhow::Result<Running> {
-        let sender = Arc::new(OutputSender::new(client.clone()));
+        self.bind_clusters(client, None).await
+    }
+
+    /// [`Runtime::bind`] with a secondary cluster (`sluice run --nats-secondary`): outputs the
+    /// primary does not take go there (passive sending), handlers may read a stream on both
+    /// (`[source] clusters`) and have their backlog there moved back (`[source] backlog`).
+    pub async fn bind_clusters(self, client: Client, secondary: Option<Client>) -> anyhow::Result<Running> {
+        let mut sender = OutputSender::new(client.clone());
+        if let Some(secondary) = &secondary {
+            sender = sender.with_secondary(secondary.clone(), self.metrics.clone());
+        }
+        let sender = Arc::new(sender);
         let supervisor = Arc::new(Supervisor {
             stores: Mutex::new(Stores::new(&self.options, sender.jetstream().clone())),
             relays: Mutex::default(),
             pauses: std::sync::Mutex::default(),
             engine: self.engine,
             client: client.clone(),
+            secondary,
             sender,
             options: self.options,
             paths: self.paths,
@@ -349,6 +368,8 @@ struct Prepared {
 struct Supervisor {
     engine: Arc<Engine>,
     client: Client,
+    /// The secondary cluster, when one is given.
+    secondary: Option<Client>,
     sender: Arc<OutputSender>,
     options: RuntimeOptions,
     paths: Vec<PathBuf>,
@@ -506,7 +527,50 @@ impl Supervisor {
         }
         Ok(match &spec.manifest.source {
             Source::Core { .. } => Binding::Core(source::core::subscribe(&self.client, ctx).await?),
-            Source::JetStream(_) => Binding::JetStream(source::jetstream::bind(self.sender.jetstream(), ctx).await?),
+            Source::JetStream(src) => {
+                let mut consumers = source::jetstream::bind(self.sender.jetstream(), ctx).await?;
+                let secondary = || {
+                    self.secondary.as_ref().ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "handler {}: its manifest reads from the secondary cluster, and no secondary is given \
+                             (sluice run --nats-secondary)",
+                            spec.name
+                        )
+                    })
+                };
+                if src.secondary {
+                    let js = async_nats::jetstream::new(secondary()?.clone());
+                    consumers.extend(
+                        source::jetstream::bind(&js, ctx).await.map_err(|e| e.context("on the secondary cluster"))?,
+                    );
+                }
+                let syphon =
+                    match &src.backlog {
+                        Some(stream) => {
+                            let js = async_nats::jetstream::new(secondary()?.clone());
+                            let primary =
+                                self.sender.jetstream().get_stream(&src.stream).await.map_err(|e| {
+                                    anyhow::anyhow!("handler {}: stream {}: {e}", spec.name, src.stream)
+                                })?;
+                            let subjects = primary
+                                .cached_info()
+                                .config
+                                .subjects
+                                .iter()
+                                .filter_map(|s| crate::subject::SubjectPattern::parse(s).ok())
+                                .collect();
+                            Some(source::syphon::Syphon {
+                                handler: spec.name.to_string(),
+                                subjects,
+                                consumer: source::syphon::bind(&js, &spec.name, stream).await?,
+                                primary: self.sender.jetstream().clone(),
+                                metrics: self.metrics.clone(),
+                            })
+                        }
+                        None => None,
+                    };
+                Binding::JetStream(consumers, syphon)
+            }
         })
     }
 
@@ -521,7 +585,14 @@ impl Supervisor {
         let (stop, stopped) = watch::channel(false);
         let task = match binding {
             Binding::Core(sub) => tokio::spawn(source::core::serve(ctx_rx, sub, stopped)),
-            Binding::JetStream(consumers) => tokio::spawn(source::jetstream::serve(ctx_rx, consumers, stopped)),
+            Binding::JetStream(consumers, None) => tokio::spawn(source::jetstream::serve(ctx_rx, consumers, stopped)),
+            Binding::JetStream(consumers, Some(syphon)) => {
+                let syphon = source::syphon::run(syphon, stopped.clone());
+                let serve = source::jetstream::serve(ctx_rx, consumers, stopped);
+                tokio::spawn(async move {
+                    futures::future::join(serve, syphon).await;
+                })
+            }
         };
         Served { handler, ctx: ctx_tx, stop, task }
     }
@@ -732,11 +803,13 @@ enum Installed {
 #[derive(Debug)]
 struct Stores {
     data_dir: Option<PathBuf>,
+    #[cfg(feature = "redb")]
     redb: Option<store::RedbStore>,
     /// Each handler's memory store (by name and bound), kept across versions of the handler.
     memory: HashMap<(String, usize), Arc<store::MemoryStore>>,
     /// The counters of every nats-kv store (one per handler).
     kv_counters: Arc<store::Counters>,
+    #[cfg_attr(not(feature = "nats-kv"), allow(dead_code))]
     js: async_nats::jetstream::Context,
 }
 
@@ -744,6 +817,7 @@ impl Stores {
     fn new(options: &RuntimeOptions, js: async_nats::jetstream::Context) -> Self {
         Stores {
             data_dir: options.data_dir.clone(),
+            #[cfg(feature = "redb")]
             redb: None,
             memory: HashMap::new(),
             kv_counters: Arc::default(),
@@ -754,6 +828,7 @@ impl Stores {
     /// Logs what the stores did (`store=... reads=... writes=... transactions=...`): the
     /// benchmark reads these lines for its per-message store costs.
     fn log_counters(&self) {
+        #[cfg(feature = "redb")]
         if let Some(redb) = &self.redb {
             let (reads, writes, transactions) = redb.counters().snapshot();
             tracing::info!(store = "redb", reads, writes, transactions, "state store counters");
@@ -775,6 +850,7 @@ impl Stores {
                     .or_insert_with(|| Arc::new(store::MemoryStore::new(max)));
                 store::Store::Memory(memory.clone())
             }
+            #[cfg(feature = "redb")]
             Backend::Redb => {
                 if self.redb.is_none() {
                     let dir = self.data_dir.as_ref().ok_or_else(|| {
@@ -786,6 +862,7 @@ impl Stores {
                 }
                 store::Store::Redb(self.redb.clone().ok_or_else(|| anyhow::anyhow!("redb store missing"))?)
             }
+            #[cfg(feature = "nats-kv")]
             Backend::NatsKv => {
                 let max_age = spec.manifest.idempotency.as_ref().map_or(manifest::DEFAULT_IDEMPOTENCY_TTL, |i| i.ttl)
                     + spec.manifest.limits.timeout
@@ -799,6 +876,16 @@ impl Stores {
                 kv.prepare(&spec.name).await.map_err(|e| anyhow::anyhow!("handler {}: {e}", spec.name))?;
                 store::Store::Kv(Box::new(kv))
             }
+            // A manifest that names a backend this build lacks is refused where it says so;
+            // this is the default (`redb`) in a build without it.
+            #[allow(unreachable_patterns)]
+            other => anyhow::bail!(
+                "handler {} needs a state store, and this build of Sluice has no {} store (the default; built \
+                 without the cargo feature `{}`): set [store] backend = \"memory\"",
+                spec.name,
+                other.name(),
+                other.name()
+            ),
         };
         Ok(Scope::new(store, spec.name.clone()))
     }

@@ -5,6 +5,7 @@
 mod admin;
 mod auth;
 mod batch;
+mod clusters;
 mod components;
 mod core_retry;
 mod creds;

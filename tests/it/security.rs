@@ -142,6 +142,7 @@ async fn an_admin_token_guards_handlers_and_reload_but_not_the_probes() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("e.toml"), manifest("e", "echo", "e", "")).unwrap();
     let runtime = Runtime::load(&[dir.path().to_owned()], RuntimeOptions::default()).unwrap();
+    assert_eq!(runtime.handler_names(), ["e"]);
     let state = AdminState::new(runtime.metrics(), runtime.status()).with_token(Some("s3cret".into()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = format!("http://{}", listener.local_addr().unwrap());

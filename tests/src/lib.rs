@@ -105,6 +105,17 @@ impl Sluice {
         nc: Client,
         manifests: &[(&str, String)],
         dir: tempfile::TempDir,
+        options: RuntimeOptions,
+    ) -> anyhow::Result<Sluice> {
+        Self::start_clusters(nc, None, manifests, dir, options).await
+    }
+
+    /// Like [`start_connected`](Self::start_connected), with a secondary cluster.
+    pub async fn start_clusters(
+        nc: Client,
+        secondary: Option<Client>,
+        manifests: &[(&str, String)],
+        dir: tempfile::TempDir,
         mut options: RuntimeOptions,
     ) -> anyhow::Result<Sluice> {
         // One compile cache for every test: each component is compiled once per suite.
@@ -117,7 +128,7 @@ impl Sluice {
         let runtime =
             Runtime::load(&[manifest_dir], options).map_err(|e| anyhow::anyhow!("cannot load manifests:\n{e}"))?;
         let metrics = runtime.metrics();
-        let running = runtime.bind(nc).await?;
+        let running = runtime.bind_clusters(nc, secondary).await?;
         Ok(Sluice { running: Some(running), watcher: None, metrics, dir })
     }
 

@@ -114,8 +114,47 @@ pub struct RunArgs {
     #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     #[command(flatten)]
+    /// The secondary cluster, if any.
+    pub secondary: SecondaryArgs,
+    #[command(flatten)]
     /// The engine and local state.
     pub engine: EngineArgs,
+}
+
+/// A secondary NATS cluster for `sluice run` (README, "Two clusters"): outputs the primary
+/// does not take go there, handlers may read a stream on both clusters and have their backlog
+/// moved back. Its authentication: `user:password@` in a URL, a credentials file, or a `nats`
+/// CLI context for everything else (NKey, TLS client certificates).
+#[derive(Debug, Default, Args)]
+pub struct SecondaryArgs {
+    /// The secondary cluster's server URLs, comma-separated (no secondary unless given).
+    #[arg(long = "nats-secondary", env = "SLUICE_NATS_SECONDARY_URL", value_delimiter = ',', hide_env_values = true)]
+    pub urls: Vec<String>,
+    /// A `nats` CLI context for the secondary cluster.
+    #[arg(long = "secondary-context", env = "SLUICE_NATS_SECONDARY_CONTEXT")]
+    pub context: Option<String>,
+    /// A credentials file for the secondary cluster.
+    #[arg(long = "secondary-creds", env = "SLUICE_NATS_SECONDARY_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// CA certificate(s) to trust for the secondary cluster's servers (PEM).
+    #[arg(long = "secondary-tls-ca", env = "SLUICE_NATS_SECONDARY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl SecondaryArgs {
+    /// The secondary's connection flags, when a secondary is given.
+    fn nats(&self) -> Option<NatsArgs> {
+        if self.urls.is_empty() && self.context.is_none() {
+            return None;
+        }
+        Some(NatsArgs {
+            urls: self.urls.clone(),
+            context: self.context.clone(),
+            creds: self.creds.clone(),
+            tls_ca: self.tls_ca.clone(),
+            ..NatsArgs::default()
+        })
+    }
 }
 
 impl EngineArgs {
@@ -323,7 +362,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Keep the embedded server (if any) alive until Sluice has shut down.
     let metrics = runtime.metrics();
     let (client, _embedded) = connect_or_embed(&args.nats, Some(&metrics)).await?;
-    let running = runtime.bind(client).await?;
+    let secondary = match args.secondary.nats() {
+        Some(nats) => {
+            let target = nats.target(DEFAULT_NATS_URL)?;
+            let client = connect_observed(&target, None).await.context("the secondary cluster")?;
+            tracing::info!("connected to the secondary NATS cluster url={}", target.shown());
+            Some(client)
+        }
+        None => None,
+    };
+    let running = runtime.bind_clusters(client, secondary).await?;
     if let Some((state, _)) = &admin {
         state.bound(running.client(), running.reloader());
     }

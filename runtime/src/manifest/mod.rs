@@ -93,6 +93,10 @@ pub struct JetStreamSource {
     pub ack_wait: Duration,
     /// Messages delivered and not yet acked, at most.
     pub max_ack_pending: i64,
+    /// Also read the same stream and consumer on the secondary cluster (active receiving).
+    pub secondary: bool,
+    /// A stream on the secondary cluster whose messages the syphon moves into the primary.
+    pub backlog: Option<String>,
 }
 
 impl fmt::Display for Source {
@@ -281,6 +285,7 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
         rate: resolve_rate(&file, raw.limits.rate, raw.limits.burst)?,
     };
     let source_span = raw.source.span();
+    let clusters_span = raw.source.get_ref().clusters.as_ref().map(|c| c.span());
     let source = resolve_source(&file, source_span, raw.source.into_inner(), &name, &limits)?;
     let retry = resolve_retry(&file, raw.retry)?;
     let dead_letter_span = raw.dead_letter.as_ref().map(|d| d.subject.span());
@@ -302,6 +307,25 @@ pub fn parse(path: &Path, text: String) -> Result<Manifest, ManifestError> {
     let store = resolve_store(&file, raw.store)?;
     let ordering = raw.ordering.map(|o| resolve_ordering(&file, o, &source)).transpose()?;
     let http = http::resolve(&file, dir, &raw.capabilities, raw.http, limits.timeout)?;
+    if let (Source::JetStream(js), Some(span)) = (&source, clusters_span)
+        && js.secondary
+    {
+        // A message may arrive from both clusters: the key is what makes the second harmless.
+        if idempotency.is_none() {
+            return Err(ManifestError::at(
+                &file,
+                span,
+                "reading from two clusters needs [idempotency]: a message that reaches both is handled once by its key",
+            ));
+        }
+        if ordering.is_some() {
+            return Err(ManifestError::at(
+                &file,
+                span,
+                "[ordering] and two clusters do not go together: the two streams have no common order",
+            ));
+        }
+    }
 
     Ok(Manifest {
         spans: Spans {
@@ -349,6 +373,8 @@ fn resolve_source(
                 ("filter", raw.filter.as_ref().map(|f| f.span())),
                 ("ack_wait", raw.ack_wait.as_ref().map(|a| a.span())),
                 ("max_ack_pending", raw.max_ack_pending.as_ref().map(|a| a.span())),
+                ("clusters", raw.clusters.as_ref().map(|c| c.span())),
+                ("backlog", raw.backlog.as_ref().map(|b| b.span())),
             ] {
                 if let Some(s) = s {
                     return Err(err(
@@ -396,7 +422,27 @@ fn resolve_source(
                 Some(n) => n.into_inner(),
                 None => (i64::from(limits.max_concurrency) * 4).max(1000),
             };
+            let secondary = match raw.clusters {
+                None => false,
+                Some(c) => {
+                    let mut names = c.get_ref().clone();
+                    names.sort();
+                    match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                        ["primary"] => false,
+                        ["primary", "secondary"] => true,
+                        _ => {
+                            return Err(err(
+                                c.span(),
+                                "clusters must be [\"primary\"] (the default) or [\"primary\", \"secondary\"] \
+                                 (read the stream on both clusters)",
+                            ));
+                        }
+                    }
+                }
+            };
             Ok(Source::JetStream(JetStreamSource {
+                secondary,
+                backlog: raw.backlog.map(|b| b.into_inner().0),
                 max_ack_pending,
                 stream: stream.into_inner().0,
                 consumer: raw.consumer.map_or_else(|| handler.to_owned(), |c| c.into_inner().0),
@@ -684,8 +730,23 @@ fn resolve_store(file: &SourceText, raw: schema::StoreSection) -> Result<StoreCo
         Some(n) => Ok(usize::try_from(n.into_inner()).unwrap_or(default)),
         None => Ok(default),
     };
+    let backend = match raw.backend {
+        Some(b) if !b.get_ref().compiled() => {
+            return Err(ManifestError::at(
+                file,
+                b.span(),
+                format!(
+                    "backend = \"{0}\": this build of Sluice has no {0} store (it was built without the cargo \
+                     feature `{0}`, on by default)",
+                    b.get_ref().name()
+                ),
+            ));
+        }
+        Some(b) => b.into_inner(),
+        None => Backend::Redb,
+    };
     Ok(StoreConfig {
-        backend: raw.backend.unwrap_or(Backend::Redb),
+        backend,
         replicas: bounded(raw.replicas, "replicas", 5, 1)?,
         max_entries: bounded(raw.max_entries, "max_entries", 100_000_000, 100_000)?,
         max_outbox: bounded(raw.max_outbox, "max_outbox", 10_000_000, DEFAULT_MAX_OUTBOX)?,

@@ -80,6 +80,12 @@ pub struct SourceSection {
     /// processes (in flight or waiting for a retry); defaults to the larger of 1000 and four
     /// times `limits.max_concurrency`.
     pub max_ack_pending: Option<Spanned<i64>>,
+    /// `clusters = ["primary", "secondary"]`: active receiving, the same stream and consumer
+    /// read from both clusters (`sluice run --nats-secondary`); defaults to the primary only.
+    pub clusters: Option<Spanned<Vec<String>>>,
+    /// `backlog = "ORDERS"`: a stream on the secondary cluster whose messages the syphon moves
+    /// into the primary (same subjects, same `Nats-Msg-Id`) once the primary takes them.
+    pub backlog: Option<Spanned<StreamName>>,
 }
 
 /// A stream or consumer name: letters, digits, `-` and `_`.
@@ -398,7 +404,7 @@ pub struct OrderingSection {
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
     /// `backend = "redb"`: `memory`, `redb` or `nats-kv`.
-    pub backend: Option<crate::store::Backend>,
+    pub backend: Option<Spanned<crate::store::Backend>>,
     /// `replicas = 3`: copies of a `nats-kv` bucket in a cluster.
     pub replicas: Option<Spanned<i64>>,
     /// `max_entries = 100000`: the `memory` backend's bound.

@@ -180,7 +180,7 @@ impl Lane {
 /// handler and not counted as an attempt. Anything else is `store-error`.
 pub fn store_failure(lane: &Lane, e: &crate::store::StoreError) -> Failure {
     use crate::failure::FailureKind;
-    let shared = matches!(lane.scope.as_ref().map(Scope::store), Some(crate::store::Store::Kv(_)));
+    let shared = lane.scope.as_ref().is_some_and(|s| s.store().shared());
     let kind = match e {
         crate::store::StoreError::Backend { .. } if shared => FailureKind::BrokerBusy,
         _ => FailureKind::StoreError,

@@ -10,8 +10,10 @@
 //! once, here, so the backends cannot drift apart. Each handler only ever reaches its own
 //! namespace: the scoping is done by [`Scope`], which the guest cannot name.
 
+#[cfg(feature = "nats-kv")]
 mod kv;
 mod memory;
+#[cfg(feature = "redb")]
 mod redb;
 
 use std::sync::Arc;
@@ -19,8 +21,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "nats-kv")]
 pub use self::kv::KvStore;
 pub use self::memory::MemoryStore;
+#[cfg(feature = "redb")]
 pub use self::redb::RedbStore;
 
 /// Which backend a handler uses.
@@ -30,6 +34,26 @@ pub enum Backend {
     Memory,
     Redb,
     NatsKv,
+}
+
+impl Backend {
+    /// The name a manifest gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            Backend::Redb => "redb",
+            Backend::NatsKv => "nats-kv",
+        }
+    }
+
+    /// Whether this build has it: `redb` and `nats-kv` are cargo features (on by default).
+    pub fn compiled(self) -> bool {
+        match self {
+            Backend::Memory => true,
+            Backend::Redb => cfg!(feature = "redb"),
+            Backend::NatsKv => cfg!(feature = "nats-kv"),
+        }
+    }
 }
 
 /// The three kinds of records a handler owns; each lives in its own table or bucket.
@@ -132,7 +156,9 @@ impl Counters {
 #[derive(Debug, Clone)]
 pub enum Store {
     Memory(Arc<MemoryStore>),
+    #[cfg(feature = "redb")]
     Redb(RedbStore),
+    #[cfg(feature = "nats-kv")]
     Kv(Box<KvStore>),
 }
 
@@ -140,7 +166,9 @@ impl Store {
     async fn get(&self, handler: &str, space: Space, key: &str) -> Result<Option<Versioned>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.get(handler, space, key)),
+            #[cfg(feature = "redb")]
             Store::Redb(r) => r.get(handler, space, key).await,
+            #[cfg(feature = "nats-kv")]
             Store::Kv(k) => k.get(handler, space, key).await,
         }
     }
@@ -157,7 +185,9 @@ impl Store {
     ) -> Result<bool, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.swap(handler, space, key, expected, value)),
+            #[cfg(feature = "redb")]
             Store::Redb(r) => r.swap(handler, space, key, expected, value).await,
+            #[cfg(feature = "nats-kv")]
             Store::Kv(k) => k.swap(handler, space, key, expected, value).await,
         }
     }
@@ -170,7 +200,9 @@ impl Store {
                 true => Ok(()),
                 false => Err(StoreError::Poisoned),
             },
+            #[cfg(feature = "redb")]
             Store::Redb(r) => r.put(handler, space, key, value).await,
+            #[cfg(feature = "nats-kv")]
             Store::Kv(k) => k.put(handler, space, key, value).await,
         }
     }
@@ -183,7 +215,9 @@ impl Store {
     async fn commit(&self, handler: &str, ops: Vec<Op>) -> Result<bool, StoreError> {
         match self {
             Store::Memory(m) => m.commit(handler, &ops).ok_or(StoreError::Poisoned),
+            #[cfg(feature = "redb")]
             Store::Redb(r) => r.commit(handler, ops).await,
+            #[cfg(feature = "nats-kv")]
             Store::Kv(k) => {
                 for op in ops {
                     let applied = match op.expect {
@@ -203,7 +237,18 @@ impl Store {
     pub fn same(&self, other: &Store) -> bool {
         match (self, other) {
             (Store::Memory(a), Store::Memory(b)) => Arc::ptr_eq(a, b),
+            #[cfg(feature = "redb")]
             (Store::Redb(a), Store::Redb(b)) => a.same(b),
+            _ => false,
+        }
+    }
+
+    /// Whether several processes share it (`nats-kv`): its failures are the broker's.
+    pub fn shared(&self) -> bool {
+        match self {
+            #[cfg(feature = "nats-kv")]
+            Store::Kv(_) => true,
+            #[allow(unreachable_patterns)]
             _ => false,
         }
     }
@@ -215,7 +260,9 @@ impl Store {
     pub fn outbox(&self) -> Option<bool> {
         match self {
             Store::Memory(_) => Some(false),
+            #[cfg(feature = "redb")]
             Store::Redb(_) => Some(true),
+            #[cfg(feature = "nats-kv")]
             Store::Kv(_) => None,
         }
     }
@@ -224,7 +271,9 @@ impl Store {
     pub async fn scan(&self, handler: &str, space: Space) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.scan(handler, space)),
+            #[cfg(feature = "redb")]
             Store::Redb(r) => r.scan(handler, space).await,
+            #[cfg(feature = "nats-kv")]
             Store::Kv(_) => Ok(Vec::new()),
         }
     }
@@ -241,7 +290,9 @@ impl Store {
             Store::Memory(m) => {
                 m.commit(handler, &ops);
             }
+            #[cfg(feature = "redb")]
             Store::Redb(r) => r.commit_lazily(handler, ops),
+            #[cfg(feature = "nats-kv")]
             Store::Kv(_) => {}
         }
     }
@@ -250,7 +301,9 @@ impl Store {
     fn local_leases(&self) -> Option<&Leases> {
         match self {
             Store::Memory(m) => Some(&m.leases),
+            #[cfg(feature = "redb")]
             Store::Redb(r) => Some(&*r.leases),
+            #[cfg(feature = "nats-kv")]
             Store::Kv(_) => None,
         }
     }
@@ -758,6 +811,7 @@ mod tests {
         conformance::protocol(Store::Memory(Arc::new(MemoryStore::new(1000)))).await;
     }
 
+    #[cfg(feature = "redb")]
     #[tokio::test]
     async fn redb_store_protocol() {
         let dir = tempfile::tempdir().unwrap();
