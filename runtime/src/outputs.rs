@@ -197,12 +197,13 @@ struct Secondary {
 impl Secondary {
     fn primary_down(&self, primary: &Client) -> bool {
         if primary.connection_state() != async_nats::connection::State::Connected {
+            self.mark_primary_down(&"not connected");
             return true;
         }
         self.primary_down_until.lock().is_ok_and(|until| until.is_some_and(|t| Instant::now() < t))
     }
 
-    fn mark_primary_down(&self, why: &SendError) {
+    fn mark_primary_down(&self, why: &dyn std::fmt::Display) {
         if let Ok(mut until) = self.primary_down_until.lock() {
             if until.is_none() {
                 tracing::warn!("the primary NATS cluster did not take an output ({why}); sending to the secondary");

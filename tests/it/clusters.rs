@@ -210,3 +210,100 @@ async fn a_manifest_reading_a_secondary_that_is_not_given_is_refused_at_bind() {
     let e = Sluice::try_start(&primary, &[("both.toml", text)]).await.expect_err("bound without a secondary");
     assert!(format!("{e:#}").contains("no secondary is given (sluice run --nats-secondary)"), "{e:#}");
 }
+
+#[tokio::test]
+async fn outputs_go_to_the_secondary_while_the_primary_is_down_and_back_after() {
+    let store = tempfile::tempdir().unwrap();
+    let start_primary = |port: u16| {
+        let dir = store.path().display().to_string();
+        sluice::testing::NatsServer::start_with_args(port, &["-sd", &dir]).expect("cannot start nats-server")
+    };
+    let primary = start_primary(0);
+    let port = primary.port();
+    let secondary = nats();
+    let js = stream(&primary, "SRC", &["src"]).await;
+    stream(&primary, "OUT", &["out.>"]).await;
+    let js2 = stream(&secondary, "SRC", &["src"]).await;
+    js2.create_stream(jetstream::stream::Config {
+        name: "OUT".into(),
+        subjects: vec!["out.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Read on both clusters (so work arrives while the primary is down), outputs to OUT, and
+    // the secondary's OUT syphoned back into the primary's.
+    let both = manifest(
+        "both",
+        "misbehave",
+        "x",
+        "[capabilities]\npublish = [\"out.>\"]\n\n[idempotency]\nkey = \"header:Nats-Msg-Id\"\n\n[store]\nbackend = \"memory\"\n",
+    )
+    .replace("subject = \"x\"", "stream = \"SRC\"\nclusters = [\"primary\", \"secondary\"]");
+    let drain = manifest("drain", "noop", "x", "").replace("subject = \"x\"", "stream = \"OUT\"\nbacklog = \"OUT\"");
+    let sluice = Sluice::start_clusters(
+        client(&primary).await,
+        Some(client(&secondary).await),
+        &[("both.toml", both), ("drain.toml", drain)],
+        tempfile::tempdir().unwrap(),
+        RuntimeOptions::default(),
+    )
+    .await
+    .unwrap();
+    let send = |from: usize, to: usize| {
+        let js2 = js2.clone();
+        async move {
+            for i in from..to {
+                publish(&js2, "src", &format!("m-{i}"), format!(r#"{{"cmd": "publish:out.{i}"}}"#)).await;
+            }
+        }
+    };
+    send(0, 50).await;
+    until(Duration::from_secs(60), "the first outputs did not reach the primary", || async {
+        let p = count(&js, "OUT").await;
+        if p == 50 { Ok(()) } else { Err(format!("primary {p}")) }
+    })
+    .await;
+
+    drop(primary);
+    send(50, 100).await;
+    until(Duration::from_secs(60), "outputs did not go to the secondary while the primary was down", || async {
+        let s = count(&js2, "OUT").await;
+        let active = metric(&sluice.metrics(), "sluice_nats_secondary_active");
+        if s == 50 && active == 1.0 { Ok(()) } else { Err(format!("secondary {s}, active {active}")) }
+    })
+    .await;
+
+    let _primary = start_primary(port);
+    // Work goes on arriving (through the secondary); once the primary is back and its few
+    // seconds as the passive side are over, outputs go to it again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut sent = 100;
+    while metric(&sluice.metrics(), "sluice_nats_secondary_active") != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "outputs never went back to the primary");
+        send(sent, sent + 1).await;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total = sent as u64;
+    until(Duration::from_secs(90), "not every output reached the primary", || async {
+        let Ok(p) = js.get_stream("OUT").await.map(|s| s.cached_info().state.messages) else {
+            return Err("the primary's OUT is not back yet".into());
+        };
+        if p == total { Ok(()) } else { Err(format!("primary {p} of {total}")) }
+    })
+    .await;
+    let stored = sluice_tests::stream_messages(&js, "OUT", total, Duration::from_secs(10)).await;
+    let mut ids: Vec<String> =
+        stored.iter().map(|m| m.headers.get("Nats-Msg-Id").map(ToString::to_string).unwrap_or_default()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, total, "an output twice on the primary, or without an id");
+    let text = sluice.metrics();
+    assert_eq!(metric(&text, "sluice_messages_succeeded_total{handler=\"both\"}"), total as f64);
+    assert_eq!(
+        metric(&text, "sluice_syphon_moved_total{handler=\"drain\"}"),
+        metric(&text, "sluice_outputs_secondary_total")
+    );
+    sluice.stop().await;
+}
