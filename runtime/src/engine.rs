@@ -60,6 +60,7 @@ pub struct Engine {
     /// threads; the hop costs about a third of the core noop throughput (bench/HISTORY.md).
     guests: Option<tokio::runtime::Runtime>,
     /// How many threads `guests` has (0: none).
+    #[cfg_attr(not(any(feature = "cli", feature = "testing")), allow(dead_code))]
     guest_threads: usize,
     /// The runtime's metrics, for what host calls count themselves (outbound HTTP).
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
@@ -149,6 +150,7 @@ impl Engine {
     }
 
     /// How many guest threads there are (0: calls run on the I/O threads).
+    #[cfg_attr(not(any(feature = "cli", feature = "testing")), allow(dead_code))]
     pub fn guest_threads(&self) -> usize {
         if self.guests.is_some() { self.guest_threads } else { 0 }
     }

@@ -127,6 +127,7 @@ impl Drop for Handler {
 
 impl Handler {
     /// Reads, checks and compiles the component of `manifest`.
+    #[cfg_attr(not(any(feature = "cli", feature = "testing")), allow(dead_code))]
     pub fn load(engine: &Engine, manifest: Manifest) -> Result<Self, ManifestError> {
         let bytes = read_component(&manifest)?;
         Self::from_bytes(engine, manifest, &bytes)

@@ -18,7 +18,9 @@ use crate::handler::{self, Handler, read_component};
 use crate::manifest::{self, Manifest, ManifestError, Source};
 use crate::metrics::Metrics;
 use crate::outputs::OutputSender;
-use crate::pipeline::{Fault, LEASE_GRACE, Lane};
+#[cfg(feature = "nats-kv")]
+use crate::pipeline::LEASE_GRACE;
+use crate::pipeline::{Fault, Lane};
 use crate::relay::Relay;
 use crate::source;
 use crate::status::{ReloadReport, Status};
@@ -33,7 +35,7 @@ enum Binding {
     Core(async_nats::Subscriber),
     /// The handler's consumer, or one per partition; with `clusters = ["primary",
     /// "secondary"]` also the consumer on the secondary. And the syphon of its backlog.
-    JetStream(Vec<async_nats::jetstream::consumer::PullConsumer>, Option<source::syphon::Syphon>),
+    JetStream(Vec<async_nats::jetstream::consumer::PullConsumer>, Option<Box<source::syphon::Syphon>>),
 }
 
 /// Why a set of manifests cannot be loaded.
@@ -132,7 +134,8 @@ impl Runtime {
         Ok(Runtime { engine, handlers, options, paths: paths.to_vec(), metrics, status: Arc::default() })
     }
 
-    /// The handlers loaded (the internal type: the CLI and the admin listener read it).
+    /// The handlers loaded (the internal type: the CLI reads it).
+    #[cfg_attr(not(any(feature = "cli", feature = "testing")), allow(dead_code))]
     pub(crate) fn handlers(&self) -> &[Arc<Handler>] {
         &self.handlers
     }
@@ -559,13 +562,13 @@ impl Supervisor {
                                 .iter()
                                 .filter_map(|s| crate::subject::SubjectPattern::parse(s).ok())
                                 .collect();
-                            Some(source::syphon::Syphon {
+                            Some(Box::new(source::syphon::Syphon {
                                 handler: spec.name.to_string(),
                                 subjects,
                                 consumer: source::syphon::bind(&js, &spec.name, stream).await?,
                                 primary: self.sender.jetstream().clone(),
                                 metrics: self.metrics.clone(),
-                            })
+                            }))
                         }
                         None => None,
                     };
@@ -587,7 +590,7 @@ impl Supervisor {
             Binding::Core(sub) => tokio::spawn(source::core::serve(ctx_rx, sub, stopped)),
             Binding::JetStream(consumers, None) => tokio::spawn(source::jetstream::serve(ctx_rx, consumers, stopped)),
             Binding::JetStream(consumers, Some(syphon)) => {
-                let syphon = source::syphon::run(syphon, stopped.clone());
+                let syphon = source::syphon::run(*syphon, stopped.clone());
                 let serve = source::jetstream::serve(ctx_rx, consumers, stopped);
                 tokio::spawn(async move {
                     futures::future::join(serve, syphon).await;
@@ -802,6 +805,7 @@ enum Installed {
 /// KV buckets per handler.
 #[derive(Debug)]
 struct Stores {
+    #[cfg_attr(not(feature = "redb"), allow(dead_code))]
     data_dir: Option<PathBuf>,
     #[cfg(feature = "redb")]
     redb: Option<store::RedbStore>,

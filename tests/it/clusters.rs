@@ -180,7 +180,7 @@ async fn a_stream_read_on_both_clusters_handles_each_message_once() {
         if i < 80 {
             publish(&js, "src", &id, payload()).await;
         }
-        if i < 60 || i >= 80 {
+        if !(60..80).contains(&i) {
             publish(&js2, "src", &id, payload()).await;
         }
     }

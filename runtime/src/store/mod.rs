@@ -73,6 +73,7 @@ pub enum Space {
 }
 
 impl Space {
+    #[cfg_attr(not(any(feature = "redb", feature = "nats-kv")), allow(dead_code))]
     pub fn prefix(self) -> &'static str {
         match self {
             Space::Dedup => "dedup",
@@ -94,6 +95,7 @@ pub struct Versioned {
 /// Why a store operation failed. Every variant is a store that cannot be used right now
 /// (the caller retries the message later); none is the guest's fault.
 #[derive(Debug, Clone, thiserror::Error)]
+#[cfg_attr(not(any(feature = "redb", feature = "nats-kv")), allow(dead_code))]
 pub enum StoreError {
     /// The backend failed: a database or I/O error (redb), a NATS error (nats-kv).
     #[error("{what}: {source}")]
@@ -120,6 +122,7 @@ pub enum StoreError {
 
 impl StoreError {
     /// A backend error while doing `what`.
+    #[cfg_attr(not(any(feature = "redb", feature = "nats-kv")), allow(dead_code))]
     pub fn backend(what: impl Into<String>, e: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError::Backend { what: what.into(), source: Arc::new(e) }
     }
@@ -141,6 +144,7 @@ pub struct Counters {
 }
 
 impl Counters {
+    #[cfg_attr(not(any(feature = "redb", feature = "nats-kv")), allow(dead_code))]
     pub(crate) fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
         counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
@@ -239,6 +243,7 @@ impl Store {
             (Store::Memory(a), Store::Memory(b)) => Arc::ptr_eq(a, b),
             #[cfg(feature = "redb")]
             (Store::Redb(a), Store::Redb(b)) => a.same(b),
+            #[allow(unreachable_patterns)]
             _ => false,
         }
     }
