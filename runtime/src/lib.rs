@@ -71,8 +71,8 @@
 //! | `parked` | parked ordering keys (`on_poison = "park"`): a NATS KV bucket per handler, mirrored in memory (a leaf) |
 //! | `retry` | the retry policy: attempts, backoff with jitter, retryable kinds |
 //! | `pipeline` | the delivery pipeline, per batch: gate (payload, key, lease), call, commit (outputs, record), settle (retry policy, dead letters, metrics) |
-//! | `source` | the transports: core NATS queue groups and JetStream consumers, receiving batches and acting on each message's settlement |
-//! | `outputs` | a call's outputs (`Output`, `Outputs`, header checks) and sending them (stream acks awaited, replies only to inboxes) |
+//! | `source` | the transports: core NATS queue groups and JetStream consumers (on one cluster or two), receiving batches and acting on each message's settlement; the syphon of a backlog on the secondary cluster |
+//! | `outputs` | a call's outputs (`Output`, `Outputs`, header checks) and sending them (stream acks awaited, replies only to inboxes, the secondary cluster for what the primary does not take) |
 //! | `rate` | a handler's rate limit: a token bucket the transports draw from (a leaf) |
 //! | `relay` | a handler's outbox relay: sends committed outputs in order after the ack, resumes what a crash left, pauses the handler when full |
 //! | `store` | handler state (dedup records, guest dedup and kv) on memory, redb or NATS KV; a call's kv write set and its one-write commit; in-memory leases for the local stores |
