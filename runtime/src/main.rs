@@ -4,11 +4,6 @@ use clap::Parser;
 use sluice::cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc instead of glibc's malloc: the hot path allocates per message (futures, buffers,
-/// the message span), and glibc's malloc and free were 12-16% of its CPU (bench/HISTORY.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
