@@ -109,7 +109,11 @@ async fn pull(url: &str, stream: &str, consumer: &str) -> anyhow::Result<()> {
         .get_consumer(consumer)
         .await
         .map_err(|e| anyhow::anyhow!("consumer {consumer} of {stream}: {e}"))?;
-    let mut messages = consumer.messages().await?;
+    // Pull requests expire after 2 s, as Sluice's do: with async-nats's default 30 s, a drift
+    // between the client's and the server's count of outstanding messages stalls the consumer
+    // until its pull expires (seen as a 30 s gap in one run in a few), which would make the
+    // baseline, not Sluice, the noise.
+    let mut messages = consumer.stream().expires(std::time::Duration::from_secs(2)).messages().await?;
     println!("ready");
     while let Some(msg) = messages.next().await {
         match msg {
