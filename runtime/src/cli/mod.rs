@@ -129,29 +129,29 @@ pub struct RunArgs {
 pub struct SecondaryArgs {
     /// The secondary cluster's server URLs, comma-separated (no secondary unless given).
     #[arg(long = "nats-secondary", env = "SLUICE_NATS_SECONDARY_URL", value_delimiter = ',', hide_env_values = true)]
-    pub urls: Vec<String>,
+    pub secondary_urls: Vec<String>,
     /// A `nats` CLI context for the secondary cluster.
     #[arg(long = "secondary-context", env = "SLUICE_NATS_SECONDARY_CONTEXT")]
-    pub context: Option<String>,
+    pub secondary_context: Option<String>,
     /// A credentials file for the secondary cluster.
     #[arg(long = "secondary-creds", env = "SLUICE_NATS_SECONDARY_CREDS")]
-    pub creds: Option<PathBuf>,
+    pub secondary_creds: Option<PathBuf>,
     /// CA certificate(s) to trust for the secondary cluster's servers (PEM).
     #[arg(long = "secondary-tls-ca", env = "SLUICE_NATS_SECONDARY_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
+    pub secondary_tls_ca: Option<PathBuf>,
 }
 
 impl SecondaryArgs {
     /// The secondary's connection flags, when a secondary is given.
     fn nats(&self) -> Option<NatsArgs> {
-        if self.urls.is_empty() && self.context.is_none() {
+        if self.secondary_urls.is_empty() && self.secondary_context.is_none() {
             return None;
         }
         Some(NatsArgs {
-            urls: self.urls.clone(),
-            context: self.context.clone(),
-            creds: self.creds.clone(),
-            tls_ca: self.tls_ca.clone(),
+            urls: self.secondary_urls.clone(),
+            context: self.secondary_context.clone(),
+            creds: self.secondary_creds.clone(),
+            tls_ca: self.secondary_tls_ca.clone(),
             ..NatsArgs::default()
         })
     }
@@ -707,4 +707,43 @@ async fn request_inner(args: RequestArgs) -> anyhow::Result<u8> {
         out.write_all(b"\n")?;
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    /// clap's own consistency checks (unique argument ids, ...), which otherwise run only
+    /// when a debug build parses its arguments.
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_secondary_cluster_has_flags_of_its_own() {
+        let cli = Cli::try_parse_from([
+            "sluice",
+            "run",
+            "manifests",
+            "--nats",
+            "nats://primary:4222",
+            "--nats-secondary",
+            "nats://a:4222,nats://b:4222",
+            "--secondary-creds",
+            "s.creds",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.nats.urls, ["nats://primary:4222"]);
+        assert_eq!(run.nats.creds, None);
+        let secondary = run.secondary.nats().unwrap_or_else(|| panic!("no secondary"));
+        assert_eq!(secondary.urls, ["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(secondary.creds.as_deref(), Some(std::path::Path::new("s.creds")));
+        let without = Cli::try_parse_from(["sluice", "run", "manifests"]).unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run(run) = without.command else { panic!("not run") };
+        assert!(run.secondary.nats().is_none());
+    }
 }
