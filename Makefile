@@ -48,6 +48,8 @@ lint: tools
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	# The library alone (no admin listener, no command line) still builds without warnings.
 	$(CARGO) clippy -p sluice --lib --no-default-features -- -D warnings
+	# The library's documentation: no broken or private links.
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc -p sluice --no-deps
 
 # What CI runs: formatting and lints, then the README's test command.
 ci: lint test

@@ -2,7 +2,7 @@
 //!
 //! | route | answers |
 //! |---|---|
-//! | `GET /metrics` | Prometheus text format (see [`crate::metrics`]) |
+//! | `GET /metrics` | Prometheus text format (see [`crate::Metrics`] and the README's metrics table) |
 //! | `GET /healthz` | 200 while the process is alive: `ok`, or `degraded: ...` naming each handler whose outbox has held outputs for more than 5 s (the broker or a target stream is not taking them) |
 //! | `GET /readyz` | 200 once every handler is loaded and bound and NATS is connected; 503 (with the reason) otherwise |
 //! | `GET /handlers` | JSON: each handler's version, source, counters, parked ordering keys and last reload error, and the reload errors of files that serve nothing |
