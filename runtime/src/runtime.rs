@@ -555,13 +555,23 @@ impl Supervisor {
                                 self.sender.jetstream().get_stream(&src.stream).await.map_err(|e| {
                                     anyhow::anyhow!("handler {}: stream {}: {e}", spec.name, src.stream)
                                 })?;
-                            let subjects = primary
+                            let subjects: Vec<_> = primary
                                 .cached_info()
                                 .config
                                 .subjects
                                 .iter()
                                 .filter_map(|s| crate::subject::SubjectPattern::parse(s).ok())
                                 .collect();
+                            // The syphon publishes only where the stream listens: a stream with
+                            // no subjects (a mirror, a sourced stream) cannot take its messages.
+                            if subjects.is_empty() {
+                                anyhow::bail!(
+                                    "handler {}: backlog {stream}: stream {} on the primary has no subjects to move \
+                                     the backlog to (a mirror or a sourced stream?)",
+                                    spec.name,
+                                    src.stream
+                                );
+                            }
                             Some(Box::new(source::syphon::Syphon {
                                 handler: spec.name.to_string(),
                                 subjects,

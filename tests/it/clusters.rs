@@ -306,3 +306,29 @@ async fn outputs_go_to_the_secondary_while_the_primary_is_down_and_back_after() 
     );
     sluice.stop().await;
 }
+
+#[tokio::test]
+async fn a_backlog_for_a_stream_without_subjects_is_refused_at_bind() {
+    let (primary, secondary) = (nats(), nats());
+    let js = stream(&primary, "SRC", &["src"]).await;
+    // A sourced stream listens on no subject: there is nowhere to move a backlog to.
+    js.create_stream(jetstream::stream::Config {
+        name: "AGG".into(),
+        sources: Some(vec![jetstream::stream::Source { name: "SRC".into(), ..Default::default() }]),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    stream(&secondary, "BACKLOG", &["src"]).await;
+    let text = manifest("agg", "noop", "x", "").replace("subject = \"x\"", "stream = \"AGG\"\nbacklog = \"BACKLOG\"");
+    let e = Sluice::start_clusters(
+        client(&primary).await,
+        Some(client(&secondary).await),
+        &[("agg.toml", text)],
+        tempfile::tempdir().unwrap(),
+        RuntimeOptions::default(),
+    )
+    .await
+    .expect_err("bound a syphon with nowhere to publish");
+    assert!(format!("{e:#}").contains("stream AGG on the primary has no subjects"), "{e:#}");
+}
