@@ -59,9 +59,6 @@ pub struct Engine {
     /// its calm rate during a storm of spinning calls, against 2% with guests on the I/O
     /// threads; the hop costs about a third of the core noop throughput (bench/HISTORY.md).
     guests: Option<tokio::runtime::Runtime>,
-    /// How many threads `guests` has (0: none).
-    #[cfg_attr(not(any(feature = "cli", feature = "testing")), allow(dead_code))]
-    guest_threads: usize,
     /// The runtime's metrics, for what host calls count themselves (outbound HTTP).
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
     _ticker: EpochTicker,
@@ -119,15 +116,7 @@ impl Engine {
                     .context("cannot start the guest threads")?,
             ),
         };
-        Ok(Arc::new(Engine {
-            engine,
-            linker,
-            options,
-            guests,
-            guest_threads: threads,
-            metrics: Default::default(),
-            _ticker: ticker,
-        }))
+        Ok(Arc::new(Engine { engine, linker, options, guests, metrics: Default::default(), _ticker: ticker }))
     }
 
     /// Gives host calls the runtime's metrics (once; later calls are ignored).
@@ -147,12 +136,6 @@ impl Engine {
     /// The runtime guest calls are spawned on; `None`: they run where they are called.
     pub fn guests(&self) -> Option<&tokio::runtime::Handle> {
         self.guests.as_ref().map(tokio::runtime::Runtime::handle)
-    }
-
-    /// How many guest threads there are (0: calls run on the I/O threads).
-    #[cfg_attr(not(any(feature = "cli", feature = "testing")), allow(dead_code))]
-    pub fn guest_threads(&self) -> usize {
-        if self.guests.is_some() { self.guest_threads } else { 0 }
     }
 
     /// Compiles the manifest's component and checks it against the world: it must export

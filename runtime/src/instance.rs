@@ -60,10 +60,4 @@ impl WarmPool {
             idle.push(instance);
         }
     }
-
-    /// Idle instances now.
-    #[cfg_attr(not(any(feature = "cli", feature = "testing")), allow(dead_code))]
-    pub fn idle(&self) -> usize {
-        self.idle.lock().map_or(0, |i| i.len())
-    }
 }

@@ -178,7 +178,7 @@ impl Runtime {
             pauses: std::sync::Mutex::default(),
             engine: self.engine,
             client: client.clone(),
-            secondary,
+            secondary: secondary.map(async_nats::jetstream::new),
             sender,
             options: self.options,
             paths: self.paths,
@@ -372,7 +372,7 @@ struct Supervisor {
     engine: Arc<Engine>,
     client: Client,
     /// The secondary cluster, when one is given.
-    secondary: Option<Client>,
+    secondary: Option<async_nats::jetstream::Context>,
     sender: Arc<OutputSender>,
     options: RuntimeOptions,
     paths: Vec<PathBuf>,
@@ -542,46 +542,23 @@ impl Supervisor {
                     })
                 };
                 if src.secondary {
-                    let js = async_nats::jetstream::new(secondary()?.clone());
-                    consumers.extend(
-                        source::jetstream::bind(&js, ctx).await.map_err(|e| e.context("on the secondary cluster"))?,
-                    );
+                    let on_secondary = source::jetstream::bind(secondary()?, ctx).await;
+                    consumers.extend(on_secondary.map_err(|e| e.context("on the secondary cluster"))?);
                 }
-                let syphon =
-                    match &src.backlog {
-                        Some(stream) => {
-                            let js = async_nats::jetstream::new(secondary()?.clone());
-                            let primary =
-                                self.sender.jetstream().get_stream(&src.stream).await.map_err(|e| {
-                                    anyhow::anyhow!("handler {}: stream {}: {e}", spec.name, src.stream)
-                                })?;
-                            let subjects: Vec<_> = primary
-                                .cached_info()
-                                .config
-                                .subjects
-                                .iter()
-                                .filter_map(|s| crate::subject::SubjectPattern::parse(s).ok())
-                                .collect();
-                            // The syphon publishes only where the stream listens: a stream with
-                            // no subjects (a mirror, a sourced stream) cannot take its messages.
-                            if subjects.is_empty() {
-                                anyhow::bail!(
-                                    "handler {}: backlog {stream}: stream {} on the primary has no subjects to move \
-                                     the backlog to (a mirror or a sourced stream?)",
-                                    spec.name,
-                                    src.stream
-                                );
-                            }
-                            Some(Box::new(source::syphon::Syphon {
-                                handler: spec.name.to_string(),
-                                subjects,
-                                consumer: source::syphon::bind(&js, &spec.name, stream).await?,
-                                primary: self.sender.jetstream().clone(),
-                                metrics: self.metrics.clone(),
-                            }))
-                        }
-                        None => None,
-                    };
+                let syphon = match &src.backlog {
+                    Some(backlog) => Some(Box::new(
+                        source::syphon::Syphon::bind(
+                            self.sender.jetstream(),
+                            secondary()?,
+                            &spec.name,
+                            &src.stream,
+                            backlog,
+                            self.metrics.clone(),
+                        )
+                        .await?,
+                    )),
+                    None => None,
+                };
                 Binding::JetStream(consumers, syphon)
             }
         })

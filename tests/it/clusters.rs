@@ -19,6 +19,35 @@ async fn count(js: &jetstream::Context, name: &str) -> u64 {
     js.get_stream(name).await.unwrap().info().await.unwrap().state.messages
 }
 
+/// Serves `manifests` on `primary` with `secondary` as the secondary cluster.
+async fn start_two(
+    primary: &sluice::testing::NatsServer,
+    secondary: &sluice::testing::NatsServer,
+    manifests: &[(&str, String)],
+) -> anyhow::Result<Sluice> {
+    let (p, s) = (client(primary).await, client(secondary).await);
+    Sluice::start_clusters(p, Some(s), manifests, tempfile::tempdir()?, RuntimeOptions::default()).await
+}
+
+/// Handler `both`: misbehave on stream SRC read on both clusters, deduplicated by
+/// `Nats-Msg-Id` on the memory store, allowed to publish `publish`.
+fn reading_both(publish: &str) -> String {
+    manifest(
+        "both",
+        "misbehave",
+        "x",
+        &format!(
+            "[capabilities]\npublish = [\"{publish}\"]\n\n[idempotency]\nkey = \"header:Nats-Msg-Id\"\n\n[store]\nbackend = \"memory\"\n"
+        ),
+    )
+    .replace("subject = \"x\"", "stream = \"SRC\"\nclusters = [\"primary\", \"secondary\"]")
+}
+
+/// Handler `drain`: noop on the primary's OUT, whose backlog is the secondary's OUT.
+fn draining_out() -> String {
+    manifest("drain", "noop", "x", "").replace("subject = \"x\"", "stream = \"OUT\"\nbacklog = \"OUT\"")
+}
+
 /// The distinct `Nats-Msg-Id`s of `stored` (a message without one counts as the empty id).
 fn distinct_ids(stored: &[jetstream::message::StreamMessage]) -> std::collections::BTreeSet<String> {
     stored.iter().map(|m| m.headers.get("Nats-Msg-Id").map(ToString::to_string).unwrap_or_default()).collect()
@@ -78,7 +107,7 @@ async fn outputs_the_primary_refuses_go_to_the_secondary_and_the_syphon_brings_t
     .replace("subject = \"work\"", "stream = \"WORK\"");
     // A handler on the primary's OUT whose backlog is the secondary's OUT: its syphon moves
     // what the secondary holds into the primary.
-    let drain = manifest("drain", "noop", "x", "").replace("subject = \"x\"", "stream = \"OUT\"\nbacklog = \"OUT\"");
+    let drain = draining_out();
     let dir = tempfile::tempdir().unwrap();
     let options = RuntimeOptions { data_dir: Some(dir.path().join("data")), ..RuntimeOptions::default() };
     let sluice = Sluice::start_clusters(
@@ -158,22 +187,8 @@ async fn a_stream_read_on_both_clusters_handles_each_message_once() {
     let js = stream(&primary, "SRC", &["src"]).await;
     stream(&primary, "RES", &["res.>"]).await;
     let js2 = stream(&secondary, "SRC", &["src"]).await;
-    let both = manifest(
-        "both",
-        "misbehave",
-        "x",
-        "[capabilities]\npublish = [\"res.>\"]\n\n[idempotency]\nkey = \"header:Nats-Msg-Id\"\n\n[store]\nbackend = \"memory\"\n",
-    )
-    .replace("subject = \"x\"", "stream = \"SRC\"\nclusters = [\"primary\", \"secondary\"]");
-    let sluice = Sluice::start_clusters(
-        client(&primary).await,
-        Some(client(&secondary).await),
-        &[("both.toml", both)],
-        tempfile::tempdir().unwrap(),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let both = reading_both("res.>");
+    let sluice = start_two(&primary, &secondary, &[("both.toml", both)]).await.unwrap();
     // Active replication by the sender: m-0..59 to both clusters, 60..79 to the primary only,
     // 80..99 to the secondary only.
     for i in 0..100 {
@@ -235,23 +250,9 @@ async fn outputs_go_to_the_secondary_while_the_primary_is_down_and_back_after() 
     .unwrap();
     // Read on both clusters (so work arrives while the primary is down), outputs to OUT, and
     // the secondary's OUT syphoned back into the primary's.
-    let both = manifest(
-        "both",
-        "misbehave",
-        "x",
-        "[capabilities]\npublish = [\"out.>\"]\n\n[idempotency]\nkey = \"header:Nats-Msg-Id\"\n\n[store]\nbackend = \"memory\"\n",
-    )
-    .replace("subject = \"x\"", "stream = \"SRC\"\nclusters = [\"primary\", \"secondary\"]");
-    let drain = manifest("drain", "noop", "x", "").replace("subject = \"x\"", "stream = \"OUT\"\nbacklog = \"OUT\"");
-    let sluice = Sluice::start_clusters(
-        client(&primary).await,
-        Some(client(&secondary).await),
-        &[("both.toml", both), ("drain.toml", drain)],
-        tempfile::tempdir().unwrap(),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let both = reading_both("out.>");
+    let drain = draining_out();
+    let sluice = start_two(&primary, &secondary, &[("both.toml", both), ("drain.toml", drain)]).await.unwrap();
     let send = |from: usize, to: usize| {
         let js2 = js2.clone();
         async move {
@@ -321,14 +322,8 @@ async fn a_backlog_for_a_stream_without_subjects_is_refused_at_bind() {
     .unwrap();
     stream(&secondary, "BACKLOG", &["src"]).await;
     let text = manifest("agg", "noop", "x", "").replace("subject = \"x\"", "stream = \"AGG\"\nbacklog = \"BACKLOG\"");
-    let e = Sluice::start_clusters(
-        client(&primary).await,
-        Some(client(&secondary).await),
-        &[("agg.toml", text)],
-        tempfile::tempdir().unwrap(),
-        RuntimeOptions::default(),
-    )
-    .await
-    .expect_err("bound a syphon with nowhere to publish");
+    let e = start_two(&primary, &secondary, &[("agg.toml", text)])
+        .await
+        .expect_err("bound a syphon with nowhere to publish");
     assert!(format!("{e:#}").contains("stream AGG on the primary has no subjects"), "{e:#}");
 }

@@ -44,20 +44,46 @@ pub struct Syphon {
     pub metrics: Arc<Metrics>,
 }
 
-/// Binds (creating when missing) the syphon's consumer on `stream` of the secondary.
-pub async fn bind(secondary: &jetstream::Context, handler: &str, stream: &str) -> anyhow::Result<PullConsumer> {
-    let what = format!("handler {handler}: backlog stream {stream} on the secondary cluster");
-    let s = secondary.get_stream(stream).await.map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
-    let name = consumer_name(handler);
-    let config = pull::Config {
-        durable_name: Some(name.clone()),
-        description: Some(format!("Sluice: moves the backlog of handler {handler} into the primary cluster")),
-        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
-        max_ack_pending: 256,
-        ..pull::Config::default()
-    };
-    s.get_or_create_consumer(&name, config).await.map_err(|e| anyhow::anyhow!("{what}: consumer {name}: {e}"))
+impl Syphon {
+    /// The syphon of `handler`, whose source is `stream` on `primary`: binds (creating when
+    /// missing) its consumer on `backlog` of `secondary`, and reads the subjects it may
+    /// publish to from `stream`'s configuration. A stream with no subjects (a mirror, a
+    /// sourced stream) is refused: there is nowhere to move the backlog to.
+    pub async fn bind(
+        primary: &jetstream::Context,
+        secondary: &jetstream::Context,
+        handler: &str,
+        stream: &str,
+        backlog: &str,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let on_primary =
+            primary.get_stream(stream).await.map_err(|e| anyhow::anyhow!("handler {handler}: stream {stream}: {e}"))?;
+        let subjects: Vec<SubjectPattern> =
+            on_primary.cached_info().config.subjects.iter().filter_map(|s| SubjectPattern::parse(s).ok()).collect();
+        if subjects.is_empty() {
+            anyhow::bail!(
+                "handler {handler}: backlog {backlog}: stream {stream} on the primary has no subjects to move the \
+                 backlog to (a mirror or a sourced stream?)"
+            );
+        }
+        let what = format!("handler {handler}: backlog stream {backlog} on the secondary cluster");
+        let s = secondary.get_stream(backlog).await.map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+        let name = consumer_name(handler);
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("Sluice: moves the backlog of handler {handler} into the primary cluster")),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 256,
+            ..pull::Config::default()
+        };
+        let consumer = s
+            .get_or_create_consumer(&name, config)
+            .await
+            .map_err(|e| anyhow::anyhow!("{what}: consumer {name}: {e}"))?;
+        Ok(Syphon { handler: handler.to_owned(), subjects, consumer, primary: primary.clone(), metrics })
+    }
 }
 
 const FIRST_STEP: Duration = Duration::from_secs(1);
