@@ -42,13 +42,15 @@ const ROUND: usize = 1024;
 /// Back-off after a failed round: from this, doubling, up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often an idle relay on a shared store looks for entries other processes left.
+const ADOPT_EVERY: Duration = Duration::from_secs(5);
 /// A failing relay logs at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// One call's committed outputs.
+/// One call's committed outputs, each with its key in the store.
 #[derive(Debug)]
 struct Job {
-    entries: Vec<(u64, Output)>,
+    entries: Vec<(String, Output)>,
     reply: Option<Output>,
     /// When it was committed (Unix ms; for what a crash left, when this relay started).
     committed_ms: u64,
@@ -97,6 +99,9 @@ pub struct Relay {
     nonce: String,
     /// Test hook: publish, but never remove nor go on (a crash between the two).
     halt_after_publish: bool,
+    /// The store is shared by other processes (`nats-kv`): an idle relay looks for entries
+    /// one of them left (a process that died, or was scaled away) and sends them.
+    adopts: bool,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -115,27 +120,14 @@ impl Relay {
         let started = unix_ms();
         let mut jobs = VecDeque::new();
         let mut last = 0;
-        let mut unreadable = Vec::new();
         if durable {
-            for (key, value) in store.scan(&handler, Space::Outbox).await? {
-                match (key.parse::<u64>(), decode(&value)) {
-                    (Ok(seq), Some(out)) => {
-                        last = last.max(seq);
-                        jobs.push_back(Job { entries: vec![(seq, out)], reply: None, committed_ms: started });
-                    }
-                    _ => unreadable.push(key),
-                }
-            }
-        }
-        if !unreadable.is_empty() {
-            tracing::error!(
-                handler = &*handler,
-                "outbox: {} unreadable entries dropped (not written by this version of Sluice?)",
-                unreadable.len()
-            );
-            store.remove_lazily(&handler, Space::Outbox, unreadable);
+            let found = store.scan(&handler, Space::Outbox, false).await?;
+            // A local store's own keys are sequence numbers, which go on from the last.
+            last = found.iter().filter_map(|(key, _)| key.parse::<u64>().ok()).max().unwrap_or(0);
+            jobs = read(&handler, &store, found, started);
         }
         let left = jobs.len();
+        let adopts = durable && store.shared();
         if left > 0 {
             tracing::info!(handler = &*handler, entries = left, "outbox: sending what the last run left");
         }
@@ -152,6 +144,7 @@ impl Relay {
             depth: watch::Sender::new(left),
             nonce: format!("{:016x}", fastrand::u64(..)),
             halt_after_publish,
+            adopts,
             task: Mutex::new(None),
         });
         let task = tokio::spawn(relay.clone().run());
@@ -211,7 +204,7 @@ impl Relay {
     /// and the store writes to commit with the call (none when the outbox is the relay's
     /// memory only). A publication without a `Nats-Msg-Id` (a message without an idempotency
     /// key) gets `<handler>/outbox/<relay nonce>/<seq>`, so that a re-send by the relay is dropped too.
-    pub fn stamp(&self, published: &mut [Output]) -> (Vec<u64>, Vec<Op>) {
+    pub fn stamp(&self, published: &mut [Output]) -> (Vec<String>, Vec<Op>) {
         if published.is_empty() {
             return (Vec::new(), Vec::new());
         }
@@ -233,26 +226,28 @@ impl Relay {
                 out.headers.insert("Nats-Msg-Id", format!("{}/outbox/{}/{seq}", self.handler, self.nonce));
             }
         }
+        let keys: Vec<String> = seqs.into_iter().map(key).collect();
         let ops = match self.durable {
             true => published
                 .iter()
-                .zip(&seqs)
-                .map(|(out, seq)| Op {
+                .zip(&keys)
+                .map(|(out, key)| Op {
                     space: Space::Outbox,
-                    key: key(*seq),
+                    key: key.clone(),
                     expect: Expect::Any,
                     value: Some(encode(out)),
+                    ttl: None,
                 })
                 .collect(),
             false => Vec::new(),
         };
-        (seqs, ops)
+        (keys, ops)
     }
 
     /// Hands a committed call's publications (numbered by [`stamp`](Self::stamp)) and its
     /// reply to the relay.
-    pub fn push(&self, seqs: Vec<u64>, published: Vec<Output>, reply: Option<Output>) {
-        let entries: Vec<(u64, Output)> = seqs.into_iter().zip(published).collect();
+    pub fn push(&self, keys: Vec<String>, published: Vec<Output>, reply: Option<Output>) {
+        let entries: Vec<(String, Output)> = keys.into_iter().zip(published).collect();
         let Ok(mut q) = self.queue.lock() else { return };
         q.jobs.push_back(Job { entries, reply, committed_ms: unix_ms() });
         self.report(&q);
@@ -294,7 +289,15 @@ impl Relay {
                 round
             };
             if round.is_empty() {
-                self.wake.notified().await;
+                match self.adopts {
+                    true => {
+                        tokio::select! {
+                            () = self.wake.notified() => {}
+                            () = tokio::time::sleep(ADOPT_EVERY) => self.adopt().await,
+                        }
+                    }
+                    false => self.wake.notified().await,
+                }
                 continue;
             }
             let (sent, failure) = self.send(&round).await;
@@ -314,14 +317,14 @@ impl Relay {
                     if let Some(job) = round.get_mut(sent)
                         && k < job.entries.len()
                     {
-                        let (seq, out) = job.entries.remove(k);
+                        let (key, out) = job.entries.remove(k);
                         tracing::error!(
                             handler = &*self.handler,
                             subject = %out.subject,
                             "outbox: dropping an output no server will take: {e}"
                         );
                         self.metrics.outbox_dropped();
-                        dropped.push(key(seq));
+                        dropped.push(key);
                     }
                     None
                 }
@@ -332,7 +335,7 @@ impl Relay {
             let mut removed = dropped;
             for job in round.by_ref().take(sent) {
                 count += job.entries.len();
-                removed.extend(job.entries.iter().map(|(seq, _)| key(*seq)));
+                removed.extend(job.entries.into_iter().map(|(key, _)| key));
                 if let Some(reply) = job.reply
                     && let Err(e) = self.sender.reply(reply).await
                 {
@@ -340,7 +343,7 @@ impl Relay {
                 }
             }
             if self.durable {
-                self.store.remove_lazily(&self.handler, Space::Outbox, removed);
+                self.store.remove(&self.handler, Space::Outbox, removed).await;
             }
             let depth = match self.queue.lock() {
                 Ok(mut q) => {
@@ -373,6 +376,34 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// Takes over what another process left in a shared outbox (see [`Store::scan`]), when
+    /// this relay has nothing else to send.
+    async fn adopt(&self) {
+        let found = match self.store.scan(&self.handler, Space::Outbox, true).await {
+            Ok(found) if !found.is_empty() => found,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(handler = &*self.handler, "outbox: cannot look for entries left by others: {e}");
+                return;
+            }
+        };
+        let jobs = read(&self.handler, &self.store, found, unix_ms());
+        if jobs.is_empty() {
+            return;
+        }
+        tracing::info!(
+            handler = &*self.handler,
+            entries = jobs.len(),
+            "outbox: sending what another process (or an earlier run) left unsent"
+        );
+        let Ok(mut q) = self.queue.lock() else { return };
+        q.entries += jobs.len();
+        q.jobs.extend(jobs);
+        self.report(&q);
+        drop(q);
+        self.wake.notify_one();
     }
 
     /// Sends every entry of `round`, pipelined; returns how many jobs (from the front) were
@@ -426,6 +457,28 @@ fn failure_reason(e: &SendError) -> &'static str {
 
 fn key(seq: u64) -> String {
     format!("{seq:020}")
+}
+
+/// The jobs for what a scan of the outbox found, one entry each; unreadable entries (not
+/// written by this version of Sluice?) are logged and removed.
+fn read(handler: &str, store: &Store, found: Vec<(String, Vec<u8>)>, committed_ms: u64) -> VecDeque<Job> {
+    let mut jobs = VecDeque::new();
+    let mut unreadable = Vec::new();
+    for (key, value) in found {
+        match decode(&value) {
+            Some(out) => jobs.push_back(Job { entries: vec![(key, out)], reply: None, committed_ms }),
+            None => unreadable.push(key),
+        }
+    }
+    if !unreadable.is_empty() {
+        tracing::error!(
+            handler,
+            "outbox: {} unreadable entries dropped (not written by this version of Sluice?)",
+            unreadable.len()
+        );
+        store.remove_lazily(handler, Space::Outbox, unreadable);
+    }
+    jobs
 }
 
 /// An entry as stored: a format byte, then the subject, the headers and the payload, each

@@ -19,7 +19,6 @@ use crate::manifest::{self, Manifest, ManifestError, Source};
 use crate::metrics::Metrics;
 use crate::outputs::OutputSender;
 #[cfg(feature = "nats-kv")]
-use crate::pipeline::LEASE_GRACE;
 use crate::pipeline::{Fault, Lane};
 use crate::relay::Relay;
 use crate::source;
@@ -855,15 +854,7 @@ impl Stores {
             }
             #[cfg(feature = "nats-kv")]
             Backend::NatsKv => {
-                let max_age = spec.manifest.idempotency.as_ref().map_or(manifest::DEFAULT_IDEMPOTENCY_TTL, |i| i.ttl)
-                    + spec.manifest.limits.timeout
-                    + LEASE_GRACE;
-                let kv = store::KvStore::new(
-                    self.js.clone(),
-                    spec.manifest.store.replicas,
-                    max_age,
-                    self.kv_counters.clone(),
-                );
+                let kv = store::KvStore::new(self.js.clone(), spec.manifest.store.replicas, self.kv_counters.clone());
                 kv.prepare(&spec.name).await.map_err(|e| anyhow::anyhow!("handler {}: {e}", spec.name))?;
                 store::Store::Kv(Box::new(kv))
             }

@@ -77,20 +77,20 @@ async fn copies_stored_in_a_stream_run_once_with_a_json_key() {
 }
 
 #[tokio::test]
-async fn a_crash_after_sending_outputs_before_acking_still_yields_one_output() {
+async fn a_crash_after_the_call_before_its_commit_yields_one_output_on_nats_kv() {
     let server = nats();
     let js = stream(&server, "WORK", &["work"]).await;
     let out_stream = stream(&server, "OUT", &["out.>"]).await;
-    // On nats-kv, which has no outbox, outputs are sent before the commit (the local stores
-    // commit them with the call: tests/it/outbox.rs).
+    // The call's output waits in its commit (an outbox entry in the handler's bucket, written
+    // in one atomic batch with the key's record); the crash comes before that commit.
     let text = worker(
         "w",
         "[limits]\ntimeout = \"1s\"\n\n[idempotency]\nkey = \"json:/id\"\n\n[store]\nbackend = \"nats-kv\"",
     )
     .replace("subject = \"work\"", "stream = \"WORK\"");
 
-    // The first runtime sends the output, then stops as a crash would: no completion mark,
-    // no ack.
+    // The first runtime runs the handler, then stops as a crash would: no commit, no ack,
+    // and a lease record left in the bucket.
     let data = tempfile::tempdir().unwrap();
     let halting = RuntimeOptions {
         data_dir: Some(data.path().to_owned()),
@@ -100,12 +100,21 @@ async fn a_crash_after_sending_outputs_before_acking_still_yields_one_output() {
     let first =
         Sluice::start_with(&server, &[("w.toml", text.clone())], tempfile::tempdir().unwrap(), halting).await.unwrap();
     js_publish(&js, "work", r#"{"id": "o-9", "cmd": "publish:out.o9"}"#).await;
-    stream_messages(&out_stream, "OUT", 1, Duration::from_secs(10)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !first.metrics().lines().any(|l| l.starts_with("sluice_messages_received_total") && l.ends_with(" 1")) {
+        assert!(tokio::time::Instant::now() < deadline, "never received:\n{}", first.metrics());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        out_stream.get_stream("OUT").await.unwrap().info().await.unwrap().state.messages,
+        0,
+        "an output left the process before its commit"
+    );
     first.crash().await;
 
     // The restarted runtime gets the redelivery, waits out the dead process's lease (a record
-    // in the KV bucket), runs the handler again, and its re-sent output is dropped by OUT's
-    // duplicate window.
+    // in the KV bucket), runs the handler again and commits; its output goes out once.
     let same_data = RuntimeOptions { data_dir: Some(data.path().to_owned()), ..RuntimeOptions::default() };
     let second =
         Sluice::start_with(&server, &[("w.toml", text)], tempfile::tempdir().unwrap(), same_data).await.unwrap();
@@ -303,6 +312,6 @@ async fn guest_state_is_scoped_to_its_handler_in_nats_kv() {
 async fn the_nats_kv_store_follows_the_store_protocol() {
     let server = nats();
     let js = jetstream::new(client(&server).await);
-    let kv = sluice::testing::KvStore::new(js, 1, Duration::from_secs(3600), Default::default());
+    let kv = sluice::testing::KvStore::new(js, 1, Default::default());
     sluice::testing::conformance::protocol(sluice::testing::Store::Kv(Box::new(kv))).await;
 }

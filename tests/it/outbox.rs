@@ -27,11 +27,15 @@ fn options(data: &std::path::Path, fault: Option<Fault>) -> RuntimeOptions {
     RuntimeOptions { data_dir: Some(data.to_owned()), fault, ..RuntimeOptions::default() }
 }
 
-/// The worker, on `data`, with `fault` injected.
-async fn serve(server: &sluice::testing::NatsServer, data: &std::path::Path, fault: Option<Fault>) -> Sluice {
-    Sluice::start_with(server, &[("w.toml", worker(""))], tempfile::tempdir().unwrap(), options(data, fault))
-        .await
-        .unwrap()
+/// The worker on `backend` (`data` holds the embedded store), with `fault` injected.
+async fn serve(
+    server: &sluice::testing::NatsServer,
+    backend: &str,
+    data: &std::path::Path,
+    fault: Option<Fault>,
+) -> Sluice {
+    let text = worker(&format!("[store]\nbackend = \"{backend}\""));
+    Sluice::start_with(server, &[("w.toml", text)], tempfile::tempdir().unwrap(), options(data, fault)).await.unwrap()
 }
 
 async fn out_count(js: &jetstream::Context) -> u64 {
@@ -64,12 +68,21 @@ fn subjects(msgs: &[jetstream::message::StreamMessage]) -> Vec<String> {
 
 #[tokio::test]
 async fn a_crash_after_the_commit_before_the_ack_sends_the_outputs_on_restart_once() {
+    crash_after_the_commit("redb").await;
+}
+
+#[tokio::test]
+async fn a_crash_after_the_commit_before_the_ack_sends_the_outputs_on_restart_once_on_nats_kv() {
+    crash_after_the_commit("nats-kv").await;
+}
+
+async fn crash_after_the_commit(backend: &str) {
     let server = nats();
     let js = stream(&server, "WORK", &["work"]).await;
     let _ = stream(&server, "OUT", &["out.>"]).await;
     let data = tempfile::tempdir().unwrap();
 
-    let first = serve(&server, data.path(), Some(Fault::HaltAfterCommit)).await;
+    let first = serve(&server, backend, data.path(), Some(Fault::HaltAfterCommit)).await;
     js_publish(&js, "work", r#"{"id": "k-1", "cmd": "publish:out.1"}"#).await;
     js_publish(&js, "work", r#"{"id": "k-2", "cmd": "publish:out.2"}"#).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -82,7 +95,7 @@ async fn a_crash_after_the_commit_before_the_ack_sends_the_outputs_on_restart_on
     first.crash().await;
 
     // The restart sends both from the outbox, then skips the redeliveries (the keys completed).
-    let second = serve(&server, data.path(), None).await;
+    let second = serve(&server, backend, data.path(), None).await;
     assert_eq!(out_count(&js).await, 2, "the outbox is sent before the handler serves");
     let info = wait_consumer_settled(&js, Duration::from_secs(20)).await;
     assert!(info.delivered.consumer_sequence >= 4, "the messages were not redelivered: {info:?}");
@@ -97,12 +110,21 @@ async fn a_crash_after_the_commit_before_the_ack_sends_the_outputs_on_restart_on
 
 #[tokio::test]
 async fn a_crash_after_the_ack_before_the_relay_sends_the_outputs_on_restart_first() {
+    crash_after_the_ack("redb").await;
+}
+
+#[tokio::test]
+async fn a_crash_after_the_ack_before_the_relay_sends_the_outputs_on_restart_first_on_nats_kv() {
+    crash_after_the_ack("nats-kv").await;
+}
+
+async fn crash_after_the_ack(backend: &str) {
     let server = nats();
     let js = stream(&server, "WORK", &["work"]).await;
     let _ = stream(&server, "OUT", &["out.>"]).await;
     let data = tempfile::tempdir().unwrap();
 
-    let first = serve(&server, data.path(), Some(Fault::HaltAfterAck)).await;
+    let first = serve(&server, backend, data.path(), Some(Fault::HaltAfterAck)).await;
     for i in 0..5 {
         js_publish(&js, "work", &format!(r#"{{"id": "old-{i}", "cmd": "publish:out.old.{i}"}}"#)).await;
     }
@@ -113,7 +135,7 @@ async fn a_crash_after_the_ack_before_the_relay_sends_the_outputs_on_restart_fir
     assert_eq!(out_count(&js).await, 0);
     first.crash().await;
 
-    let second = serve(&server, data.path(), None).await;
+    let second = serve(&server, backend, data.path(), None).await;
     for i in 0..5 {
         js_publish(&js, "work", &format!(r#"{{"id": "new-{i}", "cmd": "publish:out.new.{i}"}}"#)).await;
     }
@@ -133,12 +155,21 @@ async fn a_crash_after_the_ack_before_the_relay_sends_the_outputs_on_restart_fir
 
 #[tokio::test]
 async fn a_crash_after_publishing_before_removal_resends_and_the_stream_drops_the_copies() {
+    crash_after_publishing("redb").await;
+}
+
+#[tokio::test]
+async fn a_crash_after_publishing_before_removal_resends_and_the_stream_drops_the_copies_on_nats_kv() {
+    crash_after_publishing("nats-kv").await;
+}
+
+async fn crash_after_publishing(backend: &str) {
     let server = nats();
     let js = stream(&server, "WORK", &["work"]).await;
     let _ = stream(&server, "OUT", &["out.>"]).await;
     let data = tempfile::tempdir().unwrap();
 
-    let first = serve(&server, data.path(), Some(Fault::HaltAfterPublish)).await;
+    let first = serve(&server, backend, data.path(), Some(Fault::HaltAfterPublish)).await;
     js_publish(&js, "work", r#"{"id": "k-1", "cmd": "publish:out.1"}"#).await;
     js_publish(&js, "work", r#"{"id": "k-2", "cmd": "publish:out.2"}"#).await;
     js_publish(&js, "work", r#"{"cmd": "publish:out.nokey"}"#).await;
@@ -149,7 +180,7 @@ async fn a_crash_after_publishing_before_removal_resends_and_the_stream_drops_th
 
     // Every entry was still in the outbox (the one published too): all three are sent again,
     // and OUT's duplicate window keeps one copy of each.
-    let second = serve(&server, data.path(), None).await;
+    let second = serve(&server, backend, data.path(), None).await;
     let m = second.metrics();
     assert_eq!(metric(&m, "sluice_outbox_sent_total"), Some(3.0), "{m}");
     let out = stream_messages(&js, "OUT", 3, Duration::from_secs(5)).await;
@@ -157,7 +188,7 @@ async fn a_crash_after_publishing_before_removal_resends_and_the_stream_drops_th
     second.stop().await;
 
     // Sent and removed: a third start has nothing left to send.
-    let third = serve(&server, data.path(), None).await;
+    let third = serve(&server, backend, data.path(), None).await;
     assert_eq!(metric(&third.metrics(), "sluice_outbox_sent_total").unwrap_or(0.0), 0.0);
     assert_eq!(out_count(&js).await, 3);
     third.stop().await;

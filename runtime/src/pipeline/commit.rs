@@ -30,7 +30,7 @@ use crate::store::WriteSet;
 
 /// Publications committed to the outbox, for the relay once the commit is durable.
 struct Deferred {
-    seqs: Vec<u64>,
+    seqs: Vec<String>,
     published: Vec<Output>,
 }
 

@@ -16,6 +16,7 @@ mod memory;
 #[cfg(feature = "redb")]
 mod redb;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -118,6 +119,12 @@ pub enum StoreError {
     /// was committed.
     #[error("another call changed this call's state first; nothing was committed")]
     Conflict,
+    /// A call's commit holds more writes (kv writes and outputs) than the backend commits at
+    /// once (`nats-kv`: the server's atomic batch limit).
+    #[error(
+        "the call's commit holds {writes} writes (kv writes and outputs); this store commits at most {max} at once"
+    )]
+    TooLarge { writes: usize, max: usize },
 }
 
 impl StoreError {
@@ -178,7 +185,10 @@ impl Store {
     }
 
     /// Replaces the value of `key` if its version is still `expected` (`None`: the key must
-    /// be absent); `value` `None` deletes. False when someone else changed it first.
+    /// be absent); `value` `None` deletes. `None` when someone else changed it first; else
+    /// the new version where the backend tells it (`nats-kv`: the revision a later write can
+    /// be fenced with), 0 otherwise. `ttl`: how long the backend may keep the value
+    /// (`nats-kv`; the local stores expire records by reading them).
     async fn swap(
         &self,
         handler: &str,
@@ -186,19 +196,29 @@ impl Store {
         key: &str,
         expected: Option<u64>,
         value: Option<Vec<u8>>,
-    ) -> Result<bool, StoreError> {
+        ttl: Option<Duration>,
+    ) -> Result<Option<u64>, StoreError> {
+        let _ = ttl;
         match self {
-            Store::Memory(m) => Ok(m.swap(handler, space, key, expected, value)),
+            Store::Memory(m) => Ok(m.swap(handler, space, key, expected, value).then_some(0)),
             #[cfg(feature = "redb")]
-            Store::Redb(r) => r.swap(handler, space, key, expected, value).await,
+            Store::Redb(r) => Ok(r.swap(handler, space, key, expected, value).await?.then_some(0)),
             #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => k.swap(handler, space, key, expected, value).await,
+            Store::Kv(k) => k.swap(handler, space, key, expected, value, ttl).await,
         }
     }
 
     /// Writes (or, with `None`, removes) `key` whatever its version: one write where the
     /// backend has one, instead of a read and a compare-and-swap.
-    async fn put(&self, handler: &str, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+    async fn put(
+        &self,
+        handler: &str,
+        space: Space,
+        key: &str,
+        value: Option<Vec<u8>>,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let _ = ttl;
         match self {
             Store::Memory(m) => match m.put(handler, space, key, value) {
                 true => Ok(()),
@@ -207,33 +227,21 @@ impl Store {
             #[cfg(feature = "redb")]
             Store::Redb(r) => r.put(handler, space, key, value).await,
             #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => k.put(handler, space, key, value).await,
+            Store::Kv(k) => k.put(handler, space, key, value, ttl).await,
         }
     }
 
     /// Applies `ops` together if every expectation holds: false (and nothing applied) when one
-    /// does not. On `memory` and `redb` this is one atomic write (on `redb` one durable
-    /// transaction, group-committed with whatever else waits); on `nats-kv` the ops are
-    /// applied one at a time in order, and a crash or a conflict part-way leaves the earlier
-    /// ones applied.
+    /// does not. On every backend this is one atomic write: on `memory` under one lock, on
+    /// `redb` one durable transaction (group-committed with whatever else waits), on `nats-kv`
+    /// one publish or one atomic batch to the handler's bucket.
     async fn commit(&self, handler: &str, ops: Vec<Op>) -> Result<bool, StoreError> {
         match self {
             Store::Memory(m) => m.commit(handler, &ops).ok_or(StoreError::Poisoned),
             #[cfg(feature = "redb")]
             Store::Redb(r) => r.commit(handler, ops).await,
             #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => {
-                for op in ops {
-                    let applied = match op.expect {
-                        Expect::Any => k.put(handler, op.space, &op.key, op.value).await.map(|()| true)?,
-                        Expect::Is(version) => k.swap(handler, op.space, &op.key, version, op.value).await?,
-                    };
-                    if !applied {
-                        return Ok(false);
-                    }
-                }
-                Ok(true)
-            }
+            Store::Kv(k) => k.commit(handler, ops).await,
         }
     }
 
@@ -258,28 +266,52 @@ impl Store {
         }
     }
 
-    /// Where committed outputs wait for the relay: `Some(true)` in the store itself (redb:
-    /// they survive a crash), `Some(false)` in the relay's memory only (memory: nothing of this
-    /// store survives a restart), `None` when the backend has no outbox (nats-kv: outputs are
-    /// sent before the commit, see the README).
+    /// Where committed outputs wait for the relay: `Some(true)` in the store itself (redb,
+    /// nats-kv: they survive a crash), `Some(false)` in the relay's memory only (memory:
+    /// nothing of this store survives a restart). Every backend has one; the `Option` is for
+    /// the callers that also serve handlers without a store.
     pub fn outbox(&self) -> Option<bool> {
         match self {
             Store::Memory(_) => Some(false),
             #[cfg(feature = "redb")]
             Store::Redb(_) => Some(true),
             #[cfg(feature = "nats-kv")]
-            Store::Kv(_) => None,
+            Store::Kv(_) => Some(true),
         }
     }
 
-    /// Every record of `space`, in key order (the relay's start-up read of its outbox).
-    pub async fn scan(&self, handler: &str, space: Space) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    /// What the relay finds in its outbox (`space` is [`Space::Outbox`]): on a local store
+    /// every entry, in key order. On `nats-kv`, which other processes share, every entry
+    /// (`adopting` false: the relay's start, which also sends what a peer has in flight; the
+    /// copies are dropped by their ids) or only those another store left unsent for
+    /// a while (`adopting`: an idle relay's look-out for a process that died or was
+    /// scaled away; the age is the nats-kv store's `ORPHAN_AGE`, 10 s), oldest first, keyed so
+    /// that [`remove`](Self::remove) finds them.
+    pub async fn scan(
+        &self,
+        handler: &str,
+        space: Space,
+        adopting: bool,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let _ = adopting;
         match self {
             Store::Memory(m) => Ok(m.scan(handler, space)),
             #[cfg(feature = "redb")]
             Store::Redb(r) => r.scan(handler, space).await,
             #[cfg(feature = "nats-kv")]
-            Store::Kv(_) => Ok(Vec::new()),
+            Store::Kv(k) => k.scan_outbox(handler, adopting).await,
+        }
+    }
+
+    /// Removes the relay's sent entries: on the local stores lazily ([`remove_lazily`](Self::remove_lazily));
+    /// on `nats-kv` each removal acknowledged before this returns, so that no other process
+    /// takes a sent entry for an orphan.
+    pub async fn remove(&self, handler: &str, space: Space, keys: Vec<String>) {
+        match self {
+            #[cfg(feature = "nats-kv")]
+            Store::Kv(k) => k.remove(handler, space, keys).await,
+            #[allow(unreachable_patterns)]
+            _ => self.remove_lazily(handler, space, keys),
         }
     }
 
@@ -290,7 +322,8 @@ impl Store {
         if keys.is_empty() {
             return;
         }
-        let ops: Vec<Op> = keys.into_iter().map(|key| Op { space, key, expect: Expect::Any, value: None }).collect();
+        let ops: Vec<Op> =
+            keys.into_iter().map(|key| Op { space, key, expect: Expect::Any, value: None, ttl: None }).collect();
         match self {
             Store::Memory(m) => {
                 m.commit(handler, &ops);
@@ -298,7 +331,11 @@ impl Store {
             #[cfg(feature = "redb")]
             Store::Redb(r) => r.commit_lazily(handler, ops),
             #[cfg(feature = "nats-kv")]
-            Store::Kv(_) => {}
+            Store::Kv(k) => {
+                let (k, handler) = (k.clone(), handler.to_owned());
+                let keys = ops.into_iter().map(|op| op.key).collect();
+                tokio::spawn(async move { k.remove(&handler, space, keys).await });
+            }
         }
     }
 
@@ -330,6 +367,9 @@ pub struct Op {
     pub key: String,
     pub expect: Expect,
     pub value: Option<Vec<u8>>,
+    /// How long the backend may keep the value (`nats-kv` expires it then; the local stores
+    /// expire records by reading them and ignore this).
+    pub ttl: Option<Duration>,
 }
 
 /// In-progress leases kept in memory, for a store only this process uses: a crash loses
@@ -337,7 +377,7 @@ pub struct Op {
 /// process before its commit but outputs with stable ids).
 #[derive(Debug, Default)]
 pub struct Leases {
-    held: std::sync::Mutex<std::collections::HashMap<(Arc<str>, String), u64>>,
+    held: std::sync::Mutex<HashMap<(Arc<str>, String), u64>>,
 }
 
 impl Leases {
@@ -413,7 +453,7 @@ impl WriteSet {
         self.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
         match self.pending.iter_mut().find(|op| op.space == space && op.key == key) {
             Some(op) => op.value = value,
-            None => self.pending.push(Op { space, key: key.to_owned(), expect, value }),
+            None => self.pending.push(Op { space, key: key.to_owned(), expect, value, ttl: None }),
         }
     }
 }
@@ -471,24 +511,48 @@ fn after(d: Duration) -> u64 {
 
 /// How often a compare-and-swap is retried when another process wins the race.
 const CAS_ROUNDS: usize = 16;
+/// How long a shared store keeps a lease record past its lease (it is replaced by the
+/// completion record, or lapses and is taken over, well before).
+const LEASE_RECORD_GRACE: Duration = Duration::from_secs(60);
+/// Leases held at once on a shared store, at most, whose revision is kept to fence the
+/// commit (past this, the oldest are forgotten and their commits go unfenced).
+const MAX_FENCES: usize = 100_000;
 
 /// A handler's view of its store: everything is in that handler's namespace.
 #[derive(Debug, Clone)]
 pub struct Scope {
     store: Store,
     handler: Arc<str>,
+    /// On a shared store (`nats-kv`): the revision of each lease this process holds. The
+    /// call's commit names it, so a commit whose lease lapsed and was taken over by another
+    /// process commits nothing (two processes never both commit one key).
+    fences: Arc<std::sync::Mutex<HashMap<String, u64>>>,
 }
 
 impl Scope {
     pub fn new(store: Store, handler: Arc<str>) -> Self {
-        Scope { store, handler }
+        Scope { store, handler, fences: Arc::default() }
+    }
+
+    fn fence(&self, key: &str, revision: u64) {
+        if let Ok(mut fences) = self.fences.lock() {
+            if fences.len() >= MAX_FENCES {
+                fences.clear();
+            }
+            fences.insert(key.to_owned(), revision);
+        }
+    }
+
+    fn unfence(&self, key: &str) -> Option<u64> {
+        self.fences.lock().ok()?.remove(key)
     }
 
     /// Takes the lease on `key` for `lease`, unless it is completed or leased elsewhere.
     ///
     /// On a store only this process uses (`memory`, `redb`) the lease is kept in memory: one
-    /// read of the record, no write. On `nats-kv` it is a record every process sees: a read
-    /// and a compare-and-swap.
+    /// read of the record, no write. On `nats-kv` it is a record every process sees: a create
+    /// first (one round trip for a new key), then, if the key has a record, a read and a
+    /// compare-and-swap.
     pub async fn begin(&self, key: &str, lease: Duration) -> Result<Begin, StoreError> {
         if let Some(leases) = self.store.local_leases() {
             let current = self.store.get(&self.handler, Space::Dedup, key).await?;
@@ -501,6 +565,14 @@ impl Scope {
                 Ok(()) => Begin::Acquired,
                 Err(remaining) => Begin::InProgress { remaining },
             });
+        }
+        let ttl = Some(lease + LEASE_RECORD_GRACE);
+        let lease_record = || Record::InProgress { until_ms: after(lease) }.encode();
+        if let Some(revision) =
+            self.store.swap(&self.handler, Space::Dedup, key, None, Some(lease_record()), ttl).await?
+        {
+            self.fence(key, revision);
+            return Ok(Begin::Acquired);
         }
         for _ in 0..CAS_ROUNDS {
             let current = self.store.get(&self.handler, Space::Dedup, key).await?;
@@ -515,8 +587,10 @@ impl Scope {
                 },
                 None => None,
             };
-            let lease_record = Record::InProgress { until_ms: after(lease) }.encode();
-            if self.store.swap(&self.handler, Space::Dedup, key, expected, Some(lease_record)).await? {
+            if let Some(revision) =
+                self.store.swap(&self.handler, Space::Dedup, key, expected, Some(lease_record()), ttl).await?
+            {
+                self.fence(key, revision);
                 return Ok(Begin::Acquired);
             }
         }
@@ -529,12 +603,16 @@ impl Scope {
             leases.drop_lease(&self.handler, key);
             return Ok(());
         }
+        // Lost races are fine: whoever changed it owns it now.
+        if let Some(revision) = self.unfence(key) {
+            self.store.swap(&self.handler, Space::Dedup, key, Some(revision), None, None).await?;
+            return Ok(());
+        }
         let current = self.store.get(&self.handler, Space::Dedup, key).await?;
         if let Some(v) = current
             && matches!(Record::decode(&v.value), Some(Record::InProgress { .. }))
         {
-            // Lost races are fine: whoever changed it owns it now.
-            self.store.swap(&self.handler, Space::Dedup, key, Some(v.version), None).await?;
+            self.store.swap(&self.handler, Space::Dedup, key, Some(v.version), None, None).await?;
         }
         Ok(())
     }
@@ -549,7 +627,8 @@ impl Scope {
                 None => None,
             };
             let mark = Record::Completed { expires_ms: after(ttl), fingerprint: None }.encode();
-            if self.store.swap(&self.handler, Space::GuestDedup, key, expected, Some(mark)).await? {
+            if self.store.swap(&self.handler, Space::GuestDedup, key, expected, Some(mark), Some(ttl)).await?.is_some()
+            {
                 return Ok(true);
             }
         }
@@ -582,7 +661,7 @@ impl Scope {
             (Some(v), Some(e)) if v.value == e => Some(v.version),
             _ => return Ok(false),
         };
-        self.store.swap(&self.handler, Space::Kv, key, version, Some(new)).await
+        Ok(self.store.swap(&self.handler, Space::Kv, key, version, Some(new), None).await?.is_some())
     }
 
     /// The next sequence number expected for ordering key `key`, if one was stored.
@@ -600,6 +679,7 @@ impl Scope {
             key: key.to_owned(),
             expect: Expect::Any,
             value: Some(next.to_string().into_bytes()),
+            ttl: None,
         }
     }
 
@@ -610,7 +690,7 @@ impl Scope {
 
     /// Unconditional write (`None` deletes): one write, whatever is there.
     async fn put(&self, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
-        self.store.put(&self.handler, space, key, value).await
+        self.store.put(&self.handler, space, key, value, None).await
     }
 
     /// The store under this scope.
@@ -620,9 +700,10 @@ impl Scope {
 
     /// Commits a successful call: its guest writes, its outbox entries (`outbox`) and, with an
     /// idempotency key, the key's completion record (for `ttl`, with the payload's
-    /// fingerprint), in one write where the backend allows (see [`Store::commit`]: the record
-    /// goes last). Conflicts (another call changed what this one read) fail with
-    /// [`StoreError::Conflict`] and commit nothing. The key's lease is given up either way.
+    /// fingerprint), in one atomic write (see [`Store::commit`]). Conflicts (another call
+    /// changed what this one read; on `nats-kv`, also another process that took the key over
+    /// after this call's lease lapsed) fail with [`StoreError::Conflict`] and commit nothing.
+    /// The key's lease is given up either way.
     pub async fn commit(
         &self,
         writes: WriteSet,
@@ -633,7 +714,13 @@ impl Scope {
         ops.extend(outbox);
         if let Some((key, ttl, fingerprint)) = &completion {
             let record = Record::Completed { expires_ms: after(*ttl), fingerprint: fingerprint.clone() }.encode();
-            ops.push(Op { space: Space::Dedup, key: (*key).to_owned(), expect: Expect::Any, value: Some(record) });
+            // On a shared store, fenced by the lease: if the lease lapsed and another process
+            // took the key over, nothing of this call is committed.
+            let expect = match self.unfence(key) {
+                Some(revision) => Expect::Is(Some(revision)),
+                None => Expect::Any,
+            };
+            ops.push(Op { space: Space::Dedup, key: (*key).to_owned(), expect, value: Some(record), ttl: Some(*ttl) });
         }
         let result = if ops.is_empty() { Ok(true) } else { self.store.commit(&self.handler, ops).await };
         if let (Some((key, ..)), Some(leases)) = (&completion, self.store.local_leases()) {
@@ -778,6 +865,7 @@ pub mod conformance {
             key: key.to_owned(),
             expect: super::Expect::Any,
             value: Some(key.as_bytes().to_vec()),
+            ttl: None,
         };
         if a.store().outbox() == Some(true) {
             let mut w = WriteSet::default();
@@ -785,21 +873,35 @@ pub mod conformance {
             a.commit(w, vec![entry("00000000000000000010"), entry("00000000000000000009")], Some(("o", lease, None)))
                 .await
                 .unwrap();
-            let keys: Vec<String> =
-                a.store().scan("a", Space::Outbox).await.unwrap().into_iter().map(|(k, _)| k).collect();
-            assert_eq!(keys, ["00000000000000000009", "00000000000000000010"]);
-            assert!(b.store().scan("b", Space::Outbox).await.unwrap().is_empty());
+            let scan = |scope: &Scope, handler: &'static str| {
+                let store = scope.store().clone();
+                async move { store.scan(handler, Space::Outbox, false).await.unwrap() }
+            };
+            let found = scan(&a, "a").await;
+            let keys: Vec<String> = found.iter().map(|(k, _)| k.clone()).collect();
+            // A local store keys them by sequence number, in order; a shared one prefixes the
+            // writing store's instance and returns them in commit order.
+            let mut seqs: Vec<&str> = keys.iter().map(|k| k.rsplit('.').next().unwrap()).collect();
+            if !a.store().shared() {
+                assert_eq!(seqs, ["00000000000000000009", "00000000000000000010"]);
+            }
+            seqs.sort();
+            assert_eq!(seqs, ["00000000000000000009", "00000000000000000010"]);
+            for (key, value) in &found {
+                assert!(key.ends_with(std::str::from_utf8(value).unwrap()), "{key} holds another entry's value");
+            }
+            assert!(scan(&b, "b").await.is_empty());
             // A conflicting commit leaves no outbox entry either.
             let (mut first, mut second) = (WriteSet::default(), WriteSet::default());
             assert!(a.kv_cas_in(&mut first, "with-outbox", Some(b"1"), b"2".to_vec()).await.unwrap());
             assert!(a.kv_cas_in(&mut second, "with-outbox", Some(b"1"), b"3".to_vec()).await.unwrap());
             a.commit(first, Vec::new(), None).await.unwrap();
             assert!(a.commit(second, vec![entry("00000000000000000011")], None).await.is_err());
-            assert_eq!(a.store().scan("a", Space::Outbox).await.unwrap().len(), 2);
+            assert_eq!(scan(&a, "a").await.len(), 2);
             a.store().remove_lazily("a", Space::Outbox, keys);
             // Lazily: durable with a later commit, visible once the writer has applied it.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while !a.store().scan("a", Space::Outbox).await.unwrap().is_empty() {
+            while !scan(&a, "a").await.is_empty() {
                 assert!(tokio::time::Instant::now() < deadline, "the removal never applied");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

@@ -222,12 +222,15 @@ impl RedbStore {
         expected: Option<u64>,
         value: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
-        self.commit(handler, vec![Op { space, key: key.to_owned(), expect: Expect::Is(expected), value }]).await
+        self.commit(handler, vec![Op { space, key: key.to_owned(), expect: Expect::Is(expected), value, ttl: None }])
+            .await
     }
 
     /// Writes (or, with `None`, removes) `key` whatever its version.
     pub async fn put(&self, handler: &str, space: Space, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
-        self.commit(handler, vec![Op { space, key: key.to_owned(), expect: Expect::Any, value }]).await.map(|_| ())
+        self.commit(handler, vec![Op { space, key: key.to_owned(), expect: Expect::Any, value, ttl: None }])
+            .await
+            .map(|_| ())
     }
 
     /// Applies `ops` together if every expectation holds (false otherwise, nothing applied),
@@ -686,6 +689,7 @@ mod tests {
                 key: key.into(),
                 expect: Expect::Any,
                 value: Some(value),
+                ttl: None,
             };
             assert!(store.commit("h", vec![put("a", completed(later)), put("b", completed(later))]).await.unwrap());
             assert!(store.commit("h", vec![put("a", completed(later + 1))]).await.unwrap());
@@ -705,7 +709,7 @@ mod tests {
         assert_eq!(log.len().unwrap(), 2);
         // A delete removes the entry and the index slot.
         drop((log, txn));
-        let del = Op { space: Space::Dedup, key: "b".into(), expect: Expect::Any, value: None };
+        let del = Op { space: Space::Dedup, key: "b".into(), expect: Expect::Any, value: None, ttl: None };
         assert!(store.commit("h", vec![del]).await.unwrap());
         assert_eq!(store.get("h", Space::Dedup, "b").await.unwrap(), None);
     }
@@ -743,6 +747,7 @@ mod tests {
             key: key.into(),
             expect: Expect::Any,
             value: Some(value),
+            ttl: None,
         };
         let later = now_ms() + 60_000;
         assert!(store.commit("h", vec![put("old-1", completed(1)), put("old-2", completed(2))]).await.unwrap());
