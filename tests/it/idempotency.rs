@@ -315,3 +315,38 @@ async fn the_nats_kv_store_follows_the_store_protocol() {
     let kv = sluice::testing::KvStore::new(js, 1, Default::default());
     sluice::testing::conformance::protocol(sluice::testing::Store::Kv(Box::new(kv))).await;
 }
+
+/// An older Sluice kept idempotency records in a second bucket, `sluice-dedup-<handler>`: while
+/// it holds records, a duplicate of a message handled before the upgrade is still skipped.
+#[tokio::test]
+async fn a_record_in_the_dedup_bucket_of_an_older_sluice_still_skips_its_duplicate() {
+    use sha2::Digest;
+    let server = nats();
+    let js = jetstream::new(client(&server).await);
+    let old = js
+        .create_key_value(jetstream::kv::Config { bucket: "sluice-dedup-w".into(), history: 1, ..Default::default() })
+        .await
+        .unwrap();
+    let later = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() + 3_600_000;
+    let key = format!("h{}", hex::encode(sha2::Sha256::digest(b"order-old")));
+    old.put(&key, format!(r#"{{"state":"completed","expires_ms":{later}}}"#).into()).await.unwrap();
+
+    let text = worker("w", "[idempotency]\nkey = \"header:Nats-Msg-Id\"\n\n[store]\nbackend = \"nats-kv\"");
+    let sluice = Sluice::start(&server, &[("w.toml", text)]).await;
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("out.>").await.unwrap();
+    sync(&nc).await;
+    publish_with_id(&nc, "work", "order-old", "publish:out.old").await;
+    publish_with_id(&nc, "work", "order-new", "publish:out.new").await;
+    let got = collect_quiet(&mut out, Duration::from_millis(700), Duration::from_secs(10)).await;
+    let subjects: Vec<String> = got.iter().map(|m| m.subject.to_string()).collect();
+    assert_eq!(subjects, ["out.new"], "the message handled before the upgrade ran again");
+    let m = sluice.metrics();
+    assert!(m.lines().any(|l| l.starts_with("sluice_messages_skipped_duplicate_total") && l.ends_with(" 1")), "{m}");
+    // New records go to the handler's one bucket, not the old one.
+    let new = js.get_key_value("sluice-kv-w").await.unwrap();
+    let new_key = format!("h{}", hex::encode(sha2::Sha256::digest(b"order-new")));
+    assert!(new.get(&new_key).await.unwrap().is_some());
+    assert!(old.get(&new_key).await.unwrap().is_none());
+    sluice.stop().await;
+}

@@ -338,3 +338,53 @@ async fn an_entry_its_stream_will_never_take_is_dropped_and_the_rest_flows() {
     assert_eq!(metric(&sluice.metrics(), "sluice_outbox_entries"), Some(0.0));
     sluice.stop().await;
 }
+
+/// On `nats-kv` the outbox is shared: what a process committed and acked but never sent (it
+/// died right after) is sent by another process serving the same handler, once the entries
+/// are older than a live relay would leave them; each output lands once.
+#[tokio::test]
+async fn entries_a_dead_process_left_in_a_nats_kv_outbox_are_sent_by_a_peer() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work"]).await;
+    let _ = stream(&server, "OUT", &["out.>"]).await;
+    // The peer serves handler `w` too (the same bucket) but receives none of WORK's messages.
+    let peer_text = manifest(
+        "w",
+        "misbehave",
+        "idle.w",
+        "[capabilities]\npublish = [\"out.>\"]\n\n[idempotency]\nkey = \"json:/id\"\n\n[store]\nbackend = \"nats-kv\"\n",
+    );
+    let peer_data = tempfile::tempdir().unwrap();
+    let peer = Sluice::start_with(
+        &server,
+        &[("w.toml", peer_text)],
+        tempfile::tempdir().unwrap(),
+        options(peer_data.path(), None),
+    )
+    .await
+    .unwrap();
+
+    let data = tempfile::tempdir().unwrap();
+    let dying = serve(&server, "nats-kv", data.path(), Some(Fault::HaltAfterAck)).await;
+    for i in 0..5 {
+        js_publish(&js, "work", &format!(r#"{{"id": "left-{i}", "cmd": "publish:out.left.{i}"}}"#)).await;
+    }
+    wait_consumer_settled(&js, Duration::from_secs(10)).await;
+    dying.crash().await;
+    assert_eq!(out_count(&js).await, 0, "the dying process sent something");
+
+    // The peer's relay looks for orphans while idle; these are orphans after 10 s.
+    let out = stream_messages(&js, "OUT", 5, Duration::from_secs(40)).await;
+    assert_eq!(subjects(&out), (0..5).map(|i| format!("out.left.{i}")).collect::<Vec<_>>());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(&peer.metrics(), "sluice_outbox_entries") != Some(0.0) {
+        assert!(tokio::time::Instant::now() < deadline, "the peer never emptied its outbox:\n{}", peer.metrics());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&peer.metrics(), "sluice_outbox_sent_total"), Some(5.0), "{}", peer.metrics());
+    // Removed once sent: a later look-out finds nothing more, and nothing is sent twice.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(metric(&peer.metrics(), "sluice_outbox_sent_total"), Some(5.0), "{}", peer.metrics());
+    assert_eq!(out_count(&js).await, 5);
+    peer.stop().await;
+}

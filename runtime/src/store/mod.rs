@@ -858,6 +858,24 @@ pub mod conformance {
         a.release("r").await.unwrap();
         assert_eq!(a.begin("r", lease).await.unwrap(), Begin::Acquired);
 
+        // A shared store: another process (another scope: its own leases) takes over a key
+        // whose lease lapsed; the first process's late commit is fenced off and keeps nothing.
+        if a.store().shared() {
+            let other = Scope::new(a.store().clone(), "a".into());
+            let short = Duration::from_millis(300);
+            assert_eq!(a.begin("z", short).await.unwrap(), Begin::Acquired);
+            assert!(matches!(other.begin("z", short).await.unwrap(), Begin::InProgress { .. }));
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert_eq!(other.begin("z", lease).await.unwrap(), Begin::Acquired);
+            let mut late = WriteSet::default();
+            a.kv_put_in(&mut late, "zombie", Some(b"1".to_vec()));
+            let fenced = a.commit(late, Vec::new(), Some(("z", Duration::from_secs(60), None))).await;
+            assert!(matches!(fenced, Err(super::StoreError::Conflict)), "{fenced:?}");
+            assert_eq!(a.kv_get("zombie").await.unwrap(), None, "a fenced commit keeps none of its writes");
+            other.commit(WriteSet::default(), Vec::new(), Some(("z", Duration::from_secs(60), None))).await.unwrap();
+            assert_eq!(a.begin("z", lease).await.unwrap(), Begin::Completed { fingerprint: None });
+        }
+
         // Outbox entries commit with the call, are read back in key order, per handler, and
         // go once removed.
         let entry = |key: &str| super::Op {
