@@ -157,7 +157,9 @@ async fn the_readme_permission_block_is_enough_and_no_more() {
         .timeout(Some(Duration::from_secs(10)));
     let reply = client.send_request("echo", keyed).await.unwrap();
     assert_eq!(text(&reply), "keyed", "failure: {:?}", header(&reply, "Sluice-Failure-Reason"));
-    js.get_key_value("sluice-dedup-echo").await.expect("the dedup bucket was not created");
+    let bucket = js.get_key_value("sluice-kv-echo").await.expect("the handler's bucket was not created");
+    let config = &bucket.stream.cached_info().config;
+    assert!(config.allow_atomic_publish && config.allow_message_ttl, "{config:?}");
 
     // JetStream: an output stored, a rejected message dead-lettered.
     client.publish("orders.created", "publish:orders.validated".into()).await.unwrap();

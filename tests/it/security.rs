@@ -29,7 +29,7 @@ async fn forged_reply_subjects_reach_no_stream_consumer_or_bucket() {
         .unwrap();
     let prices = js.create_key_value(kv::Config { bucket: "prices".into(), ..Default::default() }).await.unwrap();
     prices.put("eur", "1.00".into()).await.unwrap();
-    // The nats-kv store gives the handler a dedup bucket of its own (sluice-dedup-echo).
+    // The nats-kv store gives the handler a bucket of its own (sluice-kv-echo).
     let extra = "[idempotency]\nkey = \"header:Nats-Msg-Id\"\n\n[store]\nbackend = \"nats-kv\"";
     let sluice = Sluice::start(&server, &[("echo.toml", manifest("echo", "echo", "echo", extra))]).await;
     let nc = client(&server).await;
@@ -38,7 +38,7 @@ async fn forged_reply_subjects_reach_no_stream_consumer_or_bucket() {
     forge(&nc, "echo", "$JS.API.STREAM.PURGE.ORDERS", "").await;
     forge(&nc, "echo", "$JS.API.CONSUMER.DELETE.ORDERS.audit", "").await;
     forge(&nc, "echo", "$KV.prices.eur", "0.01").await;
-    forge(&nc, "echo", "$KV.sluice-dedup-echo.forged", "x").await;
+    forge(&nc, "echo", "$KV.sluice-kv-echo.forged", "x").await;
     // Not a `$` subject, but not an inbox either: a write into ORDERS.
     forge(&nc, "echo", "orders.created", "forged order").await;
 
@@ -52,8 +52,8 @@ async fn forged_reply_subjects_reach_no_stream_consumer_or_bucket() {
     orders.consumer_info("audit").await.expect("consumer audit was deleted");
     let eur = prices.get("eur").await.unwrap().expect("key eur was deleted");
     assert_eq!(&eur[..], b"1.00", "the prices bucket was written to");
-    let dedup = js.get_key_value("sluice-dedup-echo").await.expect("the dedup bucket is gone");
-    assert!(dedup.get("forged").await.unwrap().is_none(), "the handler's dedup bucket was written to");
+    let dedup = js.get_key_value("sluice-kv-echo").await.expect("the handler's bucket is gone");
+    assert!(dedup.get("forged").await.unwrap().is_none(), "the handler's bucket was written to");
 
     let metrics = sluice.metrics();
     assert!(

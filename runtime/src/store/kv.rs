@@ -116,27 +116,45 @@ impl KvStore {
         let name = format!("sluice-kv-{handler}");
         let store = match self.js.get_key_value(&name).await {
             Ok(store) => store,
-            Err(_) => self
-                .js
-                .create_key_value(kv::Config {
-                    bucket: name.clone(),
-                    description: format!("Sluice state of handler {handler}"),
-                    history: 1,
+            Err(_) => {
+                // The stream of a KV bucket, as async-nats lays it out, with atomic batches and
+                // per-message TTLs on from the start (so a new bucket needs no update).
+                let config = jetstream::stream::Config {
+                    name: format!("KV_{name}"),
+                    description: Some(format!("Sluice state of handler {handler}")),
+                    subjects: vec![format!("$KV.{name}.>")],
+                    max_messages_per_subject: 1,
+                    allow_rollup: true,
+                    deny_delete: true,
+                    allow_direct: true,
+                    discard: jetstream::stream::DiscardPolicy::New,
                     num_replicas: self.replicas,
+                    allow_atomic_publish: true,
+                    allow_message_ttl: true,
                     ..Default::default()
-                })
-                .await
-                .map_err(|e| StoreError::backend(format!("cannot create KV bucket {name}"), e))?,
+                };
+                // Two processes creating it at once get the same stream (the same config).
+                self.js
+                    .get_or_create_stream(config)
+                    .await
+                    .map_err(|e| StoreError::backend(format!("cannot create KV bucket {name}"), e))?;
+                self.js
+                    .get_key_value(&name)
+                    .await
+                    .map_err(|e| StoreError::backend(format!("cannot open KV bucket {name}"), e))?
+            }
         };
         let config = &store.stream.cached_info().config;
         if !config.allow_atomic_publish || !config.allow_message_ttl {
+            // A bucket of an older Sluice: upgraded in place, once.
             let mut config = config.clone();
             config.allow_atomic_publish = true;
             config.allow_message_ttl = true;
             let what = || {
                 format!(
-                    "cannot turn on atomic batches and message TTLs for KV bucket {name} (the nats-kv store needs \
-                     nats-server 2.12 or later)"
+                    "cannot turn on atomic batches and message TTLs for KV bucket {name}, made by an older Sluice \
+                     (this needs nats-server 2.12 or later, and permission to publish to \
+                     $JS.API.STREAM.UPDATE.KV_{name})"
                 )
             };
             let info = self.js.update_stream(&config).await.map_err(|e| StoreError::backend(what(), e))?;
