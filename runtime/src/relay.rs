@@ -36,6 +36,7 @@ use tokio::sync::{Notify, watch};
 use crate::metrics::HandlerMetrics;
 use crate::outputs::{Output, OutputSender, SendError, header_map};
 use crate::store::{Expect, Op, Space, Store, StoreError};
+use crate::subject::SubjectPattern;
 
 /// Entries sent in one round at most.
 const ROUND: usize = 1024;
@@ -102,6 +103,9 @@ pub struct Relay {
     /// The store is shared by other processes (`nats-kv`): an idle relay looks for entries
     /// one of them left (a process that died, or was scaled away) and sends them.
     adopts: bool,
+    /// The handler's `capabilities.publish`: what a scan finds is checked again before it is
+    /// sent (see [`read`]).
+    grants: Arc<[SubjectPattern]>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -114,6 +118,7 @@ impl Relay {
         sender: Arc<OutputSender>,
         metrics: Arc<HandlerMetrics>,
         max: usize,
+        grants: Arc<[SubjectPattern]>,
         halt_after_publish: bool,
     ) -> Result<Option<Arc<Relay>>, StoreError> {
         let Some(durable) = store.outbox() else { return Ok(None) };
@@ -124,7 +129,7 @@ impl Relay {
             let found = store.scan(&handler, Space::Outbox, false).await?;
             // A local store's own keys are sequence numbers, which go on from the last.
             last = found.iter().filter_map(|(key, _)| key.parse::<u64>().ok()).max().unwrap_or(0);
-            jobs = read(&handler, &store, found, started);
+            jobs = read(&handler, &store, &grants, found, started);
         }
         let left = jobs.len();
         let adopts = durable && store.shared();
@@ -145,6 +150,7 @@ impl Relay {
             nonce: format!("{:016x}", fastrand::u64(..)),
             halt_after_publish,
             adopts,
+            grants,
             task: Mutex::new(None),
         });
         let task = tokio::spawn(relay.clone().run());
@@ -389,7 +395,7 @@ impl Relay {
                 return;
             }
         };
-        let jobs = read(&self.handler, &self.store, found, unix_ms());
+        let jobs = read(&self.handler, &self.store, &self.grants, found, unix_ms());
         if jobs.is_empty() {
             return;
         }
@@ -459,14 +465,30 @@ fn key(seq: u64) -> String {
     format!("{seq:020}")
 }
 
-/// The jobs for what a scan of the outbox found, one entry each; unreadable entries (not
-/// written by this version of Sluice?) are logged and removed.
-fn read(handler: &str, store: &Store, found: Vec<(String, Vec<u8>)>, committed_ms: u64) -> VecDeque<Job> {
+/// The jobs for what a scan of the outbox found, one entry each. Unreadable entries (not
+/// written by this version of Sluice?) are logged and removed, and so is an entry this
+/// handler could not have written: a subject outside its `capabilities.publish`, or a header
+/// a guest may not set. The outbox is data at rest, in a file or (on `nats-kv`) in a bucket
+/// that others with write access to its subjects could fill; Sluice publishes with its own
+/// credentials only what the handler itself may publish.
+fn read(
+    handler: &str,
+    store: &Store,
+    grants: &[SubjectPattern],
+    found: Vec<(String, Vec<u8>)>,
+    committed_ms: u64,
+) -> VecDeque<Job> {
     let mut jobs = VecDeque::new();
-    let mut unreadable = Vec::new();
+    let (mut unreadable, mut refused) = (Vec::new(), Vec::new());
     for (key, value) in found {
         match decode(&value) {
-            Some(out) => jobs.push_back(Job { entries: vec![(key, out)], reply: None, committed_ms }),
+            Some(out) => match admissible(grants, &out) {
+                Ok(()) => jobs.push_back(Job { entries: vec![(key, out)], reply: None, committed_ms }),
+                Err(why) => {
+                    tracing::error!(handler, subject = %out.subject, "outbox: an entry this handler could not have written, dropped: {why}");
+                    refused.push(key);
+                }
+            },
             None => unreadable.push(key),
         }
     }
@@ -476,9 +498,22 @@ fn read(handler: &str, store: &Store, found: Vec<(String, Vec<u8>)>, committed_m
             "outbox: {} unreadable entries dropped (not written by this version of Sluice?)",
             unreadable.len()
         );
-        store.remove_lazily(handler, Space::Outbox, unreadable);
     }
+    unreadable.extend(refused);
+    store.remove_lazily(handler, Space::Outbox, unreadable);
     jobs
+}
+
+/// Whether the handler could have made `out`: the checks its `publish` call makes.
+fn admissible(grants: &[SubjectPattern], out: &Output) -> Result<(), String> {
+    crate::subject::validate_literal(&out.subject)?;
+    if !grants.iter().any(|g| g.matches(&out.subject)) {
+        return Err("the subject is not in capabilities.publish".to_owned());
+    }
+    if let Some((name, _)) = out.headers.iter().find(|(name, _)| crate::host::refused_header(name.as_ref()).is_some()) {
+        return Err(format!("header {name} is reserved"));
+    }
+    Ok(())
 }
 
 /// An entry as stored: a format byte, then the subject, the headers and the payload, each

@@ -463,6 +463,7 @@ impl Supervisor {
             self.sender.clone(),
             metrics.clone(),
             handler.spec.manifest.store.max_outbox,
+            handler.spec.manifest.publish.clone().into(),
             halt,
         )
         .await

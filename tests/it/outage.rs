@@ -179,3 +179,96 @@ async fn target_stream_removed_and_recreated(backend: &str) {
     assert!(!m.lines().any(|l| l.starts_with("sluice_messages_retried_total") && !l.ends_with(" 0")), "{m}");
     sluice.stop().await;
 }
+
+/// Publishes a valid order `i` to `work` (through WORK) until the stream has it.
+async fn publish_order_until_stored(js: &jetstream::Context, i: usize) {
+    loop {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("m-{i}"));
+        let payload = format!(
+            r#"{{"id":"m-{i}","customer":"c-1","currency":"EUR","items":[{{"sku":"A1","quantity":1,"unit_price_cents":5}}]}}"#
+        );
+        if let Ok(ack) = js.publish_with_headers("work", headers, payload.into()).await
+            && let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), ack).await
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A handler without an outbox (no state store: `order-validator` neither keeps state nor has
+/// `[idempotency]`) sends its outputs before the ack: while their stream
+/// is away, each delivery ends with `broker-busy`, which backs off and is not an attempt, so
+/// even a handler allowed two attempts dead-letters nothing and loses nothing.
+#[tokio::test]
+async fn without_an_outbox_a_missing_target_stream_spends_no_attempts() {
+    let store = tempfile::tempdir().unwrap();
+    let server = server_on(0, store.path());
+    let js = stream(&server, "WORK", &["work"]).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "DLQ".into(),
+        subjects: vec!["dlq.work".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let out_config = jetstream::stream::Config {
+        name: "OUT".into(),
+        subjects: vec!["orders.validated".into()],
+        ..Default::default()
+    };
+    js.create_stream(out_config.clone()).await.unwrap();
+    let text = manifest(
+        "w",
+        "order-validator",
+        "work",
+        "[capabilities]\npublish = [\"orders.validated\"]\n\n[limits]\ntimeout = \"1s\"\nmax_concurrency = 8\n\n[retry]\nmax_attempts = 2\ninitial = \"50ms\"\n\n\
+         [dead_letter]\nsubject = \"dlq.work\"\n",
+    )
+    .replace("subject = \"work\"", "stream = \"WORK\"");
+    let sluice = Sluice::start(&server, &[("w.toml", text)]).await;
+    const BEFORE: usize = 100;
+    const N: usize = 400;
+    for i in 0..BEFORE {
+        publish_order_until_stored(&js, i).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while js.get_stream("OUT").await.map(|s| s.cached_info().state.messages).unwrap_or(0) < BEFORE as u64 {
+        assert!(tokio::time::Instant::now() < deadline, "the first messages were not handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    js.delete_stream("OUT").await.unwrap();
+    for i in BEFORE..N {
+        publish_order_until_stored(&js, i).await;
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let m = sluice.metrics();
+    let busy = m
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_failures_total{handler=\"w\",kind=\"broker-busy\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(busy >= 1.0, "deliveries were not deferred while OUT was away: {busy}\n{m}");
+    // The back-off is the handler's, not each message's: it pulls nothing new while a step
+    // runs, so far fewer deliveries were refused than messages waited.
+    assert!(busy < (N - BEFORE) as f64, "every message hammered the broker on its own: {busy}\n{m}");
+    js.create_stream(out_config).await.unwrap();
+
+    // Every message published while OUT was away reaches it (after a back-off of at most
+    // 10 s); nothing is dead-lettered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = js.get_stream("WORK").await.unwrap().consumer_info("w").await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "did not drain: {info:?}\n{}", sluice.metrics());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = js.get_stream("OUT").await.unwrap().cached_info().state.messages;
+    assert_eq!(out, (N - BEFORE) as u64, "outputs lost or doubled while the stream was away");
+    let dead = js.get_stream("DLQ").await.unwrap().cached_info().state.messages;
+    assert_eq!(dead, 0, "messages dead-lettered because the broker was away:\n{}", sluice.metrics());
+    sluice.stop().await;
+}

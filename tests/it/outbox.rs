@@ -388,3 +388,60 @@ async fn entries_a_dead_process_left_in_a_nats_kv_outbox_are_sent_by_a_peer() {
     assert_eq!(out_count(&js).await, 5);
     peer.stop().await;
 }
+
+/// An outbox entry, as the relay stores it (format 1: subject, headers, payload).
+fn outbox_entry(subject: &str, headers: &[(&str, &str)], payload: &str) -> Vec<u8> {
+    let mut bytes = vec![1u8];
+    let put = |bytes: &mut Vec<u8>, field: &[u8]| {
+        bytes.extend_from_slice(&(field.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(field);
+    };
+    put(&mut bytes, subject.as_bytes());
+    bytes.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for (name, value) in headers {
+        put(&mut bytes, name.as_bytes());
+        put(&mut bytes, value.as_bytes());
+    }
+    bytes.extend_from_slice(payload.as_bytes());
+    bytes
+}
+
+/// Whoever can write to a handler's bucket can put entries in its outbox; the relay sends
+/// only what the handler itself could have published (its `capabilities.publish`, no reserved
+/// headers) and drops the rest. The bucket here is also one an older Sluice made (no atomic
+/// batches), which the first start upgrades in place.
+#[tokio::test]
+async fn outbox_entries_the_handler_could_not_have_written_are_dropped_not_sent() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work"]).await;
+    let _ = stream(&server, "OUT", &["out.>"]).await;
+    let _ = stream(&server, "SECRET", &["secret.>"]).await;
+    let bucket = js
+        .create_key_value(jetstream::kv::Config { bucket: "sluice-kv-w".into(), history: 1, ..Default::default() })
+        .await
+        .unwrap();
+    bucket.put("o.planted.00000000000000000001", outbox_entry("secret.x", &[], "stolen").into()).await.unwrap();
+    let rollup = outbox_entry("out.purge", &[("Nats-Rollup", "all")], "");
+    bucket.put("o.planted.00000000000000000002", rollup.into()).await.unwrap();
+    let fine = outbox_entry("out.fine", &[("Nats-Msg-Id", "w/left/0")], "ok");
+    bucket.put("o.planted.00000000000000000003", fine.into()).await.unwrap();
+
+    let data = tempfile::tempdir().unwrap();
+    let sluice = serve(&server, "nats-kv", data.path(), None).await;
+    let out = stream_messages(&js, "OUT", 1, Duration::from_secs(10)).await;
+    assert_eq!(subjects(&out), ["out.fine"]);
+    let config = js.get_stream("KV_sluice-kv-w").await.unwrap().info().await.unwrap().config.clone();
+    assert!(config.allow_atomic_publish && config.allow_message_ttl, "the bucket was not upgraded");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for key in ["o.planted.00000000000000000001", "o.planted.00000000000000000002", "o.planted.00000000000000000003"] {
+        while bucket.get(key).await.unwrap().is_some() {
+            assert!(tokio::time::Instant::now() < deadline, "{key} was left in the outbox");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(js.get_stream("SECRET").await.unwrap().info().await.unwrap().state.messages, 0);
+    assert_eq!(out_count(&js).await, 1, "the entry with a reserved header was sent");
+    assert_eq!(metric(&sluice.metrics(), "sluice_outbox_sent_total"), Some(1.0));
+    sluice.stop().await;
+}

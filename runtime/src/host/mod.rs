@@ -14,6 +14,7 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+pub(crate) use outbox::refused_header;
 pub use stdio::{GuestOutput, LogBudget};
 
 use crate::bindings;

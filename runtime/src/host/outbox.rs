@@ -74,7 +74,7 @@ const REFUSED_HEADERS: [&str; 6] =
     ["Nats-Rollup", "Nats-Expected-", "Nats-TTL", "Nats-Marker-Reason", "Nats-Batch-", "Sluice-"];
 
 /// The refused prefix `name` falls under, if any.
-fn refused_header(name: &str) -> Option<&'static str> {
+pub(crate) fn refused_header(name: &str) -> Option<&'static str> {
     REFUSED_HEADERS.into_iter().find(|prefix| {
         name.len() >= prefix.len()
             && name.is_char_boundary(prefix.len())
