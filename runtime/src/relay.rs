@@ -3,7 +3,8 @@
 //!
 //! With a state store that has an outbox ([`Store::outbox`]), a successful call's
 //! publications are not sent before its commit: they are written in the commit itself, as
-//! outbox entries (`outbox/<handler>` table, keyed by a sequence number), together with the
+//! outbox entries (keyed by a sequence number: redb's `outbox/<handler>` table, or the handler's
+//! KV bucket), together with the
 //! guest's kv writes and the key's completion record. The source message is acked after that
 //! commit, and this relay publishes the entries afterwards (awaiting the stream's ack where a
 //! stream captures the subject), then removes them from the store lazily (with the store's
@@ -24,6 +25,14 @@
 //!   handler pauses (no new work) until it drains.
 //! - **The `memory` store** keeps its outbox in the relay's queue only: like the rest of that
 //!   store, it does not survive a restart.
+//! - **The `nats-kv` store** keeps it in the handler's bucket, shared by every process serving
+//!   the handler, each naming its entries by a random instance id. At start-up the relay sends
+//!   every entry it finds (a peer's entries in flight too: the copies are dropped by their
+//!   ids); while idle it looks every [`ADOPT_EVERY`] for entries another store has left for
+//!   10 s and sends them, so that a process that dies and never returns loses nothing.
+//!   Removals are awaited, so that a sent entry is not taken for an orphan.
+//! - **Trust.** What a scan finds is data at rest; an entry is sent only if the handler could
+//!   have published it (its `capabilities.publish`, no reserved header).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -1,18 +1,19 @@
 //! The commit: what a call's outcome leaves behind.
 //!
-//! With a store that has an outbox (`memory`, `redb`: the handler has a [`Relay`]), a
+//! With a state store (`memory`, `redb`, `nats-kv`: the handler has a [`Relay`]), a
 //! successful call's publications are stamped (`Nats-Msg-Id`, trace context) and written, as
 //! outbox entries, in the same commit as its kv writes and its key's completion record: one
-//! atomic write. Then the relay is handed the entries (and the reply, which goes after them;
-//! a call that published nothing replies at once) and the transport acks the source message.
-//! Nothing leaves the process before the commit, so a crash before it leaves a redelivery that
-//! runs the handler again with a clean slate; a crash after it leaves the entries in the
-//! outbox, which the relay sends on start, and a completed key, which skips the redelivery.
+//! atomic write (on `nats-kv` one publish or one atomic batch, fenced by the key's lease).
+//! Then the relay is handed the entries (and the reply, which goes after them; a call that
+//! published nothing replies at once) and the transport acks the source message. Nothing
+//! leaves the process before the commit, so a crash before it leaves a redelivery that runs
+//! the handler again with a clean slate; a crash after it leaves the entries in the outbox,
+//! which the relay sends on start (on `nats-kv`, or another process's relay adopts), and a
+//! completed key, which skips the redelivery.
 //!
-//! Without an outbox (no store; `nats-kv`) the publications are sent first, each awaiting its
-//! stream's ack, then (with a store) the commit is made and the reply sent; a crash between
-//! the two runs the handler again, and its outputs carry the same ids, which a stream
-//! downstream drops.
+//! Without a store (no `[idempotency]`, no guest state) the publications are sent first, each
+//! awaiting its stream's ack, then the message is acked; a crash between the two runs the
+//! handler again, and (with its own `Nats-Msg-Id`s) a stream downstream drops the copies.
 //!
 //! After a failure nothing is committed and the lease is given up so that a retry can take it
 //! at once.
@@ -124,8 +125,7 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
                 }
                 Step::Done
             }
-            // Nothing of the call's state was kept (on nats-kv: nothing after the failed
-            // write), and the key is not marked: the retry runs the handler again, and its
+            // Nothing of the call's state was kept, and the key is not marked: the retry runs the handler again, and its
             // outputs carry the same ids as any sent. The lease goes, so that the retry need
             // not wait for it to lapse.
             Err(e) => {
