@@ -18,7 +18,6 @@ use crate::handler::{self, Handler, read_component};
 use crate::manifest::{self, Manifest, ManifestError, Source};
 use crate::metrics::Metrics;
 use crate::outputs::OutputSender;
-#[cfg(feature = "nats-kv")]
 use crate::pipeline::{Fault, Lane};
 use crate::relay::Relay;
 use crate::source;

@@ -369,6 +369,7 @@ pub struct Op {
     pub value: Option<Vec<u8>>,
     /// How long the backend may keep the value (`nats-kv` expires it then; the local stores
     /// expire records by reading them and ignore this).
+    #[cfg_attr(not(feature = "nats-kv"), allow(dead_code))]
     pub ttl: Option<Duration>,
 }
 
