@@ -220,14 +220,15 @@ impl KvStore {
         }
         // Absent here: an older Sluice's record, if there is one. Its version is 0, which a
         // swap in this bucket reads as "absent here".
-        if let (Some(legacy), Space::Dedup | Space::GuestDedup) = (&bucket.legacy, space) {
-            Counters::add(&self.counters.reads, 1);
-            let old = legacy.entry(&key).await.map_err(|e| StoreError::backend("KV get", e))?;
-            return Ok(old
-                .filter(|e| e.operation == kv::Operation::Put)
-                .map(|e| Versioned { value: e.value.to_vec(), version: 0 }));
-        }
-        Ok(None)
+        Ok(self.legacy_record(&bucket, space, &key).await?.map(|value| Versioned { value, version: 0 }))
+    }
+
+    /// The value an older Sluice's dedup bucket holds for `key` (records and marks only).
+    async fn legacy_record(&self, bucket: &Bucket, space: Space, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let (Some(legacy), Space::Dedup | Space::GuestDedup) = (&bucket.legacy, space) else { return Ok(None) };
+        Counters::add(&self.counters.reads, 1);
+        let old = legacy.entry(key).await.map_err(|e| StoreError::backend("KV get", e))?;
+        Ok(old.filter(|e| e.operation == kv::Operation::Put).map(|e| e.value.to_vec()))
     }
 
     /// Replaces `key` if its version is still `expected` (`None` or `Some(0)`: absent); the
@@ -244,12 +245,8 @@ impl KvStore {
         let bucket = self.bucket(handler).await?;
         let key = self.key(space, key);
         // A record an older Sluice kept counts as present: the caller reads it (`get`).
-        if let (None, Some(legacy), Space::Dedup | Space::GuestDedup) = (expected, &bucket.legacy, space) {
-            Counters::add(&self.counters.reads, 1);
-            let old = legacy.entry(&key).await.map_err(|e| StoreError::backend("KV get", e))?;
-            if old.is_some_and(|e| e.operation == kv::Operation::Put) {
-                return Ok(None);
-            }
+        if expected.is_none() && self.legacy_record(&bucket, space, &key).await?.is_some() {
+            return Ok(None);
         }
         Counters::add(&self.counters.writes, 1);
         let message = Self::message(&bucket, &key, Some(expected.unwrap_or(0)), value.clone(), ttl);
