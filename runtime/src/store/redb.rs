@@ -33,6 +33,16 @@ use super::{Counters, Expect, Leases, Op, Record, Space, StoreError, Versioned, 
 const MAX_BATCH: usize = 1024;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
+/// A queue of at least this many commits is load: the writer lingers ([`LINGER`]) for more
+/// before it commits. A lone commit goes at once.
+const LINGER_FROM: usize = 8;
+
+/// How long the writer waits for more commits under load. The cost of a transaction is
+/// mostly fixed (tree roots, allocator state, the fsync: bench/HISTORY.md, session 11), so a
+/// larger group is cheaper per message; the wait is added to the commit latency only when
+/// others are queued behind.
+const LINGER: Duration = Duration::from_millis(1);
+
 #[derive(Debug, Clone)]
 pub struct RedbStore {
     db: Arc<Database>,
@@ -382,8 +392,6 @@ struct Worker {
 /// An idempotency record changed by a transaction: the entry it replaced (found before the
 /// transaction's first change to it) and its entry now.
 struct Change {
-    handler: String,
-    key: String,
     replaced: Option<u64>,
     now: Option<u64>,
 }
@@ -414,6 +422,18 @@ impl Worker {
                 match queue.try_recv() {
                     Ok(job) => batch.push(job),
                     Err(_) => break,
+                }
+            }
+            // Under load, wait a little for more: a transaction costs the same whether it
+            // holds ten commits or a hundred.
+            if batch.len() >= LINGER_FROM {
+                let until = Instant::now() + LINGER;
+                while batch.len() < MAX_BATCH {
+                    let Some(left) = until.checked_duration_since(Instant::now()) else { break };
+                    match queue.recv_timeout(left) {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
                 }
             }
             match self.apply(&batch, &mut next_version) {
@@ -451,30 +471,32 @@ impl Worker {
         let failed = |e: redb::Error| StoreError::backend("writing the state store", e);
         let txn = self.db.begin_write().map_err(|e| failed(e.into()))?;
         let mut results = Vec::with_capacity(batch.len());
-        let mut changes: Vec<Change> = Vec::new();
+        // The records this transaction changed, by (handler, key): borrowed from the batch,
+        // found in one lookup however many commits the group holds.
+        let mut changes: HashMap<(&str, &str), Change> = HashMap::new();
         let mut next_seq = self.next_seq;
         {
             // Read-locked: lookups go on while the transaction is built.
             let index = self.index.read().map_err(|_| StoreError::Poisoned)?;
             // Each table is opened once per transaction, not once per write.
-            let mut tables: HashMap<String, redb::Table<'_, &str, &[u8]>> = HashMap::new();
-            let mut logs: HashMap<String, redb::Table<'_, u64, &[u8]>> = HashMap::new();
+            let mut tables: HashMap<(&str, Space), redb::Table<'_, &str, &[u8]>> = HashMap::new();
+            let mut logs: HashMap<&str, redb::Table<'_, u64, &[u8]>> = HashMap::new();
             for job in batch {
+                let handler = job.handler.as_str();
                 for op in &job.ops {
                     match op.space {
                         Space::Dedup => {
-                            if let std::collections::hash_map::Entry::Vacant(slot) = logs.entry(log_name(&job.handler))
-                            {
-                                let table = txn.open_table(log_def(slot.key())).map_err(|e| failed(e.into()))?;
+                            if let std::collections::hash_map::Entry::Vacant(slot) = logs.entry(handler) {
+                                let name = log_name(handler);
+                                let table = txn.open_table(log_def(&name)).map_err(|e| failed(e.into()))?;
                                 slot.insert(table);
                             }
                         }
-                        _ => {
-                            if let std::collections::hash_map::Entry::Vacant(slot) =
-                                tables.entry(table_name(&job.handler, op.space))
-                            {
+                        space => {
+                            if let std::collections::hash_map::Entry::Vacant(slot) = tables.entry((handler, space)) {
+                                let name = table_name(handler, space);
                                 let table = txn
-                                    .open_table(TableDefinition::<&str, &[u8]>::new(slot.key()))
+                                    .open_table(TableDefinition::<&str, &[u8]>::new(&name))
                                     .map_err(|e| failed(e.into()))?;
                                 slot.insert(table);
                             }
@@ -482,21 +504,25 @@ impl Worker {
                     }
                 }
                 // The record's entry now: this transaction's change, or the index's.
-                let current_seq =
-                    |changes: &[Change], logs: &HashMap<String, redb::Table<'_, u64, &[u8]>>, key: &str| {
-                        if let Some(c) = changes.iter().rev().find(|c| c.handler == job.handler && c.key == key) {
-                            return Ok::<_, redb::Error>(c.now);
-                        }
-                        let Some(log) = logs.get(&log_name(&job.handler)) else { return Ok(None) };
-                        find_in(log, index.seqs(index.hash(&job.handler, key)), key)
-                    };
+                let current_seq = |changes: &HashMap<(&str, &str), Change>,
+                                   logs: &HashMap<&str, redb::Table<'_, u64, &[u8]>>,
+                                   key: &str| {
+                    if let Some(c) = changes.get(&(handler, key)) {
+                        return Ok::<_, redb::Error>(c.now);
+                    }
+                    let seqs = index.seqs(index.hash(handler, key));
+                    match logs.get(handler) {
+                        Some(log) if !seqs.is_empty() => find_in(log, seqs, key),
+                        _ => Ok(None),
+                    }
+                };
                 let mut holds = true;
                 for op in &job.ops {
                     if let Expect::Is(expected) = op.expect {
                         let version = match op.space {
                             Space::Dedup => current_seq(&changes, &logs, &op.key).map_err(failed)?,
-                            _ => {
-                                let Some(table) = tables.get(&table_name(&job.handler, op.space)) else { continue };
+                            space => {
+                                let Some(table) = tables.get(&(handler, space)) else { continue };
                                 table
                                     .get(op.key.as_str())
                                     .map_err(|e| failed(e.into()))?
@@ -514,7 +540,7 @@ impl Worker {
                     for op in &job.ops {
                         if op.space == Space::Dedup {
                             let replaced = current_seq(&changes, &logs, &op.key).map_err(failed)?;
-                            let Some(log) = logs.get_mut(&log_name(&job.handler)) else { continue };
+                            let Some(log) = logs.get_mut(handler) else { continue };
                             if let Some(old) = replaced {
                                 log.remove(old).map_err(|e| failed(e.into()))?;
                             }
@@ -528,18 +554,13 @@ impl Worker {
                                 }
                                 None => None,
                             };
-                            match changes.iter_mut().find(|c| c.handler == job.handler && c.key == op.key) {
-                                Some(c) => c.now = now,
-                                None => changes.push(Change {
-                                    handler: job.handler.clone(),
-                                    key: op.key.clone(),
-                                    replaced,
-                                    now,
-                                }),
-                            }
+                            changes
+                                .entry((handler, op.key.as_str()))
+                                .and_modify(|c| c.now = now)
+                                .or_insert(Change { replaced, now });
                             continue;
                         }
-                        let Some(table) = tables.get_mut(&table_name(&job.handler, op.space)) else { continue };
+                        let Some(table) = tables.get_mut(&(handler, op.space)) else { continue };
                         match &op.value {
                             None => {
                                 table.remove(op.key.as_str()).map_err(|e| failed(e.into()))?;
@@ -561,8 +582,8 @@ impl Worker {
         txn.commit().map_err(|e| failed(e.into()))?;
         self.next_seq = next_seq;
         let mut index = self.index.write().map_err(|_| StoreError::Poisoned)?;
-        for c in changes {
-            let hash = index.hash(&c.handler, &c.key);
+        for ((handler, key), c) in changes {
+            let hash = index.hash(handler, key);
             if let Some(old) = c.replaced {
                 index.remove(hash, old);
             }
