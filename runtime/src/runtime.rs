@@ -869,6 +869,9 @@ impl Stores {
                 other.name()
             ),
         };
-        Ok(Scope::new(store, spec.name.clone()))
+        // Outbound HTTP is an effect outside the commit: such a handler keeps the lease that
+        // stops two processes from running one key at once.
+        let outside = spec.manifest.http.is_some();
+        Ok(Scope::new(store, spec.name.clone()).effects_outside_commit(outside))
     }
 }

@@ -132,6 +132,23 @@ pub async fn commit(lane: &Lane, entry: &Entry<'_>, admitted: Admitted, outcome:
                 if let (Some(d), Some(relay)) = (&deferred, &lane.relay) {
                     relay.release(d.seqs.len());
                 }
+                // An optimistic commit (nats-kv) found the key handled by a duplicate: this
+                // call's effects go with it, as a duplicate found at the gate would have.
+                if let crate::store::StoreError::Handled { fingerprint: seen } = &e {
+                    let now = key.as_ref().and_then(|(_, f)| f.as_ref());
+                    if let (Some(now), Some(seen), Some((k, _))) = (now, seen, &key)
+                        && now != seen
+                    {
+                        let reason = format!("key {k:?} was handled before with a different payload");
+                        return Step::Final(Failure {
+                            kind: FailureKind::IdempotencyConflict,
+                            reason,
+                            retry_after: None,
+                        });
+                    }
+                    tracing::debug!("duplicate of a message handled meanwhile; its effects are dropped");
+                    return Step::Skipped;
+                }
                 if let Some((k, _)) = &key
                     && let Err(e) = Box::pin(scope.release(k)).await
                 {

@@ -119,6 +119,10 @@ pub enum StoreError {
     /// was committed.
     #[error("another call changed this call's state first; nothing was committed")]
     Conflict,
+    /// An optimistic commit found its key handled already (by a duplicate delivery, in
+    /// another process or earlier): nothing of this call was committed.
+    #[error("the key was handled already; nothing was committed")]
+    Handled { fingerprint: Option<String> },
     /// A call's commit holds more writes (kv writes and outputs) than the backend commits at
     /// once (`nats-kv`: the server's atomic batch limit).
     #[error(
@@ -174,6 +178,30 @@ pub enum Store {
 }
 
 impl Store {
+    /// The version a write must name to replace `key` when [`get`](Self::get) finds nothing:
+    /// on `nats-kv`, a deletion's revision (a delete is a message of its own), or `None`.
+    async fn last_revision(&self, handler: &str, space: Space, key: &str) -> Result<Option<u64>, StoreError> {
+        let _ = (handler, space, key);
+        match self {
+            #[cfg(feature = "nats-kv")]
+            Store::Kv(k) => k.last_revision(handler, space, key).await,
+            #[allow(unreachable_patterns)]
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether an older Sluice's records of `handler` may be somewhere a commit's
+    /// expectation does not see (`nats-kv`: its `sluice-dedup-<handler>` bucket).
+    async fn legacy_records(&self, handler: &str) -> Result<bool, StoreError> {
+        let _ = handler;
+        match self {
+            #[cfg(feature = "nats-kv")]
+            Store::Kv(k) => k.legacy_records(handler).await,
+            #[allow(unreachable_patterns)]
+            _ => Ok(false),
+        }
+    }
+
     async fn get(&self, handler: &str, space: Space, key: &str) -> Result<Option<Versioned>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.get(handler, space, key)),
@@ -528,11 +556,32 @@ pub struct Scope {
     /// call's commit names it, so a commit whose lease lapsed and was taken over by another
     /// process commits nothing (two processes never both commit one key).
     fences: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    /// On a shared store, for a handler whose every effect is in its commit (no outbound
+    /// HTTP): the leases are this process's, in memory, and the commit creates the key's
+    /// record or commits nothing ([`Scope::begin`]).
+    optimistic: Option<Arc<Leases>>,
 }
 
 impl Scope {
     pub fn new(store: Store, handler: Arc<str>) -> Self {
-        Scope { store, handler, fences: Arc::default() }
+        Scope { store, handler, fences: Arc::default(), optimistic: None }
+    }
+
+    /// Says that the handler's calls have effects outside their commit (outbound HTTP), or
+    /// not. On a shared store, a handler without such effects is run optimistically: no
+    /// lease is written, and a duplicate running elsewhere at the same time is found by its
+    /// commit, which then commits nothing ([`Scope::begin`]). A handler with them keeps the
+    /// lease record that stops two processes from running one key at once.
+    #[must_use]
+    pub fn effects_outside_commit(mut self, outside: bool) -> Self {
+        self.optimistic = (self.store.shared() && !outside).then(Arc::default);
+        self
+    }
+
+    /// Where this process keeps its leases in memory: a local store's own map, or an
+    /// optimistic scope's.
+    fn memory_leases(&self) -> Option<&Leases> {
+        self.store.local_leases().or(self.optimistic.as_deref())
     }
 
     fn fence(&self, key: &str, revision: u64) {
@@ -553,8 +602,30 @@ impl Scope {
     /// On a store only this process uses (`memory`, `redb`) the lease is kept in memory: one
     /// read of the record, no write. On `nats-kv` it is a record every process sees: a create
     /// first (one round trip for a new key), then, if the key has a record, a read and a
-    /// compare-and-swap.
+    /// compare-and-swap; but for an optimistic scope ([`Scope::effects_outside_commit`]) it
+    /// is kept in memory too and nothing is read or written here: the commit creates the
+    /// key's record with the call's effects, or, when the key has one already (handled
+    /// elsewhere, or at the same time by another process), commits nothing and says so
+    /// ([`StoreError::Handled`]). So a message costs one round trip to `nats-kv`, its commit,
+    /// and a duplicate is found after its call rather than before.
     pub async fn begin(&self, key: &str, lease: Duration) -> Result<Begin, StoreError> {
+        if let Some(leases) = &self.optimistic {
+            // A record an older Sluice kept elsewhere is not seen by the commit: read it.
+            if self.store.legacy_records(&self.handler).await?
+                && let Some(Record::Completed { fingerprint, .. }) = self
+                    .store
+                    .get(&self.handler, Space::Dedup, key)
+                    .await?
+                    .and_then(|v| Record::decode(&v.value))
+                    .filter(|r| r.live(now_ms()))
+            {
+                return Ok(Begin::Completed { fingerprint });
+            }
+            return Ok(match leases.take(&self.handler, key, after(lease)) {
+                Ok(()) => Begin::Acquired,
+                Err(remaining) => Begin::InProgress { remaining },
+            });
+        }
         if let Some(leases) = self.store.local_leases() {
             let current = self.store.get(&self.handler, Space::Dedup, key).await?;
             if let Some(Record::Completed { fingerprint, .. }) =
@@ -600,7 +671,7 @@ impl Scope {
 
     /// Gives up the lease on `key` so that a retry can take it at once.
     pub async fn release(&self, key: &str) -> Result<(), StoreError> {
-        if let Some(leases) = self.store.local_leases() {
+        if let Some(leases) = self.memory_leases() {
             leases.drop_lease(&self.handler, key);
             return Ok(());
         }
@@ -716,21 +787,58 @@ impl Scope {
         if let Some((key, ttl, fingerprint)) = &completion {
             let record = Record::Completed { expires_ms: after(*ttl), fingerprint: fingerprint.clone() }.encode();
             // On a shared store, fenced by the lease: if the lease lapsed and another process
-            // took the key over, nothing of this call is committed.
+            // took the key over, nothing of this call is committed. Optimistic: the record is
+            // created here, so it must not exist yet.
             let expect = match self.unfence(key) {
                 Some(revision) => Expect::Is(Some(revision)),
+                // Version 0: no message on the key's subject (`nats-kv`), named without a read.
+                None if self.optimistic.is_some() => Expect::Is(Some(0)),
                 None => Expect::Any,
             };
             ops.push(Op { space: Space::Dedup, key: (*key).to_owned(), expect, value: Some(record), ttl: Some(*ttl) });
         }
-        let result = if ops.is_empty() { Ok(true) } else { self.store.commit(&self.handler, ops).await };
-        if let (Some((key, ..)), Some(leases)) = (&completion, self.store.local_leases()) {
+        let result = match (&completion, &self.optimistic) {
+            (Some((key, ..)), Some(_)) => self.commit_creating(key, ops).await,
+            _ if ops.is_empty() => Ok(true),
+            _ => self.store.commit(&self.handler, ops).await,
+        };
+        if let (Some((key, ..)), Some(leases)) = (&completion, self.memory_leases()) {
             leases.drop_lease(&self.handler, key);
         }
         match result? {
             true => Ok(()),
             false => Err(StoreError::Conflict),
         }
+    }
+
+    /// An optimistic commit: `ops`, the last of which creates `key`'s record. When the key
+    /// has a record already, nothing is committed and the record says why: handled (by a
+    /// duplicate elsewhere: [`StoreError::Handled`]), or leased by a process that runs the
+    /// lease protocol (an older Sluice: [`StoreError::Conflict`], retried later). A record
+    /// that lapsed, or a deletion left behind, is replaced in another try.
+    async fn commit_creating(&self, key: &str, mut ops: Vec<Op>) -> Result<bool, StoreError> {
+        for _ in 0..CAS_ROUNDS {
+            // Kept for another try: the backend consumes what it commits. Only the last
+            // (the record) changes between tries.
+            let again = ops.clone();
+            if self.store.commit(&self.handler, ops).await? {
+                return Ok(true);
+            }
+            let current = self.store.get(&self.handler, Space::Dedup, key).await?;
+            let expected = match &current {
+                Some(v) => match Record::decode(&v.value).filter(|r| r.live(now_ms())) {
+                    Some(Record::Completed { fingerprint, .. }) => return Err(StoreError::Handled { fingerprint }),
+                    Some(Record::InProgress { .. }) => return Ok(false),
+                    None => Some(v.version),
+                },
+                None => Some(self.store.last_revision(&self.handler, Space::Dedup, key).await?.unwrap_or(0)),
+            };
+            ops = again;
+            if let Some(record) = ops.last_mut() {
+                record.expect = Expect::Is(expected);
+            }
+        }
+        Err(StoreError::Contended { key: key.to_owned(), rounds: CAS_ROUNDS })
     }
 
     /// The guest's `kv.get`, inside a call: its own writes first.
@@ -783,6 +891,16 @@ pub mod conformance {
     use std::time::Duration;
 
     use super::{Begin, Scope, Space, Store, WriteSet};
+
+    fn entry_op(key: &str) -> super::Op {
+        super::Op {
+            space: Space::Outbox,
+            key: key.to_owned(),
+            expect: super::Expect::Any,
+            value: Some(key.as_bytes().to_vec()),
+            ttl: None,
+        }
+    }
 
     pub async fn protocol(store: Store) {
         let a = Scope::new(store.clone(), "a".into());
@@ -875,17 +993,44 @@ pub mod conformance {
             assert_eq!(a.kv_get("zombie").await.unwrap(), None, "a fenced commit keeps none of its writes");
             other.commit(WriteSet::default(), Vec::new(), Some(("z", Duration::from_secs(60), None))).await.unwrap();
             assert_eq!(a.begin("z", lease).await.unwrap(), Begin::Completed { fingerprint: None });
+
+            // Optimistic (a handler whose every effect is in its commit): no lease record.
+            // Two processes may run one key at once; the first commit keeps its effects, the
+            // second keeps nothing and is told the key was handled.
+            let day = Duration::from_secs(86_400);
+            let p = Scope::new(a.store().clone(), "a".into()).effects_outside_commit(false);
+            let q = Scope::new(a.store().clone(), "a".into()).effects_outside_commit(false);
+            assert_eq!(p.begin("w", lease).await.unwrap(), Begin::Acquired);
+            assert!(matches!(p.begin("w", lease).await.unwrap(), Begin::InProgress { .. }), "one process runs it once");
+            assert_eq!(q.begin("w", lease).await.unwrap(), Begin::Acquired);
+            let (mut pw, mut qw) = (WriteSet::default(), WriteSet::default());
+            p.kv_put_in(&mut pw, "by-p", Some(b"1".to_vec()));
+            q.kv_put_in(&mut qw, "by-q", Some(b"1".to_vec()));
+            p.commit(pw, Vec::new(), Some(("w", day, Some("fp".into())))).await.unwrap();
+            let lost = q.commit(qw, vec![entry_op("lost")], Some(("w", day, Some("fp".into())))).await;
+            assert!(matches!(&lost, Err(super::StoreError::Handled { fingerprint: Some(f) }) if f == "fp"), "{lost:?}");
+            assert_eq!(a.kv_get("by-p").await.unwrap(), Some(b"1".to_vec()));
+            assert_eq!(a.kv_get("by-q").await.unwrap(), None, "the second commit keeps none of its writes");
+            assert!(a.store().scan("a", Space::Outbox, false).await.unwrap().is_empty(), "nor its outbox entry");
+            assert_eq!(a.begin("w", lease).await.unwrap(), Begin::Completed { fingerprint: Some("fp".into()) });
+            assert_eq!(q.begin("w", lease).await.unwrap(), Begin::Acquired, "its lease went with the commit");
+            q.release("w").await.unwrap();
+            // A key a lease process deleted (a released lease leaves a deletion behind) is
+            // created over the deletion; a key leased by one is left to it.
+            assert_eq!(a.begin("t", lease).await.unwrap(), Begin::Acquired);
+            a.release("t").await.unwrap();
+            assert_eq!(p.begin("t", lease).await.unwrap(), Begin::Acquired);
+            p.commit(WriteSet::default(), Vec::new(), Some(("t", day, None))).await.unwrap();
+            assert_eq!(a.begin("t", lease).await.unwrap(), Begin::Completed { fingerprint: None });
+            assert_eq!(a.begin("u", lease).await.unwrap(), Begin::Acquired);
+            assert_eq!(p.begin("u", lease).await.unwrap(), Begin::Acquired);
+            let leased = p.commit(WriteSet::default(), Vec::new(), Some(("u", day, None))).await;
+            assert!(matches!(leased, Err(super::StoreError::Conflict)), "{leased:?}");
         }
 
         // Outbox entries commit with the call, are read back in key order, per handler, and
         // go once removed.
-        let entry = |key: &str| super::Op {
-            space: Space::Outbox,
-            key: key.to_owned(),
-            expect: super::Expect::Any,
-            value: Some(key.as_bytes().to_vec()),
-            ttl: None,
-        };
+        let entry = entry_op;
         if a.store().outbox() == Some(true) {
             let mut w = WriteSet::default();
             a.kv_put_in(&mut w, "with-outbox", Some(b"1".to_vec()));
