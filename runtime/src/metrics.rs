@@ -7,7 +7,7 @@
 //! | `sluice_messages_succeeded_total` | counter | handler | messages handled: outputs stored, source acked |
 //! | `sluice_messages_retried_total` | counter | handler | failed attempts that will be retried |
 //! | `sluice_messages_dead_lettered_total` | counter | handler, kind | messages given up on and parked, by verdict kind |
-//! | `sluice_messages_skipped_duplicate_total` | counter | handler | duplicates of handled keys, acked without running |
+//! | `sluice_messages_skipped_duplicate_total` | counter | handler | duplicates of handled keys, acked without running (or found by an optimistic nats-kv commit, which kept nothing) |
 //! | `sluice_failures_total` | counter | handler, kind | failed attempts, by failure kind (trap, timeout, ...) |
 //! | `sluice_replies_refused_total` | counter | handler | replies (and failure replies) not sent because the reply subject is not a reply inbox |
 //! | `sluice_handler_duration_seconds` | histogram | handler | one call of the handler, instantiation included |

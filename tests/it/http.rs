@@ -534,3 +534,54 @@ async fn a_javascript_post_the_host_refuses_traps_the_call_and_nothing_else() {
     assert_eq!(call(&nc, &mut out, "work", &format!("{}\nfine", http.url("/hooks/echo"))).await, "200 got:fine");
     sluice.stop().await;
 }
+
+/// On a shared `nats-kv` store, a handler that makes HTTP requests keeps the lease record that
+/// stops two processes from running one key at once: copies of each message, spread over two
+/// processes by their queue group and in flight together, reach the HTTP server once per key.
+/// (A handler without outbound HTTP runs optimistically, and the later commit of two copies
+/// keeps nothing; a request already sent cannot be taken back.)
+#[tokio::test]
+async fn on_nats_kv_an_http_handler_never_runs_one_key_in_two_processes_at_once() {
+    let server = nats();
+    let http = Server::start().await;
+    let text = fetch(
+        "f",
+        "work",
+        &[http.url("/hooks/*")],
+        &format!(
+            "[config]\nurl = {:?}\noutput = \"out\"\n\n[idempotency]\nkey = \"header:Nats-Msg-Id\"\n\n\
+             [store]\nbackend = \"nats-kv\"",
+            http.url("/hooks/slow")
+        ),
+    );
+    let a = Sluice::start(&server, &[("f.toml", text.clone())]).await;
+    let b = Sluice::start(&server, &[("f.toml", text)]).await;
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("out").await.unwrap();
+    sync(&nc).await;
+
+    // Twelve keys, two copies each: with two processes, some copies of a key go to each.
+    const KEYS: usize = 12;
+    for i in 0..KEYS {
+        for _ in 0..2 {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("k-{i}").as_str());
+            nc.publish_with_headers("work", headers, "slow".into()).await.unwrap();
+        }
+    }
+    for _ in 0..KEYS {
+        let got = tokio::time::timeout(Duration::from_secs(30), out.next()).await.expect("an answer").unwrap();
+        assert_eq!(sluice_tests::text(&got), "200 late");
+    }
+    // A second run of a key would have reached the server by now (the copies were in flight
+    // together); its answer, if any, would follow.
+    assert!(tokio::time::timeout(Duration::from_secs(1), out.next()).await.is_err(), "a key answered twice");
+    let mut per_key: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for seen in http.seen() {
+        *per_key.entry(seen.key.unwrap_or_default()).or_default() += 1;
+    }
+    assert_eq!(per_key.len(), KEYS, "{per_key:?}");
+    assert!(per_key.values().all(|&n| n == 1), "a key reached the server twice: {per_key:?}");
+    a.stop().await;
+    b.stop().await;
+}
