@@ -393,8 +393,9 @@ impl Relay {
         }
     }
 
-    /// Takes over what another process left in a shared outbox (see [`Store::scan`]), when
-    /// this relay has nothing else to send.
+    /// Takes over what was left unsent in a shared outbox (see [`Store::scan`]): by another
+    /// process, or by this one (a commit whose acknowledgement was lost, an entry whose
+    /// removal failed), when this relay has nothing else to send.
     async fn adopt(&self) {
         let found = match self.store.scan(&self.handler, Space::Outbox, true).await {
             Ok(found) if !found.is_empty() => found,
@@ -411,7 +412,7 @@ impl Relay {
         tracing::info!(
             handler = &*self.handler,
             entries = jobs.len(),
-            "outbox: sending what another process (or an earlier run) left unsent"
+            "outbox: sending entries left unsent (by another process, an earlier run, or a commit whose acknowledgement was lost)"
         );
         let Ok(mut q) = self.queue.lock() else { return };
         q.entries += jobs.len();

@@ -339,6 +339,29 @@ async fn an_entry_its_stream_will_never_take_is_dropped_and_the_rest_flows() {
     sluice.stop().await;
 }
 
+/// On `nats-kv` a commit can land while its acknowledgement is lost (a broker outage): the
+/// call is retried, finds its key handled, and the relay is never told of the entries. An idle
+/// relay finds such entries of its own once they are `ORPHAN_AGE` old and sends them, without
+/// a restart (stood in for here by `HaltAfterAck`: committed and acked, the relay not told).
+#[tokio::test]
+async fn entries_a_nats_kv_relay_lost_track_of_are_sent_by_the_same_process() {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work"]).await;
+    let _ = stream(&server, "OUT", &["out.>"]).await;
+    let data = tempfile::tempdir().unwrap();
+    let sluice = serve(&server, "nats-kv", data.path(), Some(Fault::HaltAfterAck)).await;
+    for i in 0..3 {
+        js_publish(&js, "work", &format!(r#"{{"id": "lost-{i}", "cmd": "publish:out.lost.{i}"}}"#)).await;
+    }
+    wait_consumer_settled(&js, Duration::from_secs(10)).await;
+    assert_eq!(out_count(&js).await, 0, "the relay was not told of the entries");
+    let out = stream_messages(&js, "OUT", 3, Duration::from_secs(40)).await;
+    assert_eq!(out.len(), 3, "{:?}", subjects(&out));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(out_count(&js).await, 3);
+    sluice.stop().await;
+}
+
 /// On `nats-kv` the outbox is shared: what a process committed and acked but never sent (it
 /// died right after) is sent by another process serving the same handler, once the entries
 /// are older than a live relay would leave them; each output lands once.

@@ -409,8 +409,10 @@ impl KvStore {
     }
 
     /// The handler's outbox entries, oldest first, keyed `<instance>.<seq>`: all of them, or
-    /// (`adopting`) those another store (another process, or this one before a restart or a
-    /// reload) has left unsent for [`ORPHAN_AGE`].
+    /// (`adopting`) those left unsent for [`ORPHAN_AGE`]: by another store (another process,
+    /// or this one before a restart or a reload), or by this one, whose relay was never told
+    /// of them (a commit that landed but whose acknowledgement was lost, so the call was
+    /// retried and found its key handled) or could not remove them after sending.
     pub async fn scan_outbox(&self, handler: &str, adopting: bool) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let bucket = self.bucket(handler).await?;
         let filter = format!("{}o.>", bucket.kv.prefix);
@@ -421,9 +423,7 @@ impl KvStore {
             let mut info = stream.info_with_subjects(&filter).await.map_err(failed)?;
             while let Some(item) = info.next().await {
                 let (subject, _) = item.map_err(failed)?;
-                if let Some(key) = subject.strip_prefix(bucket.kv.prefix.as_str())
-                    && !(adopting && key.starts_with(&format!("o.{}.", self.instance)))
-                {
+                if let Some(key) = subject.strip_prefix(bucket.kv.prefix.as_str()) {
                     subjects.push(key.to_owned());
                 }
             }

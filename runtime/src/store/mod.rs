@@ -311,10 +311,10 @@ impl Store {
     /// What the relay finds in its outbox (`space` is [`Space::Outbox`]): on a local store
     /// every entry, in key order. On `nats-kv`, which other processes share, every entry
     /// (`adopting` false: the relay's start, which also sends what a peer has in flight; the
-    /// copies are dropped by their ids) or only those another store left unsent for
-    /// a while (`adopting`: an idle relay's look-out for a process that died or was
-    /// scaled away; the age is the nats-kv store's `ORPHAN_AGE`, 10 s), oldest first, keyed so
-    /// that [`remove`](Self::remove) finds them.
+    /// copies are dropped by their ids) or only those left unsent for a while (`adopting`:
+    /// an idle relay's look-out for a process that died or was scaled away, and for its own
+    /// entries it lost track of; the age is the nats-kv store's `ORPHAN_AGE`, 10 s), oldest
+    /// first, keyed so that [`remove`](Self::remove) finds them.
     pub async fn scan(
         &self,
         handler: &str,
