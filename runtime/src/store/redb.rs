@@ -425,12 +425,12 @@ impl Worker {
                 }
             }
             // Under load, wait a little for more: a transaction costs the same whether it
-            // holds ten commits or a hundred.
-            if batch.len() >= LINGER_FROM {
-                let until = Instant::now() + LINGER;
+            // holds ten commits or a hundred. Asleep, not waiting on the queue: a wait would
+            // be woken by every commit that arrives.
+            if batch.len() >= LINGER_FROM && batch.len() < MAX_BATCH {
+                std::thread::sleep(LINGER);
                 while batch.len() < MAX_BATCH {
-                    let Some(left) = until.checked_duration_since(Instant::now()) else { break };
-                    match queue.recv_timeout(left) {
+                    match queue.try_recv() {
                         Ok(job) => batch.push(job),
                         Err(_) => break,
                     }
