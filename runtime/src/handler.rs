@@ -18,6 +18,9 @@ pub struct Handler {
     pub pre: HandlerPre<HostState>,
     /// The component imports `dedup` or `kv`, so it needs its state store.
     pub imports_state: bool,
+    /// The component imports `dedup`: its marks are written as it sets them, not with its
+    /// commit.
+    pub imports_marks: bool,
     /// Idle warm instances of this version (empty unless the manifest asks for warm ones).
     pub warm: WarmPool,
 }
@@ -145,14 +148,16 @@ impl Handler {
         let digest = digest(bytes);
         let pre = engine.load(&manifest, bytes, &digest)?;
         let component = pre.instance_pre().component();
-        let imports_state = component
-            .component_type()
-            .imports(engine.wasmtime())
-            .any(|(name, _)| name.starts_with("sluice:handler/dedup@") || name.starts_with("sluice:handler/kv@"));
+        let imports = |prefix: &str| {
+            component.component_type().imports(engine.wasmtime()).any(|(name, _)| name.starts_with(prefix))
+        };
+        let imports_marks = imports("sluice:handler/dedup@");
+        let imports_state = imports_marks || imports("sluice:handler/kv@");
         Ok(Handler {
             spec: Arc::new(HandlerSpec::new(manifest, digest)),
             pre,
             imports_state,
+            imports_marks,
             warm: WarmPool::default(),
         })
     }

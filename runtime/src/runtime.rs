@@ -869,9 +869,11 @@ impl Stores {
                 other.name()
             ),
         };
-        // Outbound HTTP is an effect outside the commit: such a handler keeps the lease that
-        // stops two processes from running one key at once.
-        let outside = spec.manifest.http.is_some();
+        // Outbound HTTP, and the guest's `dedup` marks (written as they are set), are effects
+        // outside the commit: such a handler keeps the lease that stops two processes from
+        // running one key at once. (Two runs at once could each see the other's mark, and the
+        // run whose commit wins skip what its mark guarded.)
+        let outside = spec.manifest.http.is_some() || handler.imports_marks;
         Ok(Scope::new(store, spec.name.clone()).effects_outside_commit(outside))
     }
 }

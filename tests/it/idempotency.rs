@@ -175,6 +175,70 @@ async fn two_processes_sharing_a_nats_kv_store_run_concurrent_duplicates_once() 
     b.stop().await;
 }
 
+/// On `nats-kv`, a handler without outbound HTTP or marks (order-validator) runs
+/// optimistically: no lease is written, copies of a message may run in two processes at once,
+/// and the later commit keeps nothing. Each order is published twice, back to back, to the
+/// queue group of two processes: each is validated once downstream, each second copy counts as
+/// a skipped duplicate, and the bucket holds no lease: three writes an order (the outbox entry
+/// and the record in one atomic batch, the entry's removal), where a lease would add a fourth.
+#[tokio::test]
+async fn two_processes_on_nats_kv_run_a_handler_without_outside_effects_optimistically_and_keep_one_commit() {
+    let server = nats();
+    let text = manifest(
+        "v",
+        "order-validator",
+        "orders.created",
+        "[capabilities]\npublish = [\"orders.validated\"]\n\n[idempotency]\nkey = \"json:/id\"\n\n\
+         [store]\nbackend = \"nats-kv\"",
+    );
+    let a = Sluice::start(&server, &[("v.toml", text.clone())]).await;
+    let b = Sluice::start(&server, &[("v.toml", text)]).await;
+    let nc = client(&server).await;
+    let mut out = nc.subscribe("orders.validated").await.unwrap();
+    sync(&nc).await;
+
+    const ORDERS: usize = 40;
+    for i in 0..ORDERS {
+        let order = format!(
+            r#"{{"id": "o-{i}", "customer": "c-1", "currency": "EUR", "items": [{{"sku": "A1", "quantity": 1, "unit_price_cents": 100}}]}}"#
+        );
+        for _ in 0..2 {
+            nc.publish("orders.created", order.clone().into()).await.unwrap();
+        }
+    }
+    let got = collect_quiet(&mut out, Duration::from_millis(1500), Duration::from_secs(60)).await;
+    let mut per_order: HashMap<String, usize> = HashMap::new();
+    for m in &got {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        *per_order.entry(v["id"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    assert_eq!(per_order.len(), ORDERS, "some orders were never validated");
+    assert!(per_order.values().all(|&n| n == 1), "an order was validated twice: {per_order:?}");
+    let skipped = |s: &Sluice| {
+        s.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("sluice_messages_skipped_duplicate_total{handler=\"v\"} "))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    assert_eq!(skipped(&a) + skipped(&b), ORDERS as f64, "every second copy is a skipped duplicate");
+    let js = jetstream::new(nc.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut bucket = js.get_stream("KV_sluice-kv-v").await.unwrap();
+        let last = bucket.info().await.unwrap().state.last_sequence;
+        if last == 3 * ORDERS as u64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writes to the bucket: {last} (3 an order without a lease, 4 with one)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn the_redb_store_remembers_across_a_restart() {
     let server = nats();

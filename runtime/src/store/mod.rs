@@ -557,7 +557,7 @@ pub struct Scope {
     /// process commits nothing (two processes never both commit one key).
     fences: Arc<std::sync::Mutex<HashMap<String, u64>>>,
     /// On a shared store, for a handler whose every effect is in its commit (no outbound
-    /// HTTP): the leases are this process's, in memory, and the commit creates the key's
+    /// HTTP, no `dedup` marks): the leases are this process's, in memory, and the commit creates the key's
     /// record or commits nothing ([`Scope::begin`]).
     optimistic: Option<Arc<Leases>>,
 }
@@ -567,8 +567,8 @@ impl Scope {
         Scope { store, handler, fences: Arc::default(), optimistic: None }
     }
 
-    /// Says that the handler's calls have effects outside their commit (outbound HTTP), or
-    /// not. On a shared store, a handler without such effects is run optimistically: no
+    /// Says that the handler's calls have effects outside their commit (outbound HTTP, the
+    /// guest's `dedup` marks), or not. On a shared store, a handler without such effects is run optimistically: no
     /// lease is written, and a duplicate running elsewhere at the same time is found by its
     /// commit, which then commits nothing ([`Scope::begin`]). A handler with them keeps the
     /// lease record that stops two processes from running one key at once.
