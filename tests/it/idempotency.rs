@@ -171,6 +171,19 @@ async fn two_processes_sharing_a_nats_kv_store_run_concurrent_duplicates_once() 
     assert_eq!(per_key.len(), KEYS, "some keys were never handled");
     assert!(per_key.values().all(|&n| n == 1), "a duplicate ran twice: {per_key:?}");
     assert_eq!(per_runtime.len(), 2, "one process did all the work: {per_runtime:?}");
+    // This handler imports `dedup` (marks are written as set, outside the commit), so it takes
+    // the lease record: four writes a key (the lease; the outbox entry and the record in one
+    // batch; the entry's removal), where an optimistic handler makes three.
+    let js = jetstream::new(nc.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = js.get_stream("KV_sluice-kv-w").await.unwrap().info().await.unwrap().state.last_sequence;
+        if last == 4 * KEYS as u64 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "writes to the bucket: {last} (4 a key with a lease)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     a.stop().await;
     b.stop().await;
 }
