@@ -3,7 +3,10 @@
 //! With a state store (`memory`, `redb`, `nats-kv`: the handler has a [`Relay`]), a
 //! successful call's publications are stamped (`Nats-Msg-Id`, trace context) and written, as
 //! outbox entries, in the same commit as its kv writes and its key's completion record: one
-//! atomic write (on `nats-kv` one publish or one atomic batch, fenced by the key's lease).
+//! atomic write (on `nats-kv` one publish or one atomic batch, fenced by the key's lease, or,
+//! for a handler whose every effect is in its commit, creating the key's record: a duplicate
+//! that committed first, in another process, makes it keep nothing, and the message is settled
+//! as a skipped duplicate).
 //! Then the relay is handed the entries (and the reply, which goes after them; a call that
 //! published nothing replies at once) and the transport acks the source message. Nothing
 //! leaves the process before the commit, so a crash before it leaves a redelivery that runs

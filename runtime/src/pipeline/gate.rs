@@ -91,6 +91,12 @@ async fn sequence(lane: &Lane, entry: &Entry<'_>) -> Option<Gate> {
 
 /// The gate for one entry.
 pub async fn admit(lane: &Lane, entry: &Entry<'_>) -> Gate {
+    admit_reading(lane, entry, false).await
+}
+
+/// The gate, `after_wait` for an entry whose key was busy in this process (see
+/// [`Scope::begin_after_wait`](crate::store::Scope::begin_after_wait)).
+async fn admit_reading(lane: &Lane, entry: &Entry<'_>, after_wait: bool) -> Gate {
     let spec = &lane.handler.spec;
     let manifest = &spec.manifest;
     if let Some(gate) = Box::pin(sequence(lane, entry)).await {
@@ -158,7 +164,11 @@ pub async fn admit(lane: &Lane, entry: &Entry<'_>) -> Gate {
     };
     let fingerprint = idem.fingerprint.then(|| idempotency::fingerprint(original.payload));
     let lease = manifest.limits.timeout + LEASE_GRACE;
-    match Box::pin(scope.begin(&k, lease)).await {
+    let begun = match after_wait {
+        true => Box::pin(scope.begin_after_wait(&k, lease)).await,
+        false => Box::pin(scope.begin(&k, lease)).await,
+    };
+    match begun {
         Err(e) => Gate::Stop(Step::Failed(super::store_failure(lane, &e))),
         Ok(Begin::Completed { fingerprint: seen }) => {
             if let (Some(now), Some(seen)) = (&fingerprint, &seen)
@@ -183,7 +193,7 @@ pub async fn admit(lane: &Lane, entry: &Entry<'_>) -> Gate {
 pub async fn admit_waiting(lane: &Lane, entry: &Entry<'_>, mut remaining: Duration) -> Result<Admitted, Step> {
     loop {
         tokio::time::sleep(remaining.clamp(Duration::from_millis(20), Duration::from_millis(500))).await;
-        match admit(lane, entry).await {
+        match admit_reading(lane, entry, true).await {
             Gate::Busy(r) => remaining = r,
             Gate::Run(admitted) => return Ok(admitted),
             Gate::Stop(step) => return Err(step),

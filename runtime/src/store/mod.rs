@@ -609,15 +609,22 @@ impl Scope {
     /// ([`StoreError::Handled`]). So a message costs one round trip to `nats-kv`, its commit,
     /// and a duplicate is found after its call rather than before.
     pub async fn begin(&self, key: &str, lease: Duration) -> Result<Begin, StoreError> {
+        self.begin_reading(key, lease, false).await
+    }
+
+    /// Like [`begin`](Self::begin), for a delivery that waited for another of the same key in
+    /// this process (which has likely committed since): an optimistic scope reads the key's
+    /// record first, so that the copy is skipped rather than run again to be dropped at its
+    /// commit.
+    pub async fn begin_after_wait(&self, key: &str, lease: Duration) -> Result<Begin, StoreError> {
+        self.begin_reading(key, lease, true).await
+    }
+
+    async fn begin_reading(&self, key: &str, lease: Duration, after_wait: bool) -> Result<Begin, StoreError> {
         if let Some(leases) = &self.optimistic {
             // A record an older Sluice kept elsewhere is not seen by the commit: read it.
-            if self.store.legacy_records(&self.handler).await?
-                && let Some(Record::Completed { fingerprint, .. }) = self
-                    .store
-                    .get(&self.handler, Space::Dedup, key)
-                    .await?
-                    .and_then(|v| Record::decode(&v.value))
-                    .filter(|r| r.live(now_ms()))
+            if (after_wait || self.store.legacy_records(&self.handler).await?)
+                && let Some(fingerprint) = self.completed(key).await?
             {
                 return Ok(Begin::Completed { fingerprint });
             }
@@ -627,10 +634,7 @@ impl Scope {
             });
         }
         if let Some(leases) = self.store.local_leases() {
-            let current = self.store.get(&self.handler, Space::Dedup, key).await?;
-            if let Some(Record::Completed { fingerprint, .. }) =
-                current.and_then(|v| Record::decode(&v.value)).filter(|r| r.live(now_ms()))
-            {
+            if let Some(fingerprint) = self.completed(key).await? {
                 return Ok(Begin::Completed { fingerprint });
             }
             return Ok(match leases.take(&self.handler, key, after(lease)) {
@@ -667,6 +671,15 @@ impl Scope {
             }
         }
         Err(StoreError::Contended { key: key.to_owned(), rounds: CAS_ROUNDS })
+    }
+
+    /// The fingerprint of `key`'s live completion record, if it has one.
+    async fn completed(&self, key: &str) -> Result<Option<Option<String>>, StoreError> {
+        let current = self.store.get(&self.handler, Space::Dedup, key).await?;
+        Ok(match current.and_then(|v| Record::decode(&v.value)).filter(|r| r.live(now_ms())) {
+            Some(Record::Completed { fingerprint, .. }) => Some(fingerprint),
+            _ => None,
+        })
     }
 
     /// Gives up the lease on `key` so that a retry can take it at once.
@@ -1015,6 +1028,11 @@ pub mod conformance {
             assert_eq!(a.begin("w", lease).await.unwrap(), Begin::Completed { fingerprint: Some("fp".into()) });
             assert_eq!(q.begin("w", lease).await.unwrap(), Begin::Acquired, "its lease went with the commit");
             q.release("w").await.unwrap();
+            // A copy that waited in this process for another of its key reads the record.
+            assert_eq!(
+                q.begin_after_wait("w", lease).await.unwrap(),
+                Begin::Completed { fingerprint: Some("fp".into()) }
+            );
             // A key a lease process deleted (a released lease leaves a deletion behind) is
             // created over the deletion; a key leased by one is left to it.
             assert_eq!(a.begin("t", lease).await.unwrap(), Begin::Acquired);
