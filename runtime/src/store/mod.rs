@@ -834,6 +834,7 @@ impl Scope {
             // Kept for another try: the backend consumes what it commits. Only the last
             // (the record) changes between tries.
             let again = ops.clone();
+            let tried = ops.last().map(|record| record.expect);
             if self.store.commit(&self.handler, ops).await? {
                 return Ok(true);
             }
@@ -846,6 +847,10 @@ impl Scope {
                 },
                 None => Some(self.store.last_revision(&self.handler, Space::Dedup, key).await?.unwrap_or(0)),
             };
+            // The record was as expected: another expectation failed (a kv compare-and-swap).
+            if tried == Some(Expect::Is(expected)) {
+                return Ok(false);
+            }
             ops = again;
             if let Some(record) = ops.last_mut() {
                 record.expect = Expect::Is(expected);
@@ -1044,6 +1049,16 @@ pub mod conformance {
             assert_eq!(p.begin("u", lease).await.unwrap(), Begin::Acquired);
             let leased = p.commit(WriteSet::default(), Vec::new(), Some(("u", day, None))).await;
             assert!(matches!(leased, Err(super::StoreError::Conflict)), "{leased:?}");
+            // A kv compare-and-swap another call beat fails the commit as a conflict (and
+            // creates no record), not as a key to create again.
+            let (mut first, mut second) = (WriteSet::default(), WriteSet::default());
+            assert!(p.kv_cas_in(&mut first, "cas", None, b"1".to_vec()).await.unwrap());
+            assert!(p.kv_cas_in(&mut second, "cas", None, b"2".to_vec()).await.unwrap());
+            p.commit(first, Vec::new(), Some(("c1", day, None))).await.unwrap();
+            let beaten = p.commit(second, Vec::new(), Some(("c2", day, None))).await;
+            assert!(matches!(beaten, Err(super::StoreError::Conflict)), "{beaten:?}");
+            assert_eq!(p.kv_get("cas").await.unwrap(), Some(b"1".to_vec()));
+            assert_eq!(p.begin_after_wait("c2", lease).await.unwrap(), Begin::Acquired, "no record for c2");
         }
 
         // Outbox entries commit with the call, are read back in key order, per handler, and
