@@ -22,6 +22,22 @@ async fn publish_with_id(nc: &async_nats::Client, subject: &str, id: &str, paylo
     nc.publish_with_headers(subject.to_owned(), headers, payload.to_owned().into_bytes().into()).await.unwrap();
 }
 
+/// Waits (10 s at most) until `handler`'s nats-kv bucket has had `writes` messages written to
+/// it in all (its stream's last sequence: deletions and replaced values count too).
+async fn wait_bucket_writes(nc: &async_nats::Client, handler: &str, writes: u64) {
+    let js = jetstream::new(nc.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut bucket = js.get_stream(format!("KV_sluice-kv-{handler}")).await.unwrap();
+        let last = bucket.info().await.unwrap().state.last_sequence;
+        if last == writes {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "writes to the bucket: {last}, expected {writes}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn msg_id(m: &async_nats::Message) -> Option<String> {
     m.headers.as_ref()?.get("Nats-Msg-Id").map(|v| v.as_str().to_owned())
 }
@@ -174,16 +190,7 @@ async fn two_processes_sharing_a_nats_kv_store_run_concurrent_duplicates_once() 
     // This handler imports `dedup` (marks are written as set, outside the commit), so it takes
     // the lease record: four writes a key (the lease; the outbox entry and the record in one
     // batch; the entry's removal), where an optimistic handler makes three.
-    let js = jetstream::new(nc.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let last = js.get_stream("KV_sluice-kv-w").await.unwrap().info().await.unwrap().state.last_sequence;
-        if last == 4 * KEYS as u64 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "writes to the bucket: {last} (4 a key with a lease)");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_bucket_writes(&nc, "w", 4 * KEYS as u64).await;
     a.stop().await;
     b.stop().await;
 }
@@ -234,20 +241,7 @@ async fn two_processes_on_nats_kv_run_a_handler_without_outside_effects_optimist
             .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
     };
     assert_eq!(skipped(&a) + skipped(&b), ORDERS as f64, "every second copy is a skipped duplicate");
-    let js = jetstream::new(nc.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut bucket = js.get_stream("KV_sluice-kv-v").await.unwrap();
-        let last = bucket.info().await.unwrap().state.last_sequence;
-        if last == 3 * ORDERS as u64 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "writes to the bucket: {last} (3 an order without a lease, 4 with one)"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_bucket_writes(&nc, "v", 3 * ORDERS as u64).await;
     a.stop().await;
     b.stop().await;
 }
