@@ -25,7 +25,7 @@ struct Args {
     #[arg(long)]
     rate: Option<f64>,
     /// Messages per scaling run (0 skips the scaling table).
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 100_000)]
     scale_messages: u64,
     /// The `sluice` binary.
     #[arg(long, default_value = "target/release/sluice")]
