@@ -206,17 +206,18 @@ pub async fn create_stream(js: &jetstream::Context, name: &str, subject: &str) -
     .with_context(|| format!("cannot create stream {name}"))
 }
 
-/// Publishes `n` messages into a stream, with up to 1000 acknowledgements outstanding, and
-/// waits for every acknowledgement.
+/// Publishes `n` messages into a stream, the payloads of `from..from + n`, with up to 1000
+/// acknowledgements outstanding, and waits for every acknowledgement.
 pub async fn preload(
     js: &jetstream::Context,
     subject: &str,
+    from: u64,
     n: u64,
     payload: &impl Fn(u64) -> Bytes,
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let mut acks = VecDeque::new();
-    for i in 0..n {
+    for i in from..from + n {
         acks.push_back(js.publish(subject.to_owned(), payload(i)).await?);
         if acks.len() >= 1000
             && let Some(ack) = acks.pop_front()

@@ -533,7 +533,7 @@ impl Bench {
     ) -> anyhow::Result<JsMeasured> {
         let (stream, consumer) = (run.stream, run.consumer);
         // The stream is new: the calibration messages are sequences 1..=warm.
-        nats::preload(run.js, run.subject, warm, payload).await?;
+        nats::preload(run.js, run.subject, 0, warm, payload).await?;
         let proc = self.start_js_consumer(run, "calibration").await?;
         let t0 = Instant::now();
         let (t1, _) = nats::wait_drained(stream, consumer, Duration::from_secs(180)).await?;
@@ -541,7 +541,9 @@ impl Bench {
         let n = calibrate(warm as f64 / (t1 - t0).as_secs_f64(), self.secs, min, max);
 
         let total = warm + n;
-        nats::preload(run.js, run.subject, total, payload).await?;
+        // Payloads the calibration did not use: with idempotency keyed by the payload, a
+        // repeated one would warm up the duplicate path instead of the first-delivery one.
+        nats::preload(run.js, run.subject, warm, total, payload).await?;
         let info = nats::consumer_info(stream, consumer).await?;
         if info.num_pending != total {
             bail!("consumer {consumer} has {} pending after pre-loading {total}", info.num_pending);
