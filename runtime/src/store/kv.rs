@@ -223,16 +223,6 @@ impl KvStore {
         Ok(self.legacy_record(&bucket, space, &key).await?.map(|value| Versioned { value, version: 0 }))
     }
 
-    /// The revision of `key`'s last message, a deletion's too (`get` reads a deletion as
-    /// absent; a write that replaces it must name its revision).
-    pub async fn last_revision(&self, handler: &str, space: Space, key: &str) -> Result<Option<u64>, StoreError> {
-        let bucket = self.bucket(handler).await?;
-        let key = self.key(space, key);
-        Counters::add(&self.counters.reads, 1);
-        let entry = bucket.kv.entry(&key).await.map_err(|e| StoreError::backend("KV get", e))?;
-        Ok(entry.map(|e| e.revision))
-    }
-
     /// Whether an older Sluice's dedup bucket for `handler` still held records when this
     /// store prepared it (its records are read on a miss).
     pub async fn legacy_records(&self, handler: &str) -> Result<bool, StoreError> {

@@ -178,18 +178,6 @@ pub enum Store {
 }
 
 impl Store {
-    /// The version a write must name to replace `key` when [`get`](Self::get) finds nothing:
-    /// on `nats-kv`, a deletion's revision (a delete is a message of its own), or `None`.
-    async fn last_revision(&self, handler: &str, space: Space, key: &str) -> Result<Option<u64>, StoreError> {
-        let _ = (handler, space, key);
-        match self {
-            #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => k.last_revision(handler, space, key).await,
-            #[allow(unreachable_patterns)]
-            _ => Ok(None),
-        }
-    }
-
     /// Whether an older Sluice's records of `handler` may be somewhere a commit's
     /// expectation does not see (`nats-kv`: its `sluice-dedup-<handler>` bucket).
     async fn legacy_records(&self, handler: &str) -> Result<bool, StoreError> {
@@ -845,7 +833,8 @@ impl Scope {
                     Some(Record::InProgress { .. }) => return Ok(false),
                     None => Some(v.version),
                 },
-                None => Some(self.store.last_revision(&self.handler, Space::Dedup, key).await?.unwrap_or(0)),
+                // Absent: no message, or a deletion, whose revision the backend names.
+                None => None,
             };
             // The record was as expected: another expectation failed (a kv compare-and-swap).
             if tried == Some(Expect::Is(expected)) {
