@@ -19,11 +19,15 @@ fn server_on(port: u16, store: &std::path::Path) -> NatsServer {
 /// Publishes `{"id": "m-i", ...}` with `Nats-Msg-Id: m-i` until the stream acknowledges it,
 /// across the outage (a retried publish the stream already stored is dropped by its id).
 async fn publish_until_stored(js: &jetstream::Context, i: usize) {
+    publish_payload_until_stored(js, i, format!(r#"{{"id": "m-{i}", "cmd": "publish:out.{i}"}}"#)).await;
+}
+
+/// Publishes `payload` to `work` with `Nats-Msg-Id: m-i` until the stream acknowledges it.
+async fn publish_payload_until_stored(js: &jetstream::Context, i: usize, payload: String) {
     loop {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("m-{i}"));
-        let payload = format!(r#"{{"id": "m-{i}", "cmd": "publish:out.{i}"}}"#);
-        if let Ok(ack) = js.publish_with_headers("work", headers, payload.into()).await
+        if let Ok(ack) = js.publish_with_headers("work", headers, payload.clone().into()).await
             && let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), ack).await
         {
             return;
@@ -182,19 +186,10 @@ async fn target_stream_removed_and_recreated(backend: &str) {
 
 /// Publishes a valid order `i` to `work` (through WORK) until the stream has it.
 async fn publish_order_until_stored(js: &jetstream::Context, i: usize) {
-    loop {
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("m-{i}"));
-        let payload = format!(
-            r#"{{"id":"m-{i}","customer":"c-1","currency":"EUR","items":[{{"sku":"A1","quantity":1,"unit_price_cents":5}}]}}"#
-        );
-        if let Ok(ack) = js.publish_with_headers("work", headers, payload.into()).await
-            && let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), ack).await
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let order = format!(
+        r#"{{"id":"m-{i}","customer":"c-1","currency":"EUR","items":[{{"sku":"A1","quantity":1,"unit_price_cents":5}}]}}"#
+    );
+    publish_payload_until_stored(js, i, order).await;
 }
 
 /// A handler without an outbox (no state store: `order-validator` neither keeps state nor has
