@@ -33,7 +33,7 @@ enum Binding {
     Core(async_nats::Subscriber),
     /// The handler's consumer, or one per partition; with `clusters = ["primary",
     /// "secondary"]` also the consumer on the secondary. And the syphon of its backlog.
-    JetStream(Vec<async_nats::jetstream::consumer::PullConsumer>, Option<Box<source::syphon::Syphon>>),
+    JetStream(Vec<source::jetstream::Bound>, Option<Box<source::syphon::Syphon>>),
 }
 
 /// Why a set of manifests cannot be loaded.

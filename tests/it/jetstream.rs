@@ -343,3 +343,89 @@ async fn a_handler_cannot_reply_to_the_ack_subject_of_its_stream_message() {
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
     sluice.stop().await;
 }
+
+/// A one-call-at-a-time handler whose calls take `ms`, on stream WORK, with its ack wait.
+fn slow_manifest(ack_wait: &str) -> String {
+    work_manifest("max_attempts = 3")
+        .replace("timeout = \"1s\"", "timeout = \"1s\"\nmax_concurrency = 1")
+        .replace("stream = \"WORK\"", &format!("stream = \"WORK\"\nack_wait = \"{ack_wait}\""))
+}
+
+/// Collects results until `n` distinct subjects arrived (or `within` passed), then for as
+/// long as more keep arriving within `linger` (duplicates).
+async fn collect(
+    results: &mut async_nats::Subscriber,
+    n: usize,
+    within: Duration,
+    linger: Duration,
+) -> HashMap<String, usize> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while seen.len() < n {
+        match tokio::time::timeout_at(deadline, results.next()).await {
+            Ok(Some(msg)) => *seen.entry(msg.subject.to_string()).or_default() += 1,
+            _ => break,
+        }
+    }
+    while let Ok(Some(msg)) = tokio::time::timeout(linger, results.next()).await {
+        *seen.entry(msg.subject.to_string()).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn messages_pulled_ahead_of_a_slow_handler_are_kept_alive_past_their_ack_wait() {
+    // One call at a time, 700 ms each: the lookahead (4 messages) waits up to 2.8 s here,
+    // longer than the 2 s ack wait. In-progress acks keep them from being redelivered.
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    let nc = client(&server).await;
+    let mut results = nc.subscribe("results.>").await.unwrap();
+    sync(&nc).await;
+    const N: usize = 8;
+    for i in 0..N {
+        js_publish(&js, &format!("work.{i}"), &format!("work:700:results.{i}")).await;
+    }
+    let sluice = Sluice::start(&server, &[("w.toml", slow_manifest("2s"))]).await;
+    let seen = collect(&mut results, N, Duration::from_secs(30), Duration::from_millis(500)).await;
+    assert_eq!(seen.len(), N, "not every message was handled: {seen:?}");
+    assert!(seen.values().all(|&n| n == 1), "a message was handled twice: {seen:?}");
+    let info = consumer_info(&js, "worker").await;
+    assert_eq!(info.num_redelivered, 0, "a message waiting here was redelivered");
+    assert_eq!(info.num_ack_pending, 0);
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_stopping_process_gives_back_what_it_pulled_ahead_at_once() {
+    // A 30 s ack wait: what the first process pulled ahead and did not start reaches the
+    // second well before that, because stopping gives it back.
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    let nc = client(&server).await;
+    let mut results = nc.subscribe("results.>").await.unwrap();
+    sync(&nc).await;
+    const N: usize = 6;
+    for i in 0..N {
+        js_publish(&js, &format!("work.{i}"), &format!("work:400:results.{i}")).await;
+    }
+    let first = Sluice::start(&server, &[("w.toml", slow_manifest("30s"))]).await;
+    let mut seen = collect(&mut results, 1, Duration::from_secs(10), Duration::ZERO).await;
+    assert!(!seen.is_empty(), "the first process handled nothing");
+    first.stop().await;
+    // What the first finished while stopping (its call in flight).
+    for (subject, n) in collect(&mut results, N, Duration::from_millis(300), Duration::ZERO).await {
+        *seen.entry(subject).or_default() += n;
+    }
+    assert!(seen.len() < N, "the first process handled everything before it stopped: {seen:?}");
+    let stopped = tokio::time::Instant::now();
+    let second = Sluice::start(&server, &[("w.toml", slow_manifest("30s"))]).await;
+    for (subject, n) in collect(&mut results, N - seen.len(), Duration::from_secs(15), Duration::from_millis(500)).await
+    {
+        *seen.entry(subject).or_default() += n;
+    }
+    assert_eq!(seen.len(), N, "messages pulled ahead waited for their ack wait: {seen:?}");
+    assert!(stopped.elapsed() < Duration::from_secs(25), "took {:?}", stopped.elapsed());
+    assert!(seen.values().all(|&n| n == 1), "a message was handled twice: {seen:?}");
+    second.stop().await;
+}

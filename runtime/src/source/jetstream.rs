@@ -48,6 +48,9 @@ pub fn consumer_config(src: &JetStreamSource) -> pull::Config {
     }
 }
 
+/// A bound consumer, with the JetStream context (the cluster) its messages are acked through.
+pub type Bound = (PullConsumer, jetstream::Context);
+
 /// The priority group partitioned consumers pin their clients in.
 pub const GROUP: &str = "sluice";
 
@@ -74,7 +77,7 @@ pub fn partition_config(src: &JetStreamSource, partitions: &Partitions, i: u32) 
 /// ordered handler). An existing consumer whose filter, ack policy, type or priority policy
 /// differs is a conflict (another deployment uses it differently) and is refused; a different
 /// ack wait, ack-pending limit or pin timeout is updated in place.
-pub async fn bind(js: &jetstream::Context, lane: &Lane) -> anyhow::Result<Vec<PullConsumer>> {
+pub async fn bind(js: &jetstream::Context, lane: &Lane) -> anyhow::Result<Vec<Bound>> {
     let spec = &lane.handler.spec;
     let Source::JetStream(src) = &spec.manifest.source else {
         anyhow::bail!("handler {} does not have a JetStream source", spec.name);
@@ -84,11 +87,12 @@ pub async fn bind(js: &jetstream::Context, lane: &Lane) -> anyhow::Result<Vec<Pu
         .await
         .map_err(|e| anyhow::anyhow!("handler {}: stream {}: {e}", spec.name, src.stream))?;
     match spec.manifest.ordering.as_ref().and_then(|o| o.partitions.as_ref()) {
-        None => Ok(vec![bind_one(&stream, &spec.name, &src.stream, consumer_config(src)).await?]),
+        None => Ok(vec![(bind_one(&stream, &spec.name, &src.stream, consumer_config(src)).await?, js.clone())]),
         Some(partitions) => {
             let mut all = Vec::with_capacity(partitions.count as usize);
             for i in 0..partitions.count {
-                all.push(bind_one(&stream, &spec.name, &src.stream, partition_config(src, partitions, i)).await?);
+                let consumer = bind_one(&stream, &spec.name, &src.stream, partition_config(src, partitions, i)).await?;
+                all.push((consumer, js.clone()));
             }
             Ok(all)
         }
@@ -159,18 +163,80 @@ async fn bind_one(
     stream.get_consumer(&name).await.map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
-/// How long one pull request stays open on the server.
-const PULL_EXPIRES: Duration = Duration::from_secs(2);
+use super::ahead::{Ahead, PULL_EXPIRES};
+
+/// Where a consumer's messages come from: pulled ahead of the handler's calls, or, for a
+/// pinned partition and a rate-limited handler, async-nats's stream of pull requests no
+/// larger than what can start at once (a partition's pin travels in the requests, and a rate
+/// is a bound on starts that a lookahead would only hold waiting).
+enum Pulls {
+    Ahead(Ahead),
+    Stream(Box<pull::Stream>),
+}
+
+impl Pulls {
+    async fn start(
+        consumer: &PullConsumer,
+        js: jetstream::Context,
+        pinned: bool,
+        limiter: Option<&crate::rate::Limiter>,
+        concurrency: usize,
+        ack_wait: Duration,
+    ) -> anyhow::Result<Self> {
+        if !pinned && limiter.is_none() {
+            let config = &consumer.cached_info().config;
+            let lookahead = super::ahead::lookahead(concurrency, config.max_ack_pending, config.max_batch);
+            return Ok(Pulls::Ahead(Ahead::start(consumer.clone(), js, lookahead, ack_wait).await?));
+        }
+        // Pull no more than can run at once: a message waiting in the client's subscription
+        // cannot be kept alive, and would reach its ack wait and be redelivered elsewhere while
+        // still queued here. A rate-limited handler pulls no more than its burst at a time.
+        // Pull requests expire after 2 s rather than async-nats's 30 s: when the client's count
+        // of outstanding messages drifts from the server's (seen in about one benchmark run in
+        // five), the stream waits for its pull to expire before asking again (a 30 s stall
+        // with the default), so this bounds such a stall to a few seconds. An idle handler pays
+        // one pull request every 2 s.
+        let per_pull = limiter.map_or(concurrency, |l| l.burst().clamp(1, concurrency));
+        let mut pulls = consumer.stream().max_messages_per_batch(per_pull).expires(PULL_EXPIRES);
+        if pinned {
+            pulls = pulls.group(GROUP);
+        }
+        Ok(Pulls::Stream(Box::new(pulls.messages().await?)))
+    }
+
+    /// Stops pulling; what was pulled ahead and not started goes back to the server.
+    async fn give_back(self) {
+        match self {
+            Pulls::Ahead(ahead) => ahead.give_back().await,
+            Pulls::Stream(stream) => drop(stream),
+        }
+    }
+}
+
+impl futures::Stream for Pulls {
+    type Item = Result<jetstream::Message, String>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match &mut *self {
+            Pulls::Ahead(ahead) => ahead.poll_next_unpin(cx),
+            Pulls::Stream(stream) => stream.poll_next_unpin(cx).map(|m| m.map(|m| m.map_err(|e| e.to_string()))),
+        }
+    }
+}
 
 /// Pulls and processes messages until `stop` turns true; then stops pulling and lets the
-/// calls in flight finish (and ack). Messages pulled but not started are not acked and come
-/// back after the ack wait.
+/// calls in flight finish (and ack). Messages pulled ahead and not started are given back (a
+/// nak: redelivered at once); a pinned partition's or a rate-limited handler's, still in the
+/// client's subscription, come back after the ack wait.
 ///
 /// What one pull has delivered travels as one batch through the pipeline: once a message is
 /// here, every further message already received (up to the free concurrency) joins it.
 /// Each message is handled by the version in `versions` when its batch forms (a hot reload
 /// swaps it); redeliveries naturally get the version current then.
-pub async fn serve(versions: watch::Receiver<Lane>, consumers: Vec<PullConsumer>, stop: watch::Receiver<bool>) {
+pub async fn serve(versions: watch::Receiver<Lane>, consumers: Vec<Bound>, stop: watch::Receiver<bool>) {
     let spec = versions.borrow().handler.spec.clone();
     let concurrency = spec.manifest.limits.max_concurrency as usize;
     // The partitions of an ordered handler share the handler's concurrency and rate.
@@ -178,7 +244,7 @@ pub async fn serve(versions: watch::Receiver<Lane>, consumers: Vec<PullConsumer>
         permits: Arc::new(Semaphore::new(concurrency)),
         limiter: spec.manifest.limits.rate.map(|r| Arc::new(crate::rate::Limiter::new(r))),
     };
-    let all = consumers.into_iter().map(|c| Box::pin(serve_one(versions.clone(), c, stop.clone(), &shared)));
+    let all = consumers.into_iter().map(|(c, js)| Box::pin(serve_one(versions.clone(), c, js, stop.clone(), &shared)));
     futures::future::join_all(all).await;
 }
 
@@ -192,6 +258,7 @@ struct Shared {
 async fn serve_one(
     versions: watch::Receiver<Lane>,
     consumer: PullConsumer,
+    js: jetstream::Context,
     mut stop: watch::Receiver<bool>,
     shared: &Shared,
 ) {
@@ -212,36 +279,22 @@ async fn serve_one(
     let _keepalive = sequencer.as_ref().map(|s| KeepAlive::start(s.watcher(), ack_wait));
     let max_waiting = ordering.as_ref().map_or(usize::MAX, |o| o.max_waiting);
     let has_room = |s: &Option<Sequencer<jetstream::Message>>| s.as_ref().is_none_or(|s| s.waiting() < max_waiting);
-    // Pull no more than can run at once: a message waiting in a local buffer would reach
-    // its ack wait and be redelivered elsewhere while still queued here.
-    // Pull requests expire after 2 s rather than async-nats's 30 s: when the client's count
-    // of outstanding messages drifts from the server's (seen in about one benchmark run in
-    // five), the stream waits for its pull to expire before asking again (a 30 s stall with
-    // the default, up to 10 s with 5 s), so this bounds such a stall to a few seconds. An idle
-    // handler pays one pull request every 2 s.
-    // A rate-limited handler pulls no more than its burst at a time: what it pulled must
-    // start before its ack wait.
     // A partition's consumer pins one process at a time: this one pulls in the priority
     // group, and waits on standby while another holds the pin.
     let limiter = shared.limiter.as_deref();
-    let per_pull = limiter.map_or(concurrency, |l| l.burst().clamp(1, concurrency));
-    let mut pulls = consumer.stream().max_messages_per_batch(per_pull).expires(PULL_EXPIRES);
-    if pinned {
-        pulls = pulls.group(GROUP);
-    }
-    // A partition's pin, and what taking it over from another process holds back.
-    let mut takeover = Takeover::new(pinned, ack_wait);
-    let mut messages = match pulls.messages().await {
+    let mut messages = match Pulls::start(&consumer, js, pinned, limiter, concurrency, ack_wait).await {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(handler = &*spec.name, "cannot pull from the consumer: {e}");
             return;
         }
     };
+    // A partition's pin, and what taking it over from another process holds back.
+    let mut takeover = Takeover::new(pinned, ack_wait);
     loop {
         // A full outbox pauses the handler: no new work until the relay catches up (the
-        // messages already pulled wait, kept alive by nothing: past their ack wait they are
-        // redelivered, to this process or another).
+        // messages already pulled ahead wait, kept alive; a partition's, in the client's
+        // subscription, are redelivered past their ack wait, to this process or another).
         let relay = versions.borrow().relay.clone();
         if let Some(relay) = relay {
             tokio::select! {
@@ -342,7 +395,7 @@ async fn serve_one(
         in_flight.spawn(Box::pin(process(lane, batch, histories.clone(), ack_wait, stop.clone())));
         while in_flight.try_join_next().is_some() {}
     }
-    drop(messages);
+    messages.give_back().await;
     while in_flight.join_next().await.is_some() {}
     // What waited behind its key goes back to the broker now, each key's in its order
     // (redeliveries come before new messages), rather than after its ack wait.

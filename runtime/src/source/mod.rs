@@ -8,6 +8,7 @@
 //! Imports: the [`pipeline`](crate::pipeline) and what it is made of, and the manifest; never
 //! the runtime or the CLI.
 
+pub mod ahead;
 pub mod core;
 pub mod jetstream;
 pub mod syphon;
