@@ -196,6 +196,12 @@ async fn publish_order_until_stored(js: &jetstream::Context, i: usize) {
 /// `[idempotency]`) sends its outputs before the ack: while their stream
 /// is away, each delivery ends with `broker-busy`, which backs off and is not an attempt, so
 /// even a handler allowed two attempts dead-letters nothing and loses nothing.
+/// Handler `w`'s failures of `kind`, from its metrics.
+fn failures(metrics: &str, kind: &str) -> f64 {
+    let prefix = format!("sluice_failures_total{{handler=\"w\",kind=\"{kind}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+}
+
 #[tokio::test]
 async fn without_an_outbox_a_missing_target_stream_spends_no_attempts() {
     let store = tempfile::tempdir().unwrap();
@@ -239,11 +245,7 @@ async fn without_an_outbox_a_missing_target_stream_spends_no_attempts() {
     }
     tokio::time::sleep(Duration::from_secs(8)).await;
     let m = sluice.metrics();
-    let busy = m
-        .lines()
-        .find_map(|l| l.strip_prefix("sluice_failures_total{handler=\"w\",kind=\"broker-busy\"} "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let busy = failures(&m, "broker-busy");
     assert!(busy >= 1.0, "deliveries were not deferred while OUT was away: {busy}\n{m}");
     // The back-off is the handler's, not each message's: it pulls nothing new while a step
     // runs, so far fewer deliveries were refused than messages waited.
@@ -265,5 +267,14 @@ async fn without_an_outbox_a_missing_target_stream_spends_no_attempts() {
     assert_eq!(out, (N - BEFORE) as u64, "outputs lost or doubled while the stream was away");
     let dead = js.get_stream("DLQ").await.unwrap().cached_info().state.messages;
     assert_eq!(dead, 0, "messages dead-lettered because the broker was away:\n{}", sluice.metrics());
+    // While a step runs, what was pulled ahead waits in the process rather than going back to
+    // the server: the redeliveries are about the refused calls, not every waiting message.
+    let info = js.get_stream("WORK").await.unwrap().consumer_info("w").await.unwrap();
+    let redelivered = info.delivered.consumer_sequence - N as u64;
+    let refused = failures(&sluice.metrics(), "broker-busy");
+    assert!(
+        redelivered < (N - BEFORE) as u64 / 4,
+        "waiting messages went back to the server: {redelivered} redeliveries for {refused} refused calls"
+    );
     sluice.stop().await;
 }

@@ -204,6 +204,11 @@ impl Pulls {
         Ok(Pulls::Stream(Box::new(pulls.messages().await?)))
     }
 
+    /// Whether messages wait in this process, kept alive, until the handler takes them.
+    fn waits_here(&self) -> bool {
+        matches!(self, Pulls::Ahead(_))
+    }
+
     /// Stops pulling; what was pulled ahead and not started goes back to the server.
     async fn give_back(self) {
         match self {
@@ -301,6 +306,20 @@ async fn serve_one(
                 biased;
                 _ = stop.wait_for(|s| *s) => break,
                 () = relay.room() => {}
+            }
+        }
+        // A handler backing off from the broker (it did not take its outputs or its store
+        // writes) takes nothing new until the step ends: what it pulled ahead waits here,
+        // kept alive. (Handed back to the server instead, each message would come back as one
+        // more delivery, which another process counts as an attempt.)
+        if messages.waits_here() {
+            let pause = versions.borrow().pause.clone();
+            if pause.remaining().is_some() {
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => break,
+                    () = pause.wait() => {}
+                }
             }
         }
         let permit = tokio::select! {
@@ -651,6 +670,9 @@ async fn process(
     // step goes back to the server until the step ends, without a call (and without an
     // attempt), so that the handler asks the broker again once per step, not once per
     // message. (An ordered message keeps its key's turn instead, and retries in the process.)
+    // Messages pulled ahead wait for the step's end before they get here (`serve_one`), so
+    // this is for a pinned partition's, a rate-limited handler's and the few taken as a step
+    // began.
     let pause_left = lane.pause.remaining();
     for (msg, permit, turn) in batch {
         match msg.info() {
