@@ -373,19 +373,29 @@ async fn collect(
     seen
 }
 
+/// Stream WORK with `n` messages each taking `ms` to handle, and a subscription to their
+/// results (kept alive by the returned client).
+async fn slow_work(
+    n: usize,
+    ms: u64,
+) -> (sluice::testing::NatsServer, jetstream::Context, async_nats::Client, async_nats::Subscriber) {
+    let server = nats();
+    let js = stream(&server, "WORK", &["work.>"]).await;
+    let nc = client(&server).await;
+    let results = nc.subscribe("results.>").await.unwrap();
+    sync(&nc).await;
+    for i in 0..n {
+        js_publish(&js, &format!("work.{i}"), &format!("work:{ms}:results.{i}")).await;
+    }
+    (server, js, nc, results)
+}
+
 #[tokio::test]
 async fn messages_pulled_ahead_of_a_slow_handler_are_kept_alive_past_their_ack_wait() {
     // One call at a time, 700 ms each: the lookahead (4 messages) waits up to 2.8 s here,
     // longer than the 2 s ack wait. In-progress acks keep them from being redelivered.
-    let server = nats();
-    let js = stream(&server, "WORK", &["work.>"]).await;
-    let nc = client(&server).await;
-    let mut results = nc.subscribe("results.>").await.unwrap();
-    sync(&nc).await;
     const N: usize = 8;
-    for i in 0..N {
-        js_publish(&js, &format!("work.{i}"), &format!("work:700:results.{i}")).await;
-    }
+    let (server, js, _nc, mut results) = slow_work(N, 700).await;
     let sluice = Sluice::start(&server, &[("w.toml", slow_manifest("2s"))]).await;
     let seen = collect(&mut results, N, Duration::from_secs(30), Duration::from_millis(500)).await;
     assert_eq!(seen.len(), N, "not every message was handled: {seen:?}");
@@ -400,15 +410,8 @@ async fn messages_pulled_ahead_of_a_slow_handler_are_kept_alive_past_their_ack_w
 async fn a_stopping_process_gives_back_what_it_pulled_ahead_at_once() {
     // A 30 s ack wait: what the first process pulled ahead and did not start reaches the
     // second well before that, because stopping gives it back.
-    let server = nats();
-    let js = stream(&server, "WORK", &["work.>"]).await;
-    let nc = client(&server).await;
-    let mut results = nc.subscribe("results.>").await.unwrap();
-    sync(&nc).await;
     const N: usize = 6;
-    for i in 0..N {
-        js_publish(&js, &format!("work.{i}"), &format!("work:400:results.{i}")).await;
-    }
+    let (server, _js, _nc, mut results) = slow_work(N, 400).await;
     let first = Sluice::start(&server, &[("w.toml", slow_manifest("30s"))]).await;
     let mut seen = collect(&mut results, 1, Duration::from_secs(10), Duration::ZERO).await;
     assert!(!seen.is_empty(), "the first process handled nothing");
