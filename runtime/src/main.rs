@@ -4,6 +4,12 @@ use clap::Parser;
 use sluice::cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than glibc's allocator: a message's path allocates and frees small
+/// buffers on several threads (the NATS client's reader, the tokio workers, the store's
+/// writer), where glibc's arenas contend on their locks; see bench/HISTORY.md (session 13).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
