@@ -377,7 +377,10 @@ async fn serve_one(
         };
         // Queued behind its key: the permit goes back.
         let Some((msg, turn)) = first else { continue };
-        let mut batch = vec![(msg, permit, turn)];
+        // Sized once: a batch's entries are large (a message, its permit, its turn), and
+        // growing the vector one push at a time copied them over and over.
+        let mut batch = Vec::with_capacity(concurrency.min(MAX_BATCH_CAPACITY));
+        batch.push((msg, permit, turn));
         while batch.len() < concurrency {
             let Ok(permit) = permits.clone().try_acquire_owned() else { break };
             if limiter.is_some_and(|l| !l.try_take()) {
@@ -435,6 +438,9 @@ async fn serve_one(
     }
     tracing::debug!(handler = &*spec.name, consumer = %name, "stopped");
 }
+
+/// The most entries a batch's vector is sized for up front (a larger `max_concurrency` grows it).
+pub(super) const MAX_BATCH_CAPACITY: usize = 256;
 
 /// What the serve loop got.
 enum Got {
