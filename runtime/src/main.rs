@@ -2,7 +2,10 @@ use std::io::{IsTerminal, Write};
 
 use clap::Parser;
 use sluice::cli::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, fmt};
 
 /// mimalloc rather than glibc's allocator: a message's path allocates and frees small
 /// buffers on several threads (the NATS client's reader, the tokio workers, the store's
@@ -21,15 +24,12 @@ async fn main() {
         // prints for it.
         _ => "info,async_nats=warn,async_nats::connector=off",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let format = fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    let format = match cli.log_format {
+        LogFormat::Text => format.boxed(),
+        LogFormat::Json => format.json().boxed(),
+    };
+    tracing_subscriber::registry().with(log_filter(default)).with(format).init();
     let status = sluice::cli::run_command(cli).await;
     // Exit here rather than by returning from `main`: dropping the runtime waits for every
     // blocking task (a compile, say) to finish, and a shutdown that gave up on in-flight work
@@ -37,4 +37,19 @@ async fn main() {
     // nats-server) has been stopped by now.
     let _ = std::io::stdout().flush();
     std::process::exit(i32::from(status));
+}
+
+/// The log filter: `RUST_LOG`'s directives, or `default`'s. Directives of targets and levels
+/// only (the usual kind, and the default) make a static filter; `EnvFilter`, needed for
+/// span and field directives (`[message{subject=orders.1}]=debug`), keeps a table of live
+/// spans that it locks and looks up on every entry to and exit from a span, and every
+/// message has one (bench/HISTORY.md, session 13).
+fn log_filter(default: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
+    let directives = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
+    match directives.as_deref().map(str::parse::<Targets>) {
+        Some(Ok(targets)) => targets.boxed(),
+        // An invalid `RUST_LOG` falls back to the default, as `EnvFilter` does.
+        Some(Err(_)) => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)).boxed(),
+        None => default.parse::<Targets>().map_or_else(|_| EnvFilter::new(default).boxed(), Layer::boxed),
+    }
 }
