@@ -48,10 +48,10 @@ async fn main() {
 /// message has one (bench/HISTORY.md, session 13).
 fn log_filter(default: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
     let directives = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
-    match directives.as_deref().map(str::parse::<Targets>) {
-        Some(Ok(targets)) => targets.boxed(),
+    let directives = directives.as_deref().unwrap_or(default);
+    match directives.parse::<Targets>() {
+        Ok(targets) => targets.boxed(),
         // An invalid `RUST_LOG` falls back to the default, as `EnvFilter` does.
-        Some(Err(_)) => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)).boxed(),
-        None => default.parse::<Targets>().map_or_else(|_| EnvFilter::new(default).boxed(), Layer::boxed),
+        Err(_) => EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new(default)).boxed(),
     }
 }

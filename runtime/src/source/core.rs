@@ -110,9 +110,7 @@ pub async fn serve(versions: watch::Receiver<Lane>, mut subscription: Subscriber
         if let Some(limiter) = &limiter {
             limiter.take().await;
         }
-        // Sized once (see the JetStream source): a message and its permit are large.
-        let mut batch = Vec::with_capacity(concurrency.min(super::jetstream::MAX_BATCH_CAPACITY));
-        batch.push((msg, permit, turn));
+        let mut batch = super::batch((msg, permit, turn), concurrency);
         while batch.len() < concurrency {
             let Ok(permit) = permits.clone().try_acquire_owned() else { break };
             if limiter.as_ref().is_some_and(|l| !l.try_take()) {

@@ -377,10 +377,7 @@ async fn serve_one(
         };
         // Queued behind its key: the permit goes back.
         let Some((msg, turn)) = first else { continue };
-        // Sized once: a batch's entries are large (a message, its permit, its turn), and
-        // growing the vector one push at a time copied them over and over.
-        let mut batch = Vec::with_capacity(concurrency.min(MAX_BATCH_CAPACITY));
-        batch.push((msg, permit, turn));
+        let mut batch = super::batch((msg, permit, turn), concurrency);
         while batch.len() < concurrency {
             let Ok(permit) = permits.clone().try_acquire_owned() else { break };
             if limiter.is_some_and(|l| !l.try_take()) {
@@ -438,9 +435,6 @@ async fn serve_one(
     }
     tracing::debug!(handler = &*spec.name, consumer = %name, "stopped");
 }
-
-/// The most entries a batch's vector is sized for up front (a larger `max_concurrency` grows it).
-pub(super) const MAX_BATCH_CAPACITY: usize = 256;
 
 /// What the serve loop got.
 enum Got {

@@ -12,3 +12,12 @@ pub mod ahead;
 pub mod core;
 pub mod jetstream;
 pub mod syphon;
+
+/// A batch of up to `concurrency` entries, starting with `first`, sized once (up to 256): an
+/// entry is large (a message, its permit, its turn), and growing the vector one push at a
+/// time copies them over and over.
+fn batch<T>(first: T, concurrency: usize) -> Vec<T> {
+    let mut batch = Vec::with_capacity(concurrency.clamp(1, 256));
+    batch.push(first);
+    batch
+}
