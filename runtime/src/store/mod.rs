@@ -184,7 +184,7 @@ impl Store {
         let _ = handler;
         match self {
             #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => k.legacy_records(handler).await,
+            Store::Kv(k) => Box::pin(k.legacy_records(handler)).await,
             #[allow(unreachable_patterns)]
             _ => Ok(false),
         }
@@ -196,7 +196,7 @@ impl Store {
             #[cfg(feature = "redb")]
             Store::Redb(r) => r.get(handler, space, key).await,
             #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => k.get(handler, space, key).await,
+            Store::Kv(k) => Box::pin(k.get(handler, space, key)).await,
         }
     }
 
@@ -220,7 +220,7 @@ impl Store {
             #[cfg(feature = "redb")]
             Store::Redb(r) => Ok(r.swap(handler, space, key, expected, value).await?.then_some(0)),
             #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => k.swap(handler, space, key, expected, value, ttl).await,
+            Store::Kv(k) => Box::pin(k.swap(handler, space, key, expected, value, ttl)).await,
         }
     }
 
@@ -243,7 +243,7 @@ impl Store {
             #[cfg(feature = "redb")]
             Store::Redb(r) => r.put(handler, space, key, value).await,
             #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => k.put(handler, space, key, value, ttl).await,
+            Store::Kv(k) => Box::pin(k.put(handler, space, key, value, ttl)).await,
         }
     }
 
@@ -257,7 +257,7 @@ impl Store {
             #[cfg(feature = "redb")]
             Store::Redb(r) => r.commit(handler, ops).await,
             #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => k.commit(handler, ops).await,
+            Store::Kv(k) => Box::pin(k.commit(handler, ops)).await,
         }
     }
 
@@ -394,7 +394,9 @@ pub struct Op {
 /// process before its commit but outputs with stable ids).
 #[derive(Debug, Default)]
 pub struct Leases {
-    held: std::sync::Mutex<HashMap<(Arc<str>, String), u64>>,
+    /// Handler -> key -> until (ms). Keyed by handler first so that a lookup or a removal
+    /// borrows the key instead of allocating one.
+    held: std::sync::Mutex<HashMap<Arc<str>, HashMap<String, u64>>>,
 }
 
 impl Leases {
@@ -403,19 +405,25 @@ impl Leases {
     fn take(&self, handler: &Arc<str>, key: &str, until_ms: u64) -> Result<(), Duration> {
         let Ok(mut held) = self.held.lock() else { return Ok(()) };
         let now = now_ms();
-        let k = (handler.clone(), key.to_owned());
-        if let Some(&until) = held.get(&k)
-            && until > now
-        {
-            return Err(Duration::from_millis(until - now));
+        if !held.contains_key(&**handler) {
+            held.insert(handler.clone(), HashMap::new());
         }
-        held.insert(k, until_ms);
+        let Some(keys) = held.get_mut(&**handler) else { return Ok(()) };
+        match keys.get_mut(key) {
+            Some(until) if *until > now => return Err(Duration::from_millis(*until - now)),
+            Some(until) => *until = until_ms,
+            None => {
+                keys.insert(key.to_owned(), until_ms);
+            }
+        }
         Ok(())
     }
 
     fn drop_lease(&self, handler: &Arc<str>, key: &str) {
-        if let Ok(mut held) = self.held.lock() {
-            held.remove(&(handler.clone(), key.to_owned()));
+        if let Ok(mut held) = self.held.lock()
+            && let Some(keys) = held.get_mut(&**handler)
+        {
+            keys.remove(key);
         }
     }
 }
@@ -799,7 +807,7 @@ impl Scope {
             ops.push(Op { space: Space::Dedup, key: (*key).to_owned(), expect, value: Some(record), ttl: Some(*ttl) });
         }
         let result = match (&completion, &self.optimistic) {
-            (Some((key, ..)), Some(_)) => self.commit_creating(key, ops).await,
+            (Some((key, ..)), Some(_)) => Box::pin(self.commit_creating(key, ops)).await,
             _ if ops.is_empty() => Ok(true),
             _ => self.store.commit(&self.handler, ops).await,
         };
