@@ -105,6 +105,7 @@ pub(crate) mod handler;
 pub(crate) mod host;
 pub(crate) mod idempotency;
 pub(crate) mod instance;
+pub mod logfmt;
 pub mod manifest;
 pub(crate) mod metrics;
 #[cfg(any(feature = "cli", feature = "testing"))]

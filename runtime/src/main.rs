@@ -28,7 +28,7 @@ async fn main() {
     };
     let format = fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
     let format = match cli.log_format {
-        LogFormat::Text => format.boxed(),
+        LogFormat::Text => format.fmt_fields(sluice::logfmt::Fields).boxed(),
         LogFormat::Json => format.json().boxed(),
     };
     tracing_subscriber::registry().with(log_filter(default)).with(format).init();
