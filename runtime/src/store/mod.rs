@@ -590,7 +590,12 @@ impl Scope {
     }
 
     fn unfence(&self, key: &str) -> Option<u64> {
-        self.fences.lock().ok()?.remove(key)
+        let mut fences = self.fences.lock().ok()?;
+        // A local store never fences: no hashing for it.
+        if fences.is_empty() {
+            return None;
+        }
+        fences.remove(key)
     }
 
     /// Takes the lease on `key` for `lease`, unless it is completed or leased elsewhere.

@@ -392,6 +392,8 @@ struct Worker {
 /// An idempotency record changed by a transaction: the entry it replaced (found before the
 /// transaction's first change to it) and its entry now.
 struct Change {
+    /// The index's hash of (handler, key), computed once.
+    hash: u64,
     replaced: Option<u64>,
     now: Option<u64>,
 }
@@ -473,7 +475,7 @@ impl Worker {
         let mut results = Vec::with_capacity(batch.len());
         // The records this transaction changed, by (handler, key): borrowed from the batch,
         // found in one lookup however many commits the group holds.
-        let mut changes: HashMap<(&str, &str), Change> = HashMap::new();
+        let mut changes: HashMap<(&str, &str), Change> = HashMap::with_capacity(batch.len());
         let mut next_seq = self.next_seq;
         {
             // Read-locked: lookups go on while the transaction is built.
@@ -506,11 +508,12 @@ impl Worker {
                 // The record's entry now: this transaction's change, or the index's.
                 let current_seq = |changes: &HashMap<(&str, &str), Change>,
                                    logs: &HashMap<&str, redb::Table<'_, u64, &[u8]>>,
-                                   key: &str| {
+                                   key: &str,
+                                   hash: u64| {
                     if let Some(c) = changes.get(&(handler, key)) {
                         return Ok::<_, redb::Error>(c.now);
                     }
-                    let seqs = index.seqs(index.hash(handler, key));
+                    let seqs = index.seqs(hash);
                     match logs.get(handler) {
                         Some(log) if !seqs.is_empty() => find_in(log, seqs, key),
                         _ => Ok(None),
@@ -520,7 +523,9 @@ impl Worker {
                 for op in &job.ops {
                     if let Expect::Is(expected) = op.expect {
                         let version = match op.space {
-                            Space::Dedup => current_seq(&changes, &logs, &op.key).map_err(failed)?,
+                            Space::Dedup => {
+                                current_seq(&changes, &logs, &op.key, index.hash(handler, &op.key)).map_err(failed)?
+                            }
                             space => {
                                 let Some(table) = tables.get(&(handler, space)) else { continue };
                                 table
@@ -539,7 +544,8 @@ impl Worker {
                 if holds {
                     for op in &job.ops {
                         if op.space == Space::Dedup {
-                            let replaced = current_seq(&changes, &logs, &op.key).map_err(failed)?;
+                            let hash = index.hash(handler, &op.key);
+                            let replaced = current_seq(&changes, &logs, &op.key, hash).map_err(failed)?;
                             let Some(log) = logs.get_mut(handler) else { continue };
                             if let Some(old) = replaced {
                                 log.remove(old).map_err(|e| failed(e.into()))?;
@@ -554,10 +560,11 @@ impl Worker {
                                 }
                                 None => None,
                             };
-                            changes
-                                .entry((handler, op.key.as_str()))
-                                .and_modify(|c| c.now = now)
-                                .or_insert(Change { replaced, now });
+                            changes.entry((handler, op.key.as_str())).and_modify(|c| c.now = now).or_insert(Change {
+                                hash,
+                                replaced,
+                                now,
+                            });
                             continue;
                         }
                         let Some(table) = tables.get_mut(&(handler, op.space)) else { continue };
@@ -582,13 +589,12 @@ impl Worker {
         txn.commit().map_err(|e| failed(e.into()))?;
         self.next_seq = next_seq;
         let mut index = self.index.write().map_err(|_| StoreError::Poisoned)?;
-        for ((handler, key), c) in changes {
-            let hash = index.hash(handler, key);
+        for c in changes.into_values() {
             if let Some(old) = c.replaced {
-                index.remove(hash, old);
+                index.remove(c.hash, old);
             }
             if let Some(seq) = c.now {
-                index.add(hash, seq);
+                index.add(c.hash, seq);
             }
         }
         Ok(results)
