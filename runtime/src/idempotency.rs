@@ -59,7 +59,7 @@ impl KeySpec {
             match part {
                 Part::Literal(text) => key.push_str(text),
                 Part::Subject => key.push_str(subject),
-                Part::PayloadSha256 => key.push_str(&hex::encode(Sha256::digest(payload))),
+                Part::PayloadSha256 => key.push_str(sha256_hex(payload).as_str()),
                 Part::Header(name) => {
                     let value = headers
                         .and_then(|h| h.get(name.as_str()))
@@ -87,7 +87,7 @@ impl KeySpec {
             return Err("the key is empty".to_owned());
         }
         if key.len() > MAX_KEY {
-            key = format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())));
+            key = format!("sha256:{}", sha256_hex(key.as_bytes()).as_str());
         }
         Ok(key)
     }
@@ -178,14 +178,38 @@ pub struct Idempotency {
     pub fingerprint: bool,
 }
 
+/// The lowercase hex of a SHA-256, on the stack: `hex::encode` builds its string a char at
+/// a time, and a key derived from the payload is made for every message.
+struct Hex([u8; 64]);
+
+impl Hex {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> Hex {
+    let mut out = [0u8; 64];
+    // 32 bytes always fit 64 hex digits.
+    let _ = hex::encode_to_slice(Sha256::digest(bytes), &mut out);
+    Hex(out)
+}
+
 /// The SHA-256 of a payload, in hex.
 pub fn fingerprint(payload: &[u8]) -> String {
-    hex::encode(Sha256::digest(payload))
+    sha256_hex(payload).as_str().to_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_payload_hash_is_lowercase_hex_of_its_sha256() {
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(fingerprint(b"abc"), abc);
+        assert_eq!(fingerprint(b"\xff\x00"), hex::encode(Sha256::digest(b"\xff\x00")));
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
