@@ -84,6 +84,7 @@
 //! | `metrics` | Prometheus metrics, per runtime |
 //! | [`admin`] | the admin HTTP listener: metrics, health, readiness, handlers, reload |
 //! | [`cli`] | the `sluice` command line |
+//! | [`logfmt`] | the text log format's field formatter (the default's output, written directly for plain fields) |
 //! | `testing` | (feature `testing`) re-exports for tests, the benchmark and fuzzing |
 //! | [`connect`] | the NATS connection flags, contexts, authentication, TLS, URL redaction, the one-line refusal |
 
