@@ -168,6 +168,10 @@ impl Counters {
 }
 
 /// One backend.
+///
+/// The `nats-kv` arms of its async methods are boxed: its futures are about 8 KiB (the
+/// client's bucket calls), and held inline they made every backend's `begin` and `commit`
+/// that large, allocated and copied per message (bench/HISTORY.md, session 14).
 #[derive(Debug, Clone)]
 pub enum Store {
     Memory(Arc<MemoryStore>),
