@@ -319,7 +319,7 @@ impl Store {
             #[cfg(feature = "redb")]
             Store::Redb(r) => r.scan(handler, space).await,
             #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => k.scan_outbox(handler, adopting).await,
+            Store::Kv(k) => Box::pin(k.scan_outbox(handler, adopting)).await,
         }
     }
 
@@ -329,7 +329,7 @@ impl Store {
     pub async fn remove(&self, handler: &str, space: Space, keys: Vec<String>) {
         match self {
             #[cfg(feature = "nats-kv")]
-            Store::Kv(k) => k.remove(handler, space, keys).await,
+            Store::Kv(k) => Box::pin(k.remove(handler, space, keys)).await,
             #[allow(unreachable_patterns)]
             _ => self.remove_lazily(handler, space, keys),
         }
@@ -409,10 +409,7 @@ impl Leases {
     fn take(&self, handler: &Arc<str>, key: &str, until_ms: u64) -> Result<(), Duration> {
         let Ok(mut held) = self.held.lock() else { return Ok(()) };
         let now = now_ms();
-        if !held.contains_key(&**handler) {
-            held.insert(handler.clone(), HashMap::new());
-        }
-        let Some(keys) = held.get_mut(&**handler) else { return Ok(()) };
+        let keys = held.entry(handler.clone()).or_default();
         match keys.get_mut(key) {
             Some(until) if *until > now => return Err(Duration::from_millis(*until - now)),
             Some(until) => *until = until_ms,
