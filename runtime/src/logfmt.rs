@@ -10,9 +10,12 @@
 //! escaped form is the value between quotes, so this writes that at once; every other field
 //! (the `message`, errors, debug values, any value needing escapes), and every field when
 //! colours are on, goes to `DefaultVisitor` itself. About half a microsecond a message
-//! (bench/HISTORY.md, session 14).
+//! (bench/HISTORY.md, session 14). The direct writes of one call are gathered on the stack
+//! and reach the span's string in one write, so it is allocated once, not regrown field by
+//! field (session 15).
 
 use std::fmt;
+use std::fmt::Write as _;
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::{RecordFields, VisitOutput};
@@ -25,9 +28,27 @@ pub struct Fields;
 
 impl<'writer> FormatFields<'writer> for Fields {
     fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
-        let mut visitor = Visitor { writer, empty: true, result: Ok(()) };
+        let mut visitor = Visitor { writer, empty: true, result: Ok(()), buf: Buf::default() };
         fields.record(&mut visitor);
+        visitor.flush();
         visitor.result
+    }
+}
+
+/// What the direct writes of one `format_fields` call gather before they reach the
+/// span's string: there, every `write_str` may grow the string, so a span's fields written
+/// piece by piece reallocate it several times over; gathered, they are one write.
+struct Buf {
+    bytes: [u8; BUF],
+    len: usize,
+}
+
+/// A message span's fields fit with room to spare.
+const BUF: usize = 256;
+
+impl Default for Buf {
+    fn default() -> Self {
+        Buf { bytes: [0; BUF], len: 0 }
     }
 }
 
@@ -36,11 +57,31 @@ struct Visitor<'a> {
     /// Nothing written yet: no separator before the next field.
     empty: bool,
     result: fmt::Result,
+    buf: Buf,
 }
 
 /// A string whose `{:?}` form is itself between quotes.
 fn plain(value: &str) -> bool {
     value.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+}
+
+/// The direct writes: into the buffer, through to the writer when it is full.
+struct Direct<'v, 'a>(&'v mut Visitor<'a>);
+
+impl fmt::Write for Direct<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let v = &mut *self.0;
+        if v.buf.len + s.len() > BUF {
+            v.flush();
+            v.result?;
+            if s.len() > BUF {
+                return v.writer.write_str(s);
+            }
+        }
+        v.buf.bytes[v.buf.len..v.buf.len + s.len()].copy_from_slice(s.as_bytes());
+        v.buf.len += s.len();
+        Ok(())
+    }
 }
 
 impl Visitor<'_> {
@@ -55,20 +96,36 @@ impl Visitor<'_> {
             && !name.starts_with("log.")
     }
 
-    fn write(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        let w = &mut self.writer;
-        self.result = (|| {
-            if !self.empty {
+    /// Hands what the buffer holds to the writer.
+    fn flush(&mut self) {
+        if self.buf.len == 0 || self.result.is_err() {
+            return;
+        }
+        // Whole `&str`s were copied in, so the bytes are UTF-8.
+        self.result = match std::str::from_utf8(&self.buf.bytes[..self.buf.len]) {
+            Ok(s) => self.writer.write_str(s),
+            Err(_) => Err(fmt::Error),
+        };
+        self.buf.len = 0;
+    }
+
+    fn write(&mut self, field: &Field, value: impl FnOnce(&mut Direct<'_, '_>) -> fmt::Result) {
+        let first = self.empty;
+        self.empty = false;
+        let w = &mut Direct(self);
+        let result = (|| {
+            if !first {
                 w.write_char(' ')?;
             }
             w.write_str(field.name())?;
             w.write_char('=')?;
             value(w)
         })();
-        self.empty = false;
+        self.result = self.result.and(result);
     }
 
     fn delegate(&mut self, visit: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        self.flush();
         if self.result.is_err() {
             return;
         }
@@ -167,6 +224,8 @@ mod tests {
             delta = -7i64,
             first = true,
             r#type = "raw",
+            long = &*"x".repeat(300),
+            longer = &*"y".repeat(200),
             outcome = tracing::field::Empty,
         );
         let _in = span.enter();
