@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tracing::Instrument;
 
 use crate::bindings::{Delivery, Message};
 use crate::dispatch::{self, Call};
@@ -145,23 +144,20 @@ pub enum Step {
 
 impl Lane {
     /// The span of one attempt at a message: handler, subject, the trace id of an incoming
-    /// `traceparent`, the attempt, and (recorded once known) the outcome. One span per
-    /// attempt, so a retried message's log lines do not pile up fields.
+    /// `traceparent` (when there is one), the attempt, and (recorded once known) the outcome.
+    /// One span per attempt, so a retried message's log lines do not pile up fields.
     pub fn span(&self, msg: &async_nats::Message, attempt: u32) -> tracing::Span {
-        let trace_id = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("traceparent"))
-            .and_then(|v| v.as_str().split('-').nth(1))
-            .unwrap_or_default();
-        tracing::info_span!(
-            "message",
-            handler = &*self.handler.spec.name,
-            subject = msg.subject.as_str(),
-            trace_id,
-            attempt,
-            outcome = tracing::field::Empty,
-        )
+        let handler = &*self.handler.spec.name;
+        let subject = msg.subject.as_str();
+        let trace_id =
+            msg.headers.as_ref().and_then(|h| h.get("traceparent")).and_then(|v| v.as_str().split('-').nth(1));
+        // Without a trace, no empty `trace_id` field to format into every message's span.
+        match trace_id {
+            Some(trace_id) => {
+                tracing::info_span!("message", handler, subject, trace_id, attempt, outcome = tracing::field::Empty,)
+            }
+            None => tracing::info_span!("message", handler, subject, attempt, outcome = tracing::field::Empty),
+        }
     }
 
     /// Whether a reply (or a failure reply) may go to `subject`; counts a refusal.
@@ -236,8 +232,7 @@ where
     let n = entries.len();
     let (mut entries, mut tags): (Vec<Entry<'_>>, Vec<Option<T>>) =
         entries.into_iter().map(|(e, t)| (e, Some(t))).unzip();
-    let gates =
-        futures::future::join_all(entries.iter().map(|e| gate::admit(lane, e).instrument(e.span.clone()))).await;
+    let gates = futures::future::join_all(entries.iter().map(|e| InSpan::new(&e.span, gate::admit(lane, e)))).await;
     let mut histories: Vec<Option<History>> = entries.iter_mut().map(|e| e.history.take()).collect();
     let entries = entries;
 
@@ -262,38 +257,33 @@ where
     let finish = |i: usize, then: Then, history, mut tag: T| -> Pending<'_> {
         let entry = &entries[i];
         let (settled, call_of) = (&settled, &call_of);
-        let span = entry.span.clone();
-        Box::pin(
-            async move {
-                let step = match then {
-                    Then::Settle(step) => step,
-                    Then::Commit(admitted, outcome) => commit::commit(lane, entry, admitted, outcome).await,
-                    Then::Wait(remaining) => match gate::admit_waiting(lane, entry, remaining).await {
-                        Ok(admitted) => {
-                            lane.metrics.calls_started(1);
-                            let mut alone =
-                                dispatch::run_batch(&lane.engine, &lane.handler, vec![call_of(i, &admitted)]);
-                            match alone.next().await {
-                                Some(ended) => {
-                                    tag.call_ended();
-                                    lane.metrics.call_ended(ended.took);
-                                    commit::commit(lane, entry, admitted, ended.outcome).await
-                                }
-                                None => Step::Failed(Failure {
-                                    kind: crate::failure::FailureKind::Trap,
-                                    reason: "the call ended abnormally".to_owned(),
-                                    retry_after: None,
-                                }),
+        Box::pin(InSpan::new(&entry.span, async move {
+            let step = match then {
+                Then::Settle(step) => step,
+                Then::Commit(admitted, outcome) => commit::commit(lane, entry, admitted, outcome).await,
+                Then::Wait(remaining) => match gate::admit_waiting(lane, entry, remaining).await {
+                    Ok(admitted) => {
+                        lane.metrics.calls_started(1);
+                        let mut alone = dispatch::run_batch(&lane.engine, &lane.handler, vec![call_of(i, &admitted)]);
+                        match alone.next().await {
+                            Some(ended) => {
+                                tag.call_ended();
+                                lane.metrics.call_ended(ended.took);
+                                commit::commit(lane, entry, admitted, ended.outcome).await
                             }
+                            None => Step::Failed(Failure {
+                                kind: crate::failure::FailureKind::Trap,
+                                reason: "the call ended abnormally".to_owned(),
+                                retry_after: None,
+                            }),
                         }
-                        Err(step) => step,
-                    },
-                };
-                let (settle, history) = settle::settle(lane, entry, step, history).await;
-                settled(i, tag, settle, history).await;
-            }
-            .instrument(span),
-        )
+                    }
+                    Err(step) => step,
+                },
+            };
+            let (settle, history) = settle::settle(lane, entry, step, history).await;
+            settled(i, tag, settle, history).await;
+        }))
     };
 
     let mut after: FuturesUnordered<Pending<'_>> = FuturesUnordered::new();
@@ -337,6 +327,32 @@ where
             Some(()) = after.next() => {}
             else => break,
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future run inside a span it borrows: `Instrument` without the span's clone (each
+    /// clone and drop is a trip through the subscriber's registry).
+    struct InSpan<'s, F> {
+        span: &'s tracing::Span,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<'s, F> InSpan<'s, F> {
+    fn new(span: &'s tracing::Span, inner: F) -> Self {
+        InSpan { span, inner }
+    }
+}
+
+impl<F: Future> Future for InSpan<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        this.inner.poll(cx)
     }
 }
 
