@@ -59,8 +59,42 @@ pub struct RedbStore {
 #[derive(Debug, Default)]
 struct Index {
     hasher: std::hash::RandomState,
-    slots: HashMap<u64, u64>,
-    shared: HashMap<u64, Vec<u64>>,
+    slots: HashMap<u64, u64, Prehashed>,
+    shared: HashMap<u64, Vec<u64>, Prehashed>,
+}
+
+/// The index's maps are keyed by a hash already: the keyed SipHash of (handler, key), as
+/// unpredictable to a sender as the map's own would be, so it is used as it is rather
+/// than hashed a second time on every lookup.
+#[derive(Debug, Default, Clone, Copy)]
+struct Prehashed;
+
+impl BuildHasher for Prehashed {
+    type Hasher = PrehashedHasher;
+
+    fn build_hasher(&self) -> PrehashedHasher {
+        PrehashedHasher(0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct PrehashedHasher(u64);
+
+impl std::hash::Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; anything else still gets a distinct value.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 impl Index {
