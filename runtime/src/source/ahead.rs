@@ -158,6 +158,11 @@ impl Ahead {
         }
     }
 
+    /// How many messages (and errors) have arrived and wait to be taken.
+    pub fn waiting(&self) -> usize {
+        self.shared.lock().items.len()
+    }
+
     fn pop(&self) -> Option<Item> {
         let mut queue = self.shared.lock();
         let item = queue.items.pop_front().map(|(_, item)| item);

@@ -204,6 +204,14 @@ impl Pulls {
         Ok(Pulls::Stream(Box::new(pulls.messages().await?)))
     }
 
+    /// How many messages have arrived and wait here to start.
+    fn waiting(&self) -> usize {
+        match self {
+            Pulls::Ahead(ahead) => ahead.waiting(),
+            Pulls::Stream(_) => 0,
+        }
+    }
+
     /// Whether messages wait in this process, kept alive, until the handler takes them.
     fn waits_here(&self) -> bool {
         matches!(self, Pulls::Ahead(_))
@@ -231,6 +239,10 @@ impl futures::Stream for Pulls {
         }
     }
 }
+
+/// How many times the serve loop lets other tasks run, at most, for permits to come back
+/// before it forms a batch (see `serve_one`).
+const BATCH_YIELDS: usize = 4;
 
 /// Pulls and processes messages until `stop` turns true; then stops pulling and lets the
 /// calls in flight finish (and ack). Messages pulled ahead and not started are given back (a
@@ -327,6 +339,18 @@ async fn serve_one(
             _ = stop.wait_for(|s| *s) => break,
             permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
         };
+        // The calls of a batch end one by one and give their permits back one by one, so a
+        // batch formed at the first permit would often carry one message (a third of the
+        // batches did, under load), and each batch costs a task and a hand-off to the guest
+        // threads. While messages wait here, the calls ending now get a moment (a few turns
+        // of the scheduler, never a timer) to give theirs back first.
+        let wanted = messages.waiting().min(concurrency);
+        for _ in 0..BATCH_YIELDS {
+            if permits.available_permits() + 1 >= wanted {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         if let Some(limiter) = limiter {
             tokio::select! {
                 biased;
