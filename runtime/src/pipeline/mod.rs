@@ -154,7 +154,7 @@ impl Lane {
         // Without a trace, no empty `trace_id` field to format into every message's span.
         match trace_id {
             Some(trace_id) => {
-                tracing::info_span!("message", handler, subject, trace_id, attempt, outcome = tracing::field::Empty,)
+                tracing::info_span!("message", handler, subject, trace_id, attempt, outcome = tracing::field::Empty)
             }
             None => tracing::info_span!("message", handler, subject, attempt, outcome = tracing::field::Empty),
         }

@@ -86,7 +86,8 @@ impl std::hash::Hasher for PrehashedHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed here; anything else still gets a distinct value.
+        // Only `u64` keys are hashed here (`write_u64`); this is the trait's required
+        // fallback, a plain fold of the bytes.
         for &b in bytes {
             self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
